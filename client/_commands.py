@@ -1,0 +1,281 @@
+"""The command layer shared by Client, AsyncClient and their pipelines.
+
+Each public method checks its arguments, builds a :class:`Command` (the
+protocol op, its args, a decoder for the result, and whether it is an
+idempotent read) and hands it to ``self._execute_command``. What that returns
+is what the method returns: the decoded result for :class:`~kvstore.client.Client`,
+a coroutine for :class:`~kvstore.client.AsyncClient`, the pipeline itself
+(for chaining) for pipelines. Argument errors (a ``str`` key, a bad ttl) are
+raised when the method is called, before anything is sent, also for the
+asyncio client.
+"""
+
+import numbers
+
+import kvstore
+from kvstore import errors
+
+from . import _protocol
+
+__all__ = ["Command", "CommandsMixin", "LOST", "as_bytes", "decode_reply"]
+
+
+class _LostMarker:
+    """Stands for a LOST value in ``mget(..., on_lost="mark")`` results."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "kvstore.client.LOST"
+
+    def __bool__(self):
+        return False
+
+    def __reduce__(self):
+        return "LOST"
+
+
+#: Marker put in place of a lost value by ``mget(keys, on_lost="mark")``.
+#: The same object as ``kvstore.LOST`` when the embedded store defines one.
+LOST = getattr(kvstore, "LOST", None) or _LostMarker()
+
+
+class Command:
+    """One request: ``op`` and ``args`` as sent, ``decode(result)`` applied to
+    an ok reply, ``idempotent`` True for reads that are safe to send twice,
+    ``key`` the single key it names (used in KeyLostError)."""
+
+    __slots__ = ("op", "args", "decode", "idempotent", "key")
+
+    def __init__(self, op, args, decode=None, idempotent=False, key=None):
+        self.op = op
+        self.args = args
+        self.decode = decode
+        self.idempotent = idempotent
+        self.key = key
+
+    def __repr__(self):
+        return f"Command({self.op!r}, key={self.key!r})"
+
+
+def as_bytes(value, what="key"):
+    """Return ``value`` as bytes; ``str`` and non-buffers are TypeErrors."""
+    if type(value) is bytes:
+        return value
+    if isinstance(value, str):
+        raise TypeError(f"{what} must be bytes-like, not str; encode it first "
+                        f"(for example {what}.encode())")
+    try:
+        return bytes(memoryview(value))
+    except TypeError:
+        raise TypeError(f"{what} must be bytes-like (bytes, bytearray, memoryview), "
+                        f"not {type(value).__name__}") from None
+
+
+def _seconds(value, what):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{what} must be > 0 seconds, got {value!r}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _bool(result):
+    return bool(result)
+
+
+def _getv(result):
+    if result is None:
+        return None
+    version, value = result
+    return version, value
+
+
+def _lost(result):
+    return [tuple(entry) for entry in result]
+
+
+def _fetch(result):
+    return {key: tuple(entry) for key, entry in result.items()}
+
+
+def _mget_decoder(keys, on_lost):
+    def decode(result):
+        values, lost = result
+        if not lost:
+            return values
+        if on_lost == "raise":
+            key = keys[lost[0]]
+            raise errors.KeyLostError(
+                key, None, f"LOST key {key!r} in mget (and {len(lost) - 1} more); "
+                "it is being rebuilt or has no replica")
+        for index in lost:
+            values[index] = LOST
+        return values
+    return decode
+
+
+class CommandsMixin:
+    """Methods for every native op; subclasses define ``_execute_command``."""
+
+    __slots__ = ()
+
+    def _execute_command(self, command):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- reads -------------------------------------------------------------
+
+    def ping(self, payload=None):
+        """Round trip to the server; ``"PONG"``, or ``payload`` echoed back."""
+        args = [] if payload is None else [as_bytes(payload, "payload")]
+        return self._execute_command(Command("ping", args, None, True))
+
+    def get(self, key):
+        """Value of ``key`` (bytes) or None if absent.
+
+        A lost key raises :class:`kvstore.errors.KeyLostError` (after the
+        retries, see the class docstring), never None.
+        """
+        key = as_bytes(key)
+        return self._execute_command(Command("get", [key], None, True, key))
+
+    def getv(self, key):
+        """``(version, value)`` of ``key``, or None if absent."""
+        key = as_bytes(key)
+        return self._execute_command(Command("getv", [key], _getv, True, key))
+
+    def exists(self, key):
+        """True if ``key`` exists (a lost key exists)."""
+        key = as_bytes(key)
+        return self._execute_command(Command("exists", [key], _bool, True, key))
+
+    def mget(self, keys, on_lost="raise"):
+        """Values of ``keys`` in order, None for absent ones.
+
+        ``on_lost="raise"`` (default): a lost key raises KeyLostError naming
+        the first lost key. ``on_lost="mark"``: lost values are
+        :data:`kvstore.client.LOST` (never None, which means absent).
+        """
+        if on_lost not in ("raise", "mark"):
+            raise ValueError(f"on_lost must be 'raise' or 'mark', not {on_lost!r}")
+        if isinstance(keys, (str, bytes, bytearray, memoryview)):
+            raise TypeError("mget takes a list of keys, not a single key")
+        keys = [as_bytes(k) for k in keys]
+        return self._execute_command(
+            Command("mget", [keys], _mget_decoder(keys, on_lost), True))
+
+    def ttl(self, key):
+        """Seconds left (float), -1 if the key has no expiry, -2 if absent."""
+        key = as_bytes(key)
+        return self._execute_command(Command("ttl", [key], None, True, key))
+
+    def keys(self):
+        """Every key (a list of bytes)."""
+        return self._execute_command(Command("keys", [], None, True))
+
+    def dbsize(self):
+        """Number of keys."""
+        return self._execute_command(Command("dbsize", [], None, True))
+
+    def stats(self):
+        """The server's store statistics (a dict)."""
+        return self._execute_command(Command("stats", [], None, True))
+
+    def lost(self):
+        """Keys currently lost: a list of ``(key, version, state)``."""
+        return self._execute_command(Command("lost", [], _lost, True))
+
+    def fetch(self, items):
+        """Rebuild-source fetch: ``items`` is ``[(key, min_version), ...]`` or a
+        mapping; returns ``{key: (version, value)}`` for keys held at
+        ``>= min_version``."""
+        if hasattr(items, "items"):
+            items = items.items()
+        pairs = []
+        for key, min_version in items:
+            if isinstance(min_version, bool) or not isinstance(min_version, numbers.Integral):
+                raise TypeError("fetch min_version must be an int")
+            pairs.append([as_bytes(key), int(min_version)])
+        return self._execute_command(Command("fetch", [pairs], _fetch, True))
+
+    # -- writes (never re-sent blindly, see the client docstring) ----------
+
+    def put(self, key, value, ttl=None):
+        """Store ``value`` under ``key``; returns the new version (int).
+
+        ``ttl``: seconds (int or float > 0) until the key expires.
+        """
+        key = as_bytes(key)
+        args = [key, as_bytes(value, "value")]
+        if ttl is not None:
+            args.append(_seconds(ttl, "ttl"))
+        return self._execute_command(Command("put", args, None, False, key))
+
+    def delete(self, key):
+        """Remove ``key``; True if it existed."""
+        key = as_bytes(key)
+        return self._execute_command(Command("delete", [key], _bool, False, key))
+
+    def mput(self, mapping):
+        """Store many pairs (a mapping or an iterable of ``(key, value)``);
+        returns their new versions in order."""
+        if hasattr(mapping, "items"):
+            mapping = mapping.items()
+        flat = []
+        for key, value in mapping:
+            flat.append(as_bytes(key))
+            flat.append(as_bytes(value, "value"))
+        return self._execute_command(Command("mput", [flat], None, False))
+
+    def expire(self, key, seconds):
+        """Set ``key`` to expire in ``seconds``; True if the key exists."""
+        key = as_bytes(key)
+        seconds = _seconds(seconds, "seconds")
+        return self._execute_command(Command("expire", [key, seconds], _bool, False, key))
+
+    def persist(self, key):
+        """Remove ``key``'s expiry; True if one was removed."""
+        key = as_bytes(key)
+        return self._execute_command(Command("persist", [key], _bool, False, key))
+
+    def flushall(self):
+        """Remove every key."""
+        return self._execute_command(Command("flushall", [], _bool, False))
+
+    def inject(self, kind, offset=None, key=None):
+        """Inject a memory fault on the server (if it allows fault injection).
+
+        ``kind`` is ``"ao"``, ``"ar"`` or ``"hwpoison"``; give exactly one of
+        ``offset`` (arena offset) or ``key`` (the subpage holding that key's
+        record). Returns ``{"offset": n, "subpage": s, "kind": kind}``.
+        A server without fault injection raises
+        :class:`~kvstore.client.InjectionDisabledError`.
+        """
+        if not isinstance(kind, str):
+            raise TypeError("kind must be a str: 'ao', 'ar' or 'hwpoison'")
+        if (offset is None) == (key is None):
+            raise ValueError("inject needs exactly one of offset= or key=")
+        if offset is not None:
+            if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+                raise ValueError(f"offset must be a non-negative int, not {offset!r}")
+            args = [kind, "offset", int(offset)]
+        else:
+            key = as_bytes(key)
+            args = [kind, "key", key]
+        return self._execute_command(Command("inject", args, None, False, key))
+
+
+def decode_reply(status, result, command):
+    """Result of ``command`` from its reply, or raise the mapped error."""
+    if status != 0:
+        raise _protocol.error_from_reply(result, command.key)
+    decode = command.decode
+    if decode is None:
+        return result
+    try:
+        return decode(result)
+    except errors.Error:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise errors.ProtocolError(
+            f"unexpected result for {command.op!r}: {result!r:.200} ({exc})") from None
