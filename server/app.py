@@ -1,0 +1,326 @@
+"""The kvstore server: listeners, client registry, recovery, shutdown.
+
+One event loop (uvloop when installed) runs everything, as Redis does: the
+listeners, every client, and the store's loss notifications. The Store is
+created with ``recovery="manual"``; its ``loss_fd`` is watched with
+``loop.add_reader`` and ``store.recover()`` runs on the loop, between client
+batches, with one structured log line per recovery.
+
+Shutdown (SIGTERM/SIGINT or :meth:`Server.request_stop`): close the
+listeners, stop reading from clients, let queued replies flush (bounded by
+``shutdown_timeout``), then close the store.
+"""
+
+import asyncio
+import signal
+import sys
+import time
+
+import kvstore
+
+from .commands import info_sections
+from .conn import Handshake
+from .logs import event
+
+__all__ = ["Server", "run"]
+
+
+class Server:
+    def __init__(self, config, store=None):
+        self.config = config
+        self.store = store
+        self._own_store = store is None
+        self.clients = {}
+        self._next_id = 0
+        self.started = time.time()
+        self.stopping = False
+        self.port = None
+        self.addresses = []
+        self._listeners = []
+        self._stop = None
+        self._loss_fd = None
+        self._idle_handle = None
+        self.loop_name = "asyncio"
+        self.reset_stats()
+        self.stats_connections = 0
+        self.stats_rejected = 0
+
+    # ---------------------------------------------------------------- registry
+
+    def next_client_id(self):
+        self._next_id += 1
+        return self._next_id
+
+    def register(self, conn):
+        self.clients[conn.id] = conn
+
+    def replace(self, old, new):
+        if self.clients.get(old.id) is old:
+            self.clients[old.id] = new
+
+    def forget(self, conn):
+        if self.clients.get(conn.id) is conn:
+            del self.clients[conn.id]
+
+    def all_clients(self):
+        return list(self.clients.values())
+
+    def reset_stats(self):
+        self.stats_commands = 0
+        self.stats_recoveries = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def _make_store(self):
+        c = self.config
+        return kvstore.Store(capacity=c.capacity, page_size=c.page_size,
+                             kernel_policy=c.kernel_policy, rebuild_source=None,
+                             max_key=c.max_key, max_value=c.max_value, recovery="manual")
+
+    async def start(self):
+        """Create the store (unless given), listen, return [(host, port), ...]."""
+        loop = asyncio.get_running_loop()
+        self.loop_name = type(loop).__module__.split(".")[0]
+        self._stop = asyncio.Event()
+        if self.store is None:
+            self.store = self._make_store()
+            event("info", "store_opened", **_store_fields(self.store))
+        self._watch_losses(loop)
+        port = self.config.port
+        for host in self.config.hosts:
+            srv = await loop.create_server(lambda: Handshake(self), host, port,
+                                           reuse_address=True, backlog=1024)
+            self._listeners.append(srv)
+            for sock in srv.sockets:
+                addr = sock.getsockname()
+                self.addresses.append((addr[0], addr[1]))
+                if port == 0:
+                    port = addr[1]        # every address listens on the same port
+        self.port = port
+        if self.config.idle_timeout > 0:
+            self._idle_handle = loop.call_later(self._idle_period(), self._idle_sweep)
+        for host, p in self.addresses:
+            shown = f"[{host}]" if ":" in host else host
+            print(f"kvstore-server listening on {shown}:{p}", flush=True)
+            event("info", "listening", host=host, port=p, loop=self.loop_name, pid=_pid())
+        return self.addresses
+
+    def request_stop(self):
+        if self._stop is not None and not self._stop.is_set():
+            event("info", "shutdown_requested")
+            self._stop.set()
+
+    async def serve(self):
+        """Start, then run until request_stop(); always shuts down cleanly."""
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self):
+        if self.stopping:
+            return
+        self.stopping = True
+        for srv in self._listeners:
+            srv.close()
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        # Replies already produced are in the transports' buffers; close()
+        # flushes them before closing. Nothing new is read.
+        for conn in list(self.clients.values()):
+            if conn.transport is not None and not conn.closed:
+                try:
+                    conn.transport.pause_reading()
+                except RuntimeError:
+                    pass
+                conn.closed = True
+                conn.transport.close()
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while self.clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.clients.values()):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for srv in self._listeners:
+            try:
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+                pass
+        self._unwatch_losses()
+        if self._own_store and self.store is not None:
+            try:
+                self.store.close()
+            except Exception as e:  # noqa: BLE001
+                event("error", "store_close_failed", error=f"{type(e).__name__}: {e}")
+        event("info", "stopped", commands=self.stats_commands)
+
+    # ---------------------------------------------------------------- idle clients
+
+    def _idle_period(self):
+        return max(0.05, min(1.0, self.config.idle_timeout / 4))
+
+    def _idle_sweep(self):
+        period = self._idle_period()
+        limit = self.config.idle_timeout
+        for conn in list(self.clients.values()):
+            if conn.active:
+                conn.active = False
+                conn.idle_ticks = 0
+            else:
+                conn.idle_ticks += 1
+                if conn.idle_ticks * period >= limit:
+                    conn.drop("idle timeout")
+        self._idle_handle = asyncio.get_running_loop().call_later(period, self._idle_sweep)
+
+    # ---------------------------------------------------------------- memory errors
+
+    def _watch_losses(self, loop):
+        fd = getattr(self.store, "loss_fd", None)
+        if fd is None or fd < 0:
+            event("warning", "no_loss_fd", detail="store has no loss_fd; recovery not watched")
+            return
+        if hasattr(self.store, "on_loss"):
+            self.store.on_loss(self._on_keys_lost)
+        loop.add_reader(fd, self._on_loss_ready)
+        self._loss_fd = fd
+
+    def _unwatch_losses(self):
+        if self._loss_fd is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._loss_fd)
+            except Exception:  # noqa: BLE001
+                pass
+            self._loss_fd = None
+
+    def _on_keys_lost(self, keys):
+        keys = list(keys)
+        sample = [k[0] if isinstance(k, tuple) else k for k in keys[:8]]
+        event("warning", "keys_lost", count=len(keys),
+              keys=",".join(repr(bytes(k))[2:-1] if isinstance(k, (bytes, bytearray)) else str(k)
+                            for k in sample))
+
+    def _on_loss_ready(self):
+        t0 = time.perf_counter()
+        try:
+            counts = self.store.recover()
+        except Exception as e:  # noqa: BLE001 - keep serving
+            event("error", "recovery_failed", error=f"{type(e).__name__}: {e}")
+            return
+        self.stats_recoveries += 1
+        fields = {}
+        if isinstance(counts, dict):
+            for k, v in counts.items():
+                if isinstance(v, (int, float, str, bool)):
+                    fields[k] = v
+        event("warning", "recovery", duration_ms=round((time.perf_counter() - t0) * 1e3, 3),
+              **fields)
+
+    def inject(self, kind, offset=None, key=None):
+        faults = self.store.faults
+        if key is not None:
+            res = faults.inject_key(key, kind=kind)
+        else:
+            res = faults.inject(offset, kind=kind)
+        res = dict(res) if isinstance(res, dict) else {"result": res}
+        event("warning", "fault_injected", kind=kind,
+              **{k: v for k, v in res.items() if isinstance(v, (int, str))})
+        return res
+
+    # ---------------------------------------------------------------- introspection
+
+    def hello_info(self):
+        return {"proto": 1, "server": "kvstore", "version": kvstore.__version__,
+                "auth": bool(self.config.requirepass)}
+
+    def stats_map(self):
+        try:
+            d = dict(self.store.stats())
+        except Exception as e:  # noqa: BLE001
+            d = {"error": f"{type(e).__name__}: {e}"}
+        d.update(server_version=kvstore.__version__, server_uptime_s=round(time.time() - self.started, 3),
+                 server_connected_clients=len(self.clients),
+                 server_total_connections=self.stats_connections,
+                 server_rejected_connections=self.stats_rejected,
+                 server_total_commands=self.stats_commands,
+                 server_recoveries=self.stats_recoveries,
+                 server_fault_injection=bool(self.config.enable_fault_injection))
+        return d
+
+    def info_text(self, wanted):
+        return info_sections(self, wanted)
+
+    def config_params(self):
+        c = self.config
+        return {
+            "save": "", "appendonly": "no", "databases": "1",
+            "maxclients": str(c.max_clients), "maxmemory": str(_capacity_bytes(self)),
+            "maxmemory-policy": "noeviction", "port": str(self.port), "bind": c.bind,
+            "timeout": str(int(c.idle_timeout)), "proto-max-bulk-len": str(c.max_bulk),
+            "client-query-buffer-limit": str(c.max_query_buffer),
+            "client-output-buffer-limit": f"normal {c.max_output_buffer} {c.max_output_buffer} 0",
+            "kvstore-max-key": str(c.max_key), "kvstore-max-value": str(c.max_value),
+            "kvstore-max-frame": str(c.max_frame), "kvstore-max-multibulk": str(c.max_multibulk),
+            "kvstore-fault-injection": "yes" if c.enable_fault_injection else "no",
+            "kvstore-allow-flushall": "yes" if c.allow_flushall else "no",
+            "kvstore-page-size": str(c.page_size), "kvstore-kernel-policy": str(c.kernel_policy),
+        }
+
+    def client_line(self, conn):
+        age = int(time.time() - conn.created)
+        name = conn.name.decode("latin-1")
+        return (f"id={conn.id} addr={conn.addr} name={name} age={age} db=0 "
+                f"proto={conn.kind} resp={3 if getattr(conn, 'resp3', False) else 2} "
+                f"lib-name={conn.lib_name.decode('latin-1')} "
+                f"lib-ver={conn.lib_ver.decode('latin-1')}\n")
+
+
+def _capacity_bytes(server):
+    try:
+        return int(server.store.stats().get("capacity", 0))
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _store_fields(store):
+    try:
+        s = store.stats()
+    except Exception:  # noqa: BLE001
+        return {}
+    return {k: s[k] for k in ("backing", "page_size", "capacity", "kernel_policy", "keep_ue")
+            if k in s}
+
+
+def _pid():
+    import os
+    return os.getpid()
+
+
+def _loop_factory(config):
+    if config.use_uvloop:
+        try:
+            import uvloop
+            return uvloop.new_event_loop
+        except ImportError:
+            pass
+    return None
+
+
+def run(config, store=None):
+    """Run a server until SIGTERM/SIGINT. Returns the process exit code."""
+    server = Server(config, store)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.request_stop)
+        await server.serve()
+
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(config)) as runner:
+            runner.run(main())
+    except OSError as e:
+        event("error", "startup_failed", error=f"{type(e).__name__}: {e}")
+        print(f"kvstore-server: {e}", file=sys.stderr)
+        return 1
+    return 0

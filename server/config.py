@@ -1,0 +1,137 @@
+"""Server configuration: defaults, TOML config file, command-line flags.
+
+Precedence: built-in defaults < ``--config file.toml`` < explicit flags. The
+TOML file uses the flag names with ``_`` or ``-`` (``max_clients = 100``);
+an unknown key is an error, so a typo never silently does nothing.
+"""
+
+import argparse
+import dataclasses
+import re
+import tomllib
+
+__all__ = ["ServerConfig", "parse_size", "build_parser", "load_config"]
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2,
+          "mb": 1000**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3,
+          "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(v):
+    """``"64MiB"`` -> 67108864; ints pass through. ``k/m/g`` are powers of 1000
+    as in redis.conf, ``KiB/MiB/GiB`` powers of 1024."""
+    if isinstance(v, bool):
+        raise ValueError(f"not a size: {v!r}")
+    if isinstance(v, int):
+        if v < 0:
+            raise ValueError(f"size must be >= 0: {v}")
+        return v
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(v))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {v!r} (examples: 1024, 64MiB, 1GiB)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    bind: str = "127.0.0.1"            # space/comma separated list allowed
+    port: int = 7379                   # 0 picks a free port
+    capacity: str = "256MiB"
+    page_size: str = "auto"
+    kernel_policy: str = "auto"
+    enable_fault_injection: bool = False
+    allow_flushall: bool = True
+    requirepass: str = ""
+    log_level: str = "info"
+    max_clients: int = 10000
+    max_key: int = 65536
+    max_value: int = 512 * 1024 * 1024
+    max_frame: int = (512 + 1) * 1024 * 1024
+    max_multibulk: int = 1024 * 1024
+    max_bulk: int = 512 * 1024 * 1024
+    max_inline: int = 64 * 1024
+    max_query_buffer: int = 1024 * 1024 * 1024
+    max_output_buffer: int = 1024 * 1024 * 1024   # per client, 0 = unlimited
+    idle_timeout: float = 0.0          # seconds, 0 = never close idle clients
+    shutdown_timeout: float = 5.0
+    use_uvloop: bool = True
+
+    _SIZES = ("max_key", "max_value", "max_frame", "max_multibulk", "max_bulk",
+              "max_inline", "max_query_buffer", "max_output_buffer")
+
+    def validate(self):
+        for name in self._SIZES:
+            setattr(self, name, parse_size(getattr(self, name)))
+        if not (0 <= int(self.port) <= 65535):
+            raise ValueError(f"port out of range: {self.port}")
+        self.port = int(self.port)
+        if int(self.max_clients) < 1:
+            raise ValueError("max_clients must be >= 1")
+        self.max_clients = int(self.max_clients)
+        self.idle_timeout = float(self.idle_timeout)
+        if self.idle_timeout < 0:
+            raise ValueError("idle_timeout must be >= 0")
+        self.log_level = str(self.log_level).lower()
+        if self.log_level not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError(f"unknown log level {self.log_level!r}")
+        if self.max_bulk < self.max_value:
+            self.max_value = self.max_bulk
+        return self
+
+    @property
+    def hosts(self):
+        return [h for h in re.split(r"[\s,]+", self.bind.strip()) if h]
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="kvstore-server",
+        description="Serve a kvstore Store over TCP (RESP and the native protocol).")
+    p.add_argument("--config", metavar="FILE.toml", help="TOML config file (flags override it)")
+    p.add_argument("--bind", help="addresses to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 7379; 0 = pick a free one)")
+    p.add_argument("--capacity", help="arena size, e.g. 256MiB, 4GiB")
+    p.add_argument("--page-size", help="auto, 1G, 2M or 4K")
+    p.add_argument("--kernel-policy", help="auto, keep_ue or mainline")
+    p.add_argument("--enable-fault-injection", action="store_true", default=None,
+                   help="allow KV.INJECT / native inject (testing only)")
+    p.add_argument("--disable-flushall", dest="allow_flushall", action="store_false",
+                   default=None, help="refuse FLUSHALL/FLUSHDB")
+    p.add_argument("--requirepass", help="password clients must AUTH with")
+    p.add_argument("--log-level", help="debug, info, warning, error")
+    p.add_argument("--max-clients", type=int, help="max concurrent connections (default 10000)")
+    for name in ("max_key", "max_value", "max_frame", "max_multibulk", "max_bulk",
+                 "max_inline", "max_query_buffer", "max_output_buffer"):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, metavar="SIZE")
+    p.add_argument("--idle-timeout", type=float, help="close clients idle this many seconds (0 = never)")
+    p.add_argument("--shutdown-timeout", type=float, help="seconds to flush replies at shutdown")
+    p.add_argument("--no-uvloop", dest="use_uvloop", action="store_false", default=None,
+                   help="use the stdlib asyncio loop even if uvloop is installed")
+    return p
+
+
+def load_config(argv=None):
+    """Parse flags (and the config file they name) into a validated ServerConfig."""
+    args = build_parser().parse_args(argv)
+    values = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            data = tomllib.load(f)
+        if isinstance(data.get("server"), dict):
+            data = {**{k: v for k, v in data.items() if k != "server"}, **data["server"]}
+        for k, v in data.items():
+            name = k.replace("-", "_")
+            if name == "disable_flushall":
+                name, v = "allow_flushall", not v
+            if name not in _FIELDS:
+                raise ValueError(f"{args.config}: unknown setting {k!r}")
+            values[name] = v
+    for name in _FIELDS:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    cfg = ServerConfig(**values)
+    return cfg.validate()

@@ -1,0 +1,131 @@
+"""Native protocol framing: 4-byte big-endian length + one msgpack object.
+
+``FrameParser`` is the hiredis-style incremental reader for the native
+protocol (see PROTOCOL.md): ``feed(bytes)``, then ``gets()`` returns the next
+decoded object or ``NEED_MORE``. The length prefix is checked against
+``max_frame`` before any buffer of that size exists, and msgpack unpacking runs
+with explicit limits (no ext types, bounded str/bin/array/map lengths).
+
+Errors are :class:`FrameError`; after one the stream cannot be resynced
+(an oversized length or an undecodable body), so the connection replies
+``PROTO`` with request id 0 and closes.
+"""
+
+import struct
+
+import msgpack
+
+__all__ = ["FrameParser", "FrameError", "NEED_MORE", "MAGIC", "pack_frame"]
+
+MAGIC = b"\x00KV1"
+NEED_MORE = object()
+
+_LEN = struct.Struct(">I")
+_CHUNK_THRESHOLD = 1 << 16
+
+
+class FrameError(Exception):
+    """Malformed native stream (bad magic, oversized or undecodable frame)."""
+
+
+class FrameParser:
+    """Incremental reader of native frames, magic first."""
+
+    __slots__ = ("_buf", "_pos", "_chunks", "_need", "_magic", "max_frame",
+                 "_limits")
+
+    def __init__(self, max_frame=(512 + 1) * 1024 * 1024, max_str=1024 * 1024,
+                 max_array=1024 * 1024 * 2, max_map=1024 * 1024,
+                 expect_magic=True):
+        self._buf = b""
+        self._pos = 0
+        self._chunks = None
+        self._need = 0
+        self._magic = expect_magic
+        self.max_frame = max_frame
+        self._limits = dict(raw=False, strict_map_key=False, use_list=True,
+                            max_str_len=max_str, max_bin_len=max_frame,
+                            max_array_len=max_array, max_map_len=max_map,
+                            max_ext_len=0)
+
+    def feed(self, data):
+        if self._chunks is not None:
+            self._chunks.append(bytes(data))
+            self._need -= len(data)
+            if self._need > 0:
+                return
+            self._chunks.insert(0, self._buf[self._pos:])
+            self._buf = b"".join(self._chunks)
+            self._pos = 0
+            self._chunks = None
+            self._need = 0
+            return
+        if self._pos >= len(self._buf):
+            self._buf = bytes(data)
+        else:
+            self._buf = self._buf[self._pos:] + data
+        self._pos = 0
+
+    @property
+    def magic_pending(self):
+        return self._magic
+
+    def read_magic(self):
+        """Consume the 4-byte magic: True once read, False if more is needed."""
+        if not self._magic:
+            return True
+        avail = len(self._buf) - self._pos
+        head = self._buf[self._pos:self._pos + 4]
+        if head != MAGIC[:len(head)]:
+            raise FrameError("bad magic: expected b'\\x00KV1'")
+        if avail < 4:
+            return False
+        self._pos += 4
+        self._magic = False
+        return True
+
+    def gets(self):
+        """Return the next decoded frame, or ``NEED_MORE``."""
+        if self._need > 0:
+            return NEED_MORE
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        if end - pos < 4:
+            return NEED_MORE
+        (n,) = _LEN.unpack_from(buf, pos)
+        if n > self.max_frame:
+            raise FrameError(f"frame length {n} exceeds max_frame {self.max_frame}")
+        if n == 0:
+            raise FrameError("empty frame")
+        s = pos + 4
+        e = s + n
+        if e > end:
+            if n >= _CHUNK_THRESHOLD:
+                self._need = e - end
+                self._chunks = []
+            return NEED_MORE
+        body = buf[s:e]
+        self._pos = e
+        if e >= end:
+            self._buf = b""
+            self._pos = 0
+        try:
+            return msgpack.unpackb(body, **self._limits)
+        except Exception as exc:  # ExtraData, FormatError, StackError, ValueError...
+            raise FrameError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
+
+    def gets_all(self):
+        """Every complete frame in the buffer (may raise FrameError)."""
+        out = []
+        while True:
+            obj = self.gets()
+            if obj is NEED_MORE:
+                return out
+            out.append(obj)
+
+
+def pack_frame(packer, obj):
+    """Length-prefixed msgpack encoding of ``obj`` (``packer`` reused)."""
+    body = packer.pack(obj)
+    return _LEN.pack(len(body)) + body
