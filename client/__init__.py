@@ -38,14 +38,16 @@ from kvstore.errors import (  # noqa: F401
 from ._async import AsyncClient, AsyncConnection, AsyncConnectionPool, AsyncPipeline
 from ._commands import LOST
 from ._config import DEFAULT_PORT, parse_url
-from ._protocol import AuthenticationError, InjectionDisabledError, ServerProtocolError
+from ._protocol import (  # noqa: F401
+    AuthenticationError, DisabledError, InjectionDisabledError, ServerProtocolError,
+)
 from ._sync import Client, Connection, ConnectionPool, Pipeline
 
 __all__ = [
     "Client", "AsyncClient", "Pipeline", "AsyncPipeline",
     "Connection", "ConnectionPool", "AsyncConnection", "AsyncConnectionPool",
     "LOST", "DEFAULT_PORT", "parse_url",
-    "AuthenticationError", "InjectionDisabledError", "ServerProtocolError",
+    "AuthenticationError", "DisabledError", "InjectionDisabledError", "ServerProtocolError",
     "ClosedError", "ConnectionError", "Error", "FaultInjectionError", "KeyLostError",
     "KeyTooLargeError", "ProtocolError", "ReadOnlyError", "ResponseError",
     "StoreFullError", "TimeoutError", "UnrecoverableKeyError", "ValueTooLargeError",

@@ -186,8 +186,12 @@ class AsyncConnection:
         if transport is not None:
             try:
                 transport.close()
-            except RuntimeError:      # its event loop is already closed
-                pass
+            except RuntimeError:
+                # Its event loop is already closed, so the transport cannot
+                # finish closing; close the socket itself.
+                sock = getattr(transport, "_sock", None)
+                if sock is not None:
+                    sock.close()
 
     def is_usable(self):
         proto = self._proto

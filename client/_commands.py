@@ -228,9 +228,14 @@ class CommandsMixin:
         return self._execute_command(Command("mput", [flat], None, False))
 
     def expire(self, key, seconds):
-        """Set ``key`` to expire in ``seconds``; True if the key exists."""
+        """Set ``key`` to expire in ``seconds``; True if the key exists.
+
+        As in Redis, ``seconds <= 0`` deletes the key now.
+        """
         key = as_bytes(key)
-        seconds = _seconds(seconds, "seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+            raise TypeError(f"seconds must be a number, not {type(seconds).__name__}")
+        seconds = int(seconds) if isinstance(seconds, numbers.Integral) else float(seconds)
         return self._execute_command(Command("expire", [key, seconds], _bool, False, key))
 
     def persist(self, key):
@@ -268,7 +273,7 @@ class CommandsMixin:
 def decode_reply(status, result, command):
     """Result of ``command`` from its reply, or raise the mapped error."""
     if status != 0:
-        raise _protocol.error_from_reply(result, command.key)
+        raise _protocol.error_from_reply(result, command.key, command.op)
     decode = command.decode
     if decode is None:
         return result

@@ -131,8 +131,12 @@ class AuthenticationError(errors.ResponseError, PermissionError):
     """The server wants a password (``NOAUTH``) or refused the one given."""
 
 
-class InjectionDisabledError(errors.ResponseError, errors.FaultInjectionError):
-    """The server does not allow fault injection (``DISABLED``)."""
+class DisabledError(errors.ResponseError):
+    """The server's configuration refuses this command (``DISABLED``)."""
+
+
+class InjectionDisabledError(DisabledError, errors.FaultInjectionError):
+    """The server does not allow fault injection (``DISABLED`` for ``inject``)."""
 
 
 class ServerProtocolError(errors.ResponseError, errors.ProtocolError):
@@ -145,17 +149,18 @@ _SIMPLE_ERRORS = {
     "TOOLARGE": errors.ValueTooLargeError,
     "READONLY": errors.ReadOnlyError,
     "NOAUTH": AuthenticationError,
-    "DISABLED": InjectionDisabledError,
+    "DISABLED": DisabledError,
     "PROTO": ServerProtocolError,
 }
 
 
-def error_from_reply(result, key=None):
+def error_from_reply(result, key=None, op=None):
     """Return the exception for an error reply's ``[code, message, extra]``.
 
     ``key`` is the command's key (if it has exactly one) so that a
-    :class:`~kvstore.errors.KeyLostError` names it. Every returned exception
-    carries the protocol code in ``.code``.
+    :class:`~kvstore.errors.KeyLostError` names it; ``op`` the command's op.
+    Every returned exception carries the protocol code in ``.code`` and the
+    reply's extra map in ``.extra``.
     """
     if type(result) is not list or len(result) < 2:
         exc = errors.ProtocolError(f"malformed error reply: {result!r:.200}")
@@ -170,6 +175,8 @@ def error_from_reply(result, key=None):
         if key is None:
             key = extra.get("key")
         exc = cls(key, extra.get("version"), f"{code} {message}")
+    elif code == "DISABLED" and op == "inject":
+        exc = InjectionDisabledError(f"{code} {message}")
     elif code == "TOOLARGE" and extra.get("what") == "key":
         exc = errors.KeyTooLargeError(f"{code} {message}")
     else:
