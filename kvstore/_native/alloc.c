@@ -1,0 +1,200 @@
+/* alloc.c - subpage allocator. See alloc.h for the layout and the rules. */
+#include "alloc.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define SUB 4096u
+
+static void fb_set(kv_alloc *al, size_t s) { al->freebm[s >> 6] |= 1ULL << (s & 63); }
+static void fb_clr(kv_alloc *al, size_t s) { al->freebm[s >> 6] &= ~(1ULL << (s & 63)); }
+static int fb_get(const kv_alloc *al, size_t s) { return (int)((al->freebm[s >> 6] >> (s & 63)) & 1); }
+
+int kv_alloc_init(kv_alloc *al, size_t nsub)
+{
+    memset(al, 0, sizeof *al);
+    al->nsub = nsub;
+    al->meta = calloc(nsub ? nsub : 1, sizeof(uint32_t));
+    al->freebm = calloc((nsub + 63) / 64 + 1, 8);
+    if (!al->meta || !al->freebm) {
+        kv_alloc_free(al);
+        return -1;
+    }
+    al->reserve = 2 + nsub / 256;
+    kv_alloc_reset(al);
+    return 0;
+}
+
+void kv_alloc_free(kv_alloc *al)
+{
+    free(al->meta);
+    free(al->freebm);
+    al->meta = NULL;
+    al->freebm = NULL;
+}
+
+void kv_alloc_reset(kv_alloc *al)
+{
+    al->nfree = 0;
+    for (size_t s = 0; s < al->nsub; s++) {
+        if (kv_sp_kind(al->meta[s]) == KV_SP_LOST) continue;
+        al->meta[s] = 0;
+        fb_set(al, s);
+        al->nfree++;
+    }
+    al->open = -1;
+    al->cursor = 0;
+    al->live_bytes = al->dead_bytes = 0;
+}
+
+/* Next free subpage at or after the cursor (wrapping), or -1. */
+static int64_t find_free(kv_alloc *al)
+{
+    size_t nw = (al->nsub + 63) / 64;
+    size_t w0 = al->cursor >> 6;
+    for (size_t k = 0; k <= nw; k++) {
+        size_t w = (w0 + k) % nw;
+        uint64_t bits = al->freebm[w];
+        if (k == 0) bits &= ~0ULL << (al->cursor & 63);
+        if (bits) {
+            size_t s = w * 64 + (size_t)__builtin_ctzll(bits);
+            if (s < al->nsub) return (int64_t)s;
+        }
+    }
+    return -1;
+}
+
+/* First run of n free subpages (first fit from the cursor, wrapping). */
+static int64_t find_run(kv_alloc *al, size_t n)
+{
+    size_t start = 0, len = 0;
+    for (size_t pass = 0; pass < 2; pass++) {
+        size_t from = pass == 0 ? al->cursor : 0, to = pass == 0 ? al->nsub : al->cursor + n;
+        if (to > al->nsub) to = al->nsub;
+        len = 0;
+        for (size_t s = from; s < to;) {
+            if ((s & 63) == 0 && len == 0 && s + 64 <= to && al->freebm[s >> 6] == 0) {
+                s += 64;
+                continue;
+            }
+            if (fb_get(al, s)) {
+                if (len == 0) start = s;
+                if (++len == n) return (int64_t)start;
+            } else {
+                len = 0;
+            }
+            s++;
+        }
+    }
+    return -1;
+}
+
+static void close_open(kv_alloc *al)
+{
+    if (al->open < 0) return;
+    size_t s = (size_t)al->open;
+    al->open = -1;
+    uint32_t m = al->meta[s];
+    if (kv_sp_kind(m) == KV_SP_SMALL && kv_sp_live(m) == 0) {
+        al->dead_bytes -= kv_sp_fill(m);
+        al->meta[s] = 0;
+        fb_set(al, s);
+        al->nfree++;
+    }
+}
+
+int64_t kv_alloc_take(kv_alloc *al, size_t len, int compacting)
+{
+    if (len == 0) len = 1;
+    size_t keep = compacting ? 0 : al->reserve;
+    if (len <= SUB) {
+        if (al->open >= 0) {
+            size_t s = (size_t)al->open;
+            uint32_t m = al->meta[s];
+            if (kv_sp_kind(m) == KV_SP_SMALL && kv_sp_fill(m) + len <= SUB) {
+                al->meta[s] = kv_sp_small(kv_sp_fill(m) + (uint32_t)len, kv_sp_live(m) + (uint32_t)len);
+                al->live_bytes += len;
+                return (int64_t)(s * SUB + kv_sp_fill(m));
+            }
+        }
+        if (al->nfree <= keep) return -1;
+        int64_t s = find_free(al);
+        if (s < 0) return -1;
+        close_open(al);
+        fb_clr(al, (size_t)s);
+        al->nfree--;
+        al->meta[s] = kv_sp_small((uint32_t)len, (uint32_t)len);
+        al->open = s;
+        al->cursor = (size_t)s + 1 < al->nsub ? (size_t)s + 1 : 0;
+        al->live_bytes += len;
+        return s * (int64_t)SUB;
+    }
+    size_t n = (len + SUB - 1) / SUB;
+    if (al->nfree < n + keep) return -1;
+    int64_t s = find_run(al, n);
+    if (s < 0) return -1;
+    for (size_t i = 0; i < n; i++) {
+        fb_clr(al, (size_t)s + i);
+        al->meta[s + (int64_t)i] = (uint32_t)KV_SP_CONT << 29;
+    }
+    al->meta[s] = ((uint32_t)KV_SP_HEAD << 29) | (uint32_t)n;
+    al->nfree -= n;
+    al->cursor = (size_t)s + n < al->nsub ? (size_t)s + n : 0;
+    al->live_bytes += n * SUB;
+    return s * (int64_t)SUB;
+}
+
+void kv_alloc_release(kv_alloc *al, uint64_t off, size_t len)
+{
+    size_t s = (size_t)(off / SUB);
+    if (s >= al->nsub) return;
+    uint32_t m = al->meta[s];
+    int kind = kv_sp_kind(m);
+    if (kind == KV_SP_SMALL) {
+        if (len == 0) len = 1;
+        if (len > kv_sp_live(m)) len = kv_sp_live(m);   /* never underflow the field */
+        uint32_t live = kv_sp_live(m) - (uint32_t)len;
+        al->live_bytes -= len;
+        al->dead_bytes += len;
+        al->meta[s] = kv_sp_small(kv_sp_fill(m), live);
+        if (live == 0 && (int64_t)s != al->open) {
+            al->dead_bytes -= kv_sp_fill(m);
+            al->meta[s] = 0;
+            fb_set(al, s);
+            al->nfree++;
+        }
+    } else if (kind == KV_SP_HEAD) {
+        size_t n = kv_sp_run(m);
+        for (size_t i = s; i < s + n && i < al->nsub; i++) {
+            if (kv_sp_kind(al->meta[i]) == KV_SP_LOST) continue;
+            al->meta[i] = 0;
+            fb_set(al, i);
+            al->nfree++;
+        }
+        al->live_bytes -= n * SUB;
+    }
+}
+
+void kv_alloc_quarantine(kv_alloc *al, size_t s)
+{
+    if (s >= al->nsub) return;
+    uint32_t m = al->meta[s];
+    switch (kv_sp_kind(m)) {
+    case KV_SP_LOST:
+        return;
+    case KV_SP_FREE:
+        fb_clr(al, s);
+        al->nfree--;
+        break;
+    case KV_SP_SMALL:
+        al->live_bytes -= kv_sp_live(m);
+        al->dead_bytes -= kv_sp_fill(m) - kv_sp_live(m);
+        if ((int64_t)s == al->open) al->open = -1;
+        break;
+    default:
+        /* part of a large record: the engine has freed the run already */
+        break;
+    }
+    al->meta[s] = (uint32_t)KV_SP_LOST << 29;
+    al->nlost++;
+}

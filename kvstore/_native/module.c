@@ -1,0 +1,1539 @@
+/* module.c - the Python face of the C core: kvstore._native.
+ *
+ * Two heap types:
+ *   Arena  - one arena (guarded read/write, fault injection, lost bitmaps,
+ *            drain, salvage): the foundation layer, used directly by tests
+ *            and benchmarks.
+ *   Engine - the record store on an Arena; kvstore.Store subclasses it so
+ *            get/put/... are C methods called straight from Python.
+ * All methods run with the GIL held and never release it: the GIL is the
+ * engine's lock. The only call back into Python is the read of a LOST key,
+ * which calls self._lost_read(key, version, state, versioned) when the
+ * subclass defines it (read-repair), else raises KeyLostError.
+ *
+ * Multi-phase init; exceptions come from kvstore.errors and are kept in the
+ * module state; each object caches its module state pointer.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+
+#include "alloc.h"
+#include "arena.h"
+#include "checksum.h"
+#include "engine.h"
+#include "guard.h"
+#include "index.h"
+
+typedef struct {
+    PyObject *ArenaType, *EngineType;
+    PyObject *Error, *KeyLostError, *UnrecoverableKeyError, *StoreFullError, *KeyTooLargeError,
+        *ValueTooLargeError, *ClosedError, *ArenaError, *MemoryFaultError, *FaultInjectionError;
+    PyObject *str_lost_read;
+} modstate;
+
+static struct PyModuleDef moddef;
+static modstate *state_of(PyTypeObject *type)
+{
+    PyObject *m = PyType_GetModuleByDef(type, &moddef);
+    return m ? (modstate *)PyModule_GetState(m) : NULL;
+}
+
+static unsigned long g_fork_gen;
+static void on_fork_child(void) { g_fork_gen++; }
+
+static const char *state_names[] = {"free", "present", "lost", "rebuilding", "unrecoverable"};
+
+/* ------------------------------------------------------------------ args */
+
+/* Borrow bytes from a bytes-like key/value. str gets a TypeError with the
+ * hint to encode. view->obj is NULL when no PyBuffer_Release is needed. */
+static int get_bytes(PyObject *o, Py_buffer *view, const char *what)
+{
+    if (PyBytes_CheckExact(o)) {
+        view->obj = NULL;
+        view->buf = PyBytes_AS_STRING(o);
+        view->len = PyBytes_GET_SIZE(o);
+        return 0;
+    }
+    if (PyUnicode_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be bytes-like, not str: encode it first, e.g. %s.encode()",
+                     what, what);
+        return -1;
+    }
+    if (PyObject_GetBuffer(o, view, PyBUF_SIMPLE) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be bytes-like (bytes, bytearray, memoryview), not %.100s",
+                     what, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static void put_bytes(Py_buffer *view)
+{
+    if (view->obj) PyBuffer_Release(view);
+}
+
+/* ----------------------------------------------------------------- Arena */
+
+typedef struct {
+    PyObject_HEAD
+    kv_arena *a;
+    modstate *st;
+    int engines;
+} ArenaObject;
+
+static int parse_page_size(PyObject *o, size_t *out)
+{
+    if (o == NULL || o == Py_None) {
+        *out = 0;
+        return 0;
+    }
+    if (PyLong_Check(o)) {
+        size_t v = PyLong_AsSize_t(o);
+        if (v == (size_t)-1 && PyErr_Occurred()) return -1;
+        if (v != 0 && v != 4096 && v != ((size_t)1 << 21) && v != ((size_t)1 << 30)) {
+            PyErr_SetString(PyExc_ValueError, "page_size must be 4096, 2097152, 1073741824 or 0 (auto)");
+            return -1;
+        }
+        *out = v;
+        return 0;
+    }
+    const char *s = PyUnicode_Check(o) ? PyUnicode_AsUTF8(o) : NULL;
+    if (!s) {
+        PyErr_SetString(PyExc_TypeError, "page_size must be \"auto\", \"1G\", \"2M\", \"4K\" or a size in bytes");
+        return -1;
+    }
+    if (!strcmp(s, "auto")) *out = 0;
+    else if (!strcasecmp(s, "1G") || !strcasecmp(s, "1GiB")) *out = (size_t)1 << 30;
+    else if (!strcasecmp(s, "2M") || !strcasecmp(s, "2MiB")) *out = (size_t)1 << 21;
+    else if (!strcasecmp(s, "4K") || !strcasecmp(s, "4KiB")) *out = 4096;
+    else {
+        PyErr_Format(PyExc_ValueError, "page_size must be \"auto\", \"1G\", \"2M\" or \"4K\", not %R", o);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_policy(PyObject *o, int *out)
+{
+    const char *s = (o && o != Py_None && PyUnicode_Check(o)) ? PyUnicode_AsUTF8(o) : "auto";
+    if (o && o != Py_None && !PyUnicode_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "kernel_policy must be \"auto\", \"keep_ue\" or \"mainline\"");
+        return -1;
+    }
+    if (!strcmp(s, "auto")) *out = -1;
+    else if (!strcmp(s, "keep_ue")) *out = KV_POLICY_KEEP_UE;
+    else if (!strcmp(s, "mainline")) *out = KV_POLICY_MAINLINE;
+    else {
+        PyErr_Format(PyExc_ValueError, "kernel_policy must be \"auto\", \"keep_ue\" or \"mainline\", not %R", o);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Arena_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"size", "page_size", "kernel_policy", NULL};
+    Py_ssize_t size;
+    PyObject *ps = NULL, *pol = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "n|OO:Arena", kwlist, &size, &ps, &pol)) return NULL;
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "arena size must be positive");
+        return NULL;
+    }
+    size_t page;
+    int policy;
+    if (parse_page_size(ps, &page) != 0 || parse_policy(pol, &policy) != 0) return NULL;
+    modstate *st = state_of(type);
+    if (!st) return NULL;
+    ArenaObject *self = (ArenaObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->st = st;
+    char err[768];
+    kv_arena *a = kv_arena_create((size_t)size, page, policy, err, sizeof err);
+    if (!a) {
+        PyErr_SetString(st->ArenaError, err);
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->a = a;
+    return (PyObject *)self;
+}
+
+static void Arena_dealloc(ArenaObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    kv_arena_free(self->a);
+    self->a = NULL;
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+#define ARENA_OPEN(self)                                                        \
+    do {                                                                        \
+        if (!(self)->a) {                                                       \
+            PyErr_SetString((self)->st->ClosedError, "the arena is closed");    \
+            return NULL;                                                        \
+        }                                                                       \
+    } while (0)
+
+static PyObject *fault_error(modstate *st, const char *what, size_t off)
+{
+    PyObject *msg = PyUnicode_FromFormat("%s at arena offset %zu (subpage %zu): memory lost", what, off,
+                                         off >> KV_SUB_SHIFT);
+    if (!msg) return NULL;
+    PyObject *offo = PyLong_FromSize_t(off);
+    PyObject *exc = offo ? PyObject_CallFunctionObjArgs(st->MemoryFaultError, msg, offo, NULL) : NULL;
+    Py_DECREF(msg);
+    Py_XDECREF(offo);
+    if (exc) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static int check_range(kv_arena *a, Py_ssize_t off, Py_ssize_t n)
+{
+    if (off < 0 || n < 0 || (size_t)off > a->size || (size_t)n > a->size - (size_t)off) {
+        PyErr_Format(PyExc_IndexError, "range [%zd, %zd) is outside the arena (%zu bytes)", off, off + n, a->size);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Arena_read(ArenaObject *self, PyObject *args)
+{
+    Py_ssize_t off, n;
+    if (!PyArg_ParseTuple(args, "nn:read", &off, &n)) return NULL;
+    ARENA_OPEN(self);
+    if (check_range(self->a, off, n)) return NULL;
+    PyObject *b = PyBytes_FromStringAndSize(NULL, n);
+    if (!b) return NULL;
+    size_t fo;
+    if (kv_arena_read(self->a, (size_t)off, PyBytes_AS_STRING(b), (size_t)n, &fo) != 0) {
+        Py_DECREF(b);
+        return fault_error(self->st, "read", fo);
+    }
+    return b;
+}
+
+static PyObject *Arena_write(ArenaObject *self, PyObject *args)
+{
+    Py_ssize_t off;
+    PyObject *data;
+    if (!PyArg_ParseTuple(args, "nO:write", &off, &data)) return NULL;
+    ARENA_OPEN(self);
+    Py_buffer v;
+    if (get_bytes(data, &v, "data")) return NULL;
+    if (check_range(self->a, off, v.len)) {
+        put_bytes(&v);
+        return NULL;
+    }
+    size_t fo;
+    int rc = kv_arena_write(self->a, (size_t)off, v.buf, (size_t)v.len, &fo);
+    put_bytes(&v);
+    if (rc != 0) return fault_error(self->st, "write", fo);
+    Py_RETURN_NONE;
+}
+
+static int parse_kind(PyObject *o, int *kind)
+{
+    const char *s = PyUnicode_Check(o) ? PyUnicode_AsUTF8(o) : NULL;
+    if (s && !strcmp(s, "ao")) *kind = KV_FAULT_AO;
+    else if (s && !strcmp(s, "ar")) *kind = KV_FAULT_AR;
+    else if (s && !strcmp(s, "hwpoison")) *kind = KV_FAULT_HWPOISON;
+    else {
+        PyErr_Format(PyExc_ValueError, "fault kind must be \"ao\", \"ar\" or \"hwpoison\", not %R", o);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Arena_inject(ArenaObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"offset", "kind", NULL};
+    Py_ssize_t off;
+    PyObject *k = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "n|O:inject", kwlist, &off, &k)) return NULL;
+    ARENA_OPEN(self);
+    int kind = KV_FAULT_AO;
+    if (k && parse_kind(k, &kind)) return NULL;
+    if (off < 0 || (size_t)off >= self->a->size) {
+        PyErr_Format(PyExc_IndexError, "offset %zd is outside the arena (%zu bytes)", off, self->a->size);
+        return NULL;
+    }
+    char err[256];
+    if (kv_arena_inject(self->a, (size_t)off, kind, err, sizeof err) != 0) {
+        PyErr_SetString(self->st->FaultInjectionError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *ranges_to_list(uint64_t (*r)[2], size_t n)
+{
+    PyObject *l = PyList_New((Py_ssize_t)n);
+    if (!l) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *t = Py_BuildValue("(KK)", (unsigned long long)r[i][0], (unsigned long long)r[i][1]);
+        if (!t) {
+            Py_DECREF(l);
+            return NULL;
+        }
+        PyList_SET_ITEM(l, (Py_ssize_t)i, t);
+    }
+    return l;
+}
+
+static PyObject *Arena_drain(ArenaObject *self, PyObject *unused)
+{
+    ARENA_OPEN(self);
+    PyObject *all = PyList_New(0);
+    if (!all) return NULL;
+    enum { CAP = 4096 };
+    uint64_t(*r)[2] = PyMem_Malloc(CAP * sizeof *r);
+    if (!r) {
+        Py_DECREF(all);
+        return PyErr_NoMemory();
+    }
+    do {
+        size_t n = kv_arena_drain(self->a, r, CAP);
+        PyObject *l = ranges_to_list(r, n);
+        if (!l || PyList_SetSlice(all, PyList_GET_SIZE(all), PyList_GET_SIZE(all), l) != 0) {
+            Py_XDECREF(l);
+            Py_DECREF(all);
+            PyMem_Free(r);
+            return NULL;
+        }
+        Py_DECREF(l);
+    } while (__atomic_load_n(&self->a->pending_flag, __ATOMIC_ACQUIRE));
+    PyMem_Free(r);
+    return all;
+}
+
+static PyObject *Arena_lost_subpages(ArenaObject *self, PyObject *unused)
+{
+    ARENA_OPEN(self);
+    PyObject *l = PyList_New(0);
+    if (!l) return NULL;
+    for (size_t w = 0; w < self->a->nwords; w++) {
+        uint64_t bits = __atomic_load_n(&self->a->lost[w], __ATOMIC_RELAXED);
+        while (bits) {
+            int b = __builtin_ctzll(bits);
+            bits &= bits - 1;
+            PyObject *i = PyLong_FromSize_t(w * 64 + (size_t)b);
+            if (!i || PyList_Append(l, i) != 0) {
+                Py_XDECREF(i);
+                Py_DECREF(l);
+                return NULL;
+            }
+            Py_DECREF(i);
+        }
+    }
+    return l;
+}
+
+static PyObject *Arena_lost_bitmap(ArenaObject *self, PyObject *unused)
+{
+    ARENA_OPEN(self);
+    size_t nbytes = (self->a->nsub + 7) / 8;
+    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)nbytes);
+    if (!b) return NULL;
+    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(b);
+    for (size_t i = 0; i < nbytes; i++) {
+        uint64_t w = __atomic_load_n(&self->a->lost[i / 8], __ATOMIC_RELAXED);
+        p[i] = (uint8_t)(w >> ((i % 8) * 8));
+    }
+    return b;
+}
+
+static PyObject *Arena_pread(ArenaObject *self, PyObject *args)
+{
+    Py_ssize_t off, n;
+    if (!PyArg_ParseTuple(args, "nn:pread", &off, &n)) return NULL;
+    ARENA_OPEN(self);
+    if (check_range(self->a, off, n)) return NULL;
+    PyObject *b = PyBytes_FromStringAndSize(NULL, n);
+    if (!b) return NULL;
+    long r = kv_arena_pread(self->a, (size_t)off, PyBytes_AS_STRING(b), (size_t)n);
+    if (r < 0) {
+        Py_DECREF(b);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (r != n) {
+        PyObject *s = PyBytes_FromStringAndSize(PyBytes_AS_STRING(b), r);
+        Py_DECREF(b);
+        return s;
+    }
+    return b;
+}
+
+static PyObject *Arena_salvage(ArenaObject *self, PyObject *arg)
+{
+    ARENA_OPEN(self);
+    size_t p = PyLong_AsSize_t(arg);
+    if (p == (size_t)-1 && PyErr_Occurred()) return NULL;
+    char err[256];
+    long r = kv_arena_salvage(self->a, p, err, sizeof err);
+    if (r < 0) {
+        PyErr_SetString(self->st->ArenaError, err);
+        return NULL;
+    }
+    return PyLong_FromLong(r);
+}
+
+static const char *backing_name(const kv_arena *a)
+{
+    return a->page_size == ((size_t)1 << 30) ? "hugetlb-1G"
+           : a->page_size == ((size_t)1 << 21) ? "hugetlb-2M" : "memfd-4K";
+}
+
+static const char *page_label_short(const kv_arena *a)
+{
+    return a->page_size == ((size_t)1 << 30) ? "1G" : a->page_size == ((size_t)1 << 21) ? "2M" : "4K";
+}
+
+static int dset(PyObject *d, const char *k, PyObject *v)
+{
+    if (!v) return -1;
+    int r = PyDict_SetItemString(d, k, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int arena_stats_into(kv_arena *a, PyObject *d)
+{
+    kv_sigcounts c;
+    kv_guard_counts(&c);
+#define U(x) PyLong_FromUnsignedLongLong((unsigned long long)(x))
+    if (dset(d, "backing", PyUnicode_FromString(backing_name(a))) ||
+        dset(d, "page_size", PyUnicode_FromString(page_label_short(a))) ||
+        dset(d, "page_bytes", U(a->page_size)) || dset(d, "hugepages", U(a->hugetlb ? a->npages : 0)) ||
+        dset(d, "arena_bytes", U(a->size)) || dset(d, "keep_ue", PyBool_FromLong(a->keep_ue)) ||
+        dset(d, "kernel_policy", PyUnicode_FromString(a->policy == KV_POLICY_KEEP_UE ? "keep_ue" : "mainline")) ||
+        dset(d, "fallback_reason", a->reason[0] ? PyUnicode_FromString(a->reason) : Py_NewRef(Py_None)) ||
+        dset(d, "lost_subpages", U(__atomic_load_n(&a->lost_subpages, __ATOMIC_RELAXED))) ||
+        dset(d, "loss_events", U(__atomic_load_n(&a->lost_events, __ATOMIC_RELAXED))) ||
+        dset(d, "injected_ao", U(a->injected[KV_FAULT_AO])) ||
+        dset(d, "injected_ar", U(a->injected[KV_FAULT_AR])) ||
+        dset(d, "injected_hwpoison", U(a->injected[KV_FAULT_HWPOISON])) ||
+        dset(d, "pages_salvaged", U(a->pages_salvaged)) || dset(d, "salvage_failed", U(a->salvage_failed)) ||
+        dset(d, "subpages_salvaged", U(a->subpages_salvaged)) ||
+        dset(d, "signals_ao", U(c.ao)) || dset(d, "signals_ar", U(c.ar)) ||
+        dset(d, "signals_adrerr", U(c.adrerr)) || dset(d, "signals_chained", U(c.chained)) ||
+        dset(d, "signals_in_injection", U(c.in_injection)))
+        return -1;
+#undef U
+    return 0;
+}
+
+static PyObject *Arena_stats(ArenaObject *self, PyObject *unused)
+{
+    ARENA_OPEN(self);
+    PyObject *d = PyDict_New();
+    if (!d || arena_stats_into(self->a, d)) {
+        Py_XDECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+static PyObject *Arena_close(ArenaObject *self, PyObject *unused)
+{
+    if (self->engines > 0) {
+        PyErr_SetString(PyExc_RuntimeError, "an Engine still uses this arena: close the Engine");
+        return NULL;
+    }
+    kv_arena_free(self->a);
+    self->a = NULL;
+    Py_RETURN_NONE;
+}
+
+#define ARENA_GET(name, expr)                                                   \
+    static PyObject *Arena_get_##name(ArenaObject *self, void *c)               \
+    {                                                                           \
+        ARENA_OPEN(self);                                                       \
+        kv_arena *a = self->a;                                                  \
+        return expr;                                                            \
+    }
+ARENA_GET(address, PyLong_FromVoidPtr(a->base))
+ARENA_GET(size, PyLong_FromSize_t(a->size))
+ARENA_GET(page_size, PyLong_FromSize_t(a->page_size))
+ARENA_GET(npages, PyLong_FromSize_t(a->npages))
+ARENA_GET(nsubpages, PyLong_FromSize_t(a->nsub))
+ARENA_GET(hugetlb, PyBool_FromLong(a->hugetlb))
+ARENA_GET(keep_ue, PyBool_FromLong(a->keep_ue))
+ARENA_GET(kernel_policy, PyUnicode_FromString(a->policy == KV_POLICY_KEEP_UE ? "keep_ue" : "mainline"))
+ARENA_GET(backing, PyUnicode_FromString(backing_name(a)))
+ARENA_GET(eventfd, PyLong_FromLong(a->efd))
+ARENA_GET(fd, PyLong_FromLong(a->fd))
+ARENA_GET(fallback_reason, a->reason[0] ? PyUnicode_FromString(a->reason) : Py_NewRef(Py_None))
+
+static PyObject *Arena_get_closed(ArenaObject *self, void *c) { return PyBool_FromLong(self->a == NULL); }
+
+static PyMethodDef Arena_methods[] = {
+    {"read", (PyCFunction)Arena_read, METH_VARARGS, "read(offset, n) -> bytes: guarded copy out of the arena."},
+    {"write", (PyCFunction)Arena_write, METH_VARARGS, "write(offset, data): guarded copy into the arena."},
+    {"inject", (PyCFunction)(void (*)(void))Arena_inject, METH_VARARGS | METH_KEYWORDS,
+     "inject(offset, kind='ao'): simulate (ao, ar) or cause (hwpoison) a memory error."},
+    {"drain", (PyCFunction)Arena_drain, METH_NOARGS,
+     "drain() -> [(first_subpage, count)]: subpages lost since the last drain."},
+    {"lost_subpages", (PyCFunction)Arena_lost_subpages, METH_NOARGS, "All lost subpages, sorted."},
+    {"lost_bitmap", (PyCFunction)Arena_lost_bitmap, METH_NOARGS, "Lost bitmap: bit i of byte i//8 = subpage i."},
+    {"pread", (PyCFunction)Arena_pread, METH_VARARGS,
+     "pread(offset, n): read the backing memfd (EIO at poisoned subpages)."},
+    {"salvage", (PyCFunction)Arena_salvage, METH_O,
+     "salvage(page) -> subpages still lost: copy a lost page into a spare one."},
+    {"stats", (PyCFunction)Arena_stats, METH_NOARGS, "Counters and configuration."},
+    {"close", (PyCFunction)Arena_close, METH_NOARGS, "Unmap the arena (idempotent)."},
+    {NULL}};
+
+#define G(n, doc) {#n, (getter)Arena_get_##n, NULL, doc, NULL}
+static PyGetSetDef Arena_getset[] = {
+    G(address, "Address of the mapping (for /proc/self/smaps checks)."),
+    G(size, "Mapped bytes."),
+    G(page_size, "Page size in bytes."),
+    G(npages, "Number of pages."),
+    G(nsubpages, "Number of 4 KiB subpages."),
+    G(hugetlb, "True for HugeTLB backing."),
+    G(keep_ue, "True if the kernel accepted MFD_MF_KEEP_UE_MAPPED."),
+    G(kernel_policy, "\"keep_ue\" or \"mainline\" (real or simulated)."),
+    G(backing, "\"hugetlb-1G\", \"hugetlb-2M\" or \"memfd-4K\"."),
+    G(eventfd, "eventfd that becomes readable when memory is lost."),
+    G(fd, "The arena memfd."),
+    G(fallback_reason, "Why a smaller page size was used, or None."),
+    G(closed, "True once closed."),
+    {NULL}};
+#undef G
+
+static PyType_Slot Arena_slots[] = {
+    {Py_tp_new, Arena_new},
+    {Py_tp_dealloc, Arena_dealloc},
+    {Py_tp_methods, Arena_methods},
+    {Py_tp_getset, Arena_getset},
+    {Py_tp_doc, "Arena(size, page_size='auto', kernel_policy='auto')\n\n"
+                "Memory for the store in memfd(s) of whole pages, with a lost-subpage bitmap."},
+    {0, NULL}};
+
+static PyType_Spec Arena_spec = {"kvstore._native.Arena", sizeof(ArenaObject), 0, Py_TPFLAGS_DEFAULT,
+                                 Arena_slots};
+
+/* ---------------------------------------------------------------- Engine */
+
+typedef struct {
+    PyObject_HEAD
+    kv_engine e;
+    ArenaObject *arena;
+    modstate *st;
+    int ready;
+    unsigned long gen;
+    Py_ssize_t max_key, max_value;
+    PyObject *dict;
+    PyObject *weakrefs;
+} EngineObject;
+
+static int engine_unusable(EngineObject *self)
+{
+    if (!self->ready) {
+        PyErr_SetString(self->st->ClosedError, "the store is closed");
+        return 1;
+    }
+    if (self->gen != g_fork_gen) {
+        PyErr_SetString(self->st->Error,
+                        "this store was opened in the parent process: a forked child must open its own "
+                        "Store (the arena is shared memory and the index is not)");
+        return 1;
+    }
+    return 0;
+}
+#define ENGINE_OK(self)                                                         \
+    do {                                                                        \
+        if (__builtin_expect(!(self)->ready || (self)->gen != g_fork_gen, 0) && \
+            engine_unusable(self))                                              \
+            return NULL;                                                        \
+    } while (0)
+
+static int key_arg(EngineObject *self, PyObject *o, Py_buffer *v)
+{
+    if (get_bytes(o, v, "key")) return -1;
+    if (v->len > self->max_key) {
+        PyErr_Format(self->st->KeyTooLargeError, "key is %zd bytes; the limit is %zd", v->len, self->max_key);
+        put_bytes(v);
+        return -1;
+    }
+    return 0;
+}
+
+static int value_arg(EngineObject *self, PyObject *o, Py_buffer *v)
+{
+    if (get_bytes(o, v, "value")) return -1;
+    if (v->len > self->max_value) {
+        PyErr_Format(self->st->ValueTooLargeError, "value is %zd bytes; the limit is %zd", v->len,
+                     self->max_value);
+        put_bytes(v);
+        return -1;
+    }
+    return 0;
+}
+
+static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"arena", "capacity", "max_key", "max_value", NULL};
+    PyObject *arena;
+    Py_ssize_t cap = -1, max_key = KV_MAX_KEY, max_value = 512 * 1024 * 1024;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|nnn:Engine", kwlist, &arena, &cap, &max_key, &max_value))
+        return -1;
+    if (self->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
+        return -1;
+    }
+    modstate *st = self->st;
+    if (!PyObject_TypeCheck(arena, (PyTypeObject *)st->ArenaType)) {
+        PyErr_SetString(PyExc_TypeError, "arena must be a kvstore._native.Arena");
+        return -1;
+    }
+    ArenaObject *ao = (ArenaObject *)arena;
+    if (!ao->a) {
+        PyErr_SetString(st->ClosedError, "the arena is closed");
+        return -1;
+    }
+    if (ao->engines) {
+        PyErr_SetString(PyExc_ValueError, "the arena already has an Engine");
+        return -1;
+    }
+    if (max_key < 0 || max_key > (Py_ssize_t)KV_MAX_KEY) {
+        PyErr_Format(PyExc_ValueError, "max_key must be between 0 and %u", KV_MAX_KEY);
+        return -1;
+    }
+    if (max_value < 0 || max_value > (Py_ssize_t)UINT32_MAX - KV_REC_HDR) {
+        PyErr_SetString(PyExc_ValueError, "max_value must be between 0 and 4 GiB");
+        return -1;
+    }
+    size_t capacity = cap < 0 ? ao->a->size : (size_t)cap;
+    if (kv_eng_init(&self->e, ao->a, capacity) != 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_INCREF(ao);
+    self->arena = ao;
+    ao->engines++;
+    self->max_key = max_key;
+    self->max_value = max_value;
+    self->gen = g_fork_gen;
+    self->ready = 1;
+    return 0;
+}
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    modstate *st = state_of(type);
+    if (!st) return NULL;
+    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->st = st;
+    return (PyObject *)self;
+}
+
+static void engine_release(EngineObject *self)
+{
+    if (self->ready) {
+        kv_eng_free(&self->e);
+        self->ready = 0;
+    }
+    if (self->arena) {
+        self->arena->engines--;
+        Py_CLEAR(self->arena);
+    }
+}
+
+static int Engine_traverse(EngineObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->arena);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int Engine_clear(EngineObject *self)
+{
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void Engine_dealloc(EngineObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakrefs) PyObject_ClearWeakRefs((PyObject *)self);
+    engine_release(self);
+    Engine_clear(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+/* The key is LOST: let the subclass repair it, else raise KeyLostError. */
+static PyObject *lost_read(EngineObject *self, PyObject *key, uint32_t id, int versioned)
+{
+    kv_entry *ent = kv_ix_entry(&self->e.ix, id);
+    unsigned long long ver = kv_e_version(ent);
+    int state = kv_e_state(ent);
+    if (Py_TYPE(self) != (PyTypeObject *)self->st->EngineType) {
+        PyObject *args[] = {(PyObject *)self, key, NULL, NULL, versioned ? Py_True : Py_False};
+        args[2] = PyLong_FromUnsignedLongLong(ver);
+        args[3] = PyUnicode_FromString(state_names[state]);
+        PyObject *r = NULL;
+        if (args[2] && args[3])
+            r = PyObject_VectorcallMethod(self->st->str_lost_read, args, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET * 0,
+                                          NULL);
+        Py_XDECREF(args[2]);
+        Py_XDECREF(args[3]);
+        if (r || !PyErr_ExceptionMatches(PyExc_AttributeError)) return r;
+        PyErr_Clear();
+    }
+    PyObject *exc = PyObject_CallFunction(
+        state == KV_ST_UNRECOVERABLE ? self->st->UnrecoverableKeyError : self->st->KeyLostError, "OK", key, ver);
+    if (exc) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+/* Read PRESENT entry id into a new bytes object; NULL with *lost=1 when the
+ * record turned out to be lost. */
+static PyObject *read_value(EngineObject *self, uint32_t id, int *lost)
+{
+    uint32_t vlen;
+    *lost = 0;
+    if (kv_eng_value_len(&self->e, id, &vlen) != KV_OK) {
+        *lost = 1;
+        return NULL;
+    }
+    PyObject *b = PyBytes_FromStringAndSize(NULL, vlen);
+    if (!b) return NULL;
+    if (kv_eng_value_read(&self->e, id, vlen, PyBytes_AS_STRING(b)) != KV_OK) {
+        Py_DECREF(b);
+        *lost = 1;
+        return NULL;
+    }
+    return b;
+}
+
+static PyObject *get_impl(EngineObject *self, PyObject *key, int versioned)
+{
+    ENGINE_OK(self);
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    uint32_t id = 0;
+    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
+    put_bytes(&k);
+    if (rc == KV_ABSENT) Py_RETURN_NONE;
+    if (rc == KV_OK) {
+        int lost;
+        PyObject *b = read_value(self, id, &lost);
+        if (b) {
+            if (!versioned) return b;
+            PyObject *t = Py_BuildValue("(KN)", (unsigned long long)kv_e_version(kv_ix_entry(&self->e.ix, id)), b);
+            return t;
+        }
+        if (!lost) return NULL;
+    }
+    return lost_read(self, key, id, versioned);
+}
+
+static PyObject *Engine_get(EngineObject *self, PyObject *key) { return get_impl(self, key, 0); }
+static PyObject *Engine_get_versioned(EngineObject *self, PyObject *key) { return get_impl(self, key, 1); }
+
+static int ttl_to_ms(PyObject *ttl, uint64_t *exp_ms)
+{
+    if (ttl == NULL || ttl == Py_None) {
+        *exp_ms = 0;
+        return 0;
+    }
+    double s = PyFloat_AsDouble(ttl);
+    if (s == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "ttl must be a number of seconds or None, not %.100s", Py_TYPE(ttl)->tp_name);
+        return -1;
+    }
+    if (!(s > 0) || s > 1e12) {
+        PyErr_SetString(PyExc_ValueError, "ttl must be a positive number of seconds");
+        return -1;
+    }
+    uint64_t ms = (uint64_t)(s * 1000.0 + 0.999);
+    *exp_ms = kv_now_ms() + (ms ? ms : 1);
+    return 0;
+}
+
+static PyObject *put_error(EngineObject *self, int rc, size_t need)
+{
+    if (rc == KV_FULL)
+        PyErr_Format(self->st->StoreFullError,
+                     "no room for a %zu-byte record (capacity %zu bytes, %zu free subpages); nothing was written",
+                     need, self->e.al.nsub * (size_t)4096, self->e.al.nfree);
+    else
+        PyErr_NoMemory();
+    return NULL;
+}
+
+static PyObject *put_impl(EngineObject *self, PyObject *key, PyObject *value, uint64_t version, uint64_t exp)
+{
+    Py_buffer k, v;
+    if (key_arg(self, key, &k)) return NULL;
+    if (value_arg(self, value, &v)) {
+        put_bytes(&k);
+        return NULL;
+    }
+    uint64_t out;
+    int rc = kv_eng_put(&self->e, k.buf, (uint32_t)k.len, v.buf, (size_t)v.len, version, exp, &out);
+    size_t need = KV_REC_HDR + (size_t)v.len;
+    put_bytes(&k);
+    put_bytes(&v);
+    if (rc != KV_OK) return put_error(self, rc, need);
+    return PyLong_FromUnsignedLongLong(out);
+}
+
+/* put(key, value, ttl=None) */
+static PyObject *Engine_put(EngineObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    ENGINE_OK(self);
+    PyObject *ttl = nargs >= 3 ? args[2] : NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(name, "ttl") == 0 && !ttl) {
+            ttl = args[nargs + i];
+        } else {
+            PyErr_Format(PyExc_TypeError, "put() got an unexpected keyword argument %R", name);
+            return NULL;
+        }
+    }
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "put(key, value, ttl=None) takes 2 or 3 arguments");
+        return NULL;
+    }
+    uint64_t exp;
+    if (ttl_to_ms(ttl, &exp)) return NULL;
+    return put_impl(self, args[0], args[1], 0, exp);
+}
+
+/* put_versioned(key, value, version, expire_at_ms=0): apply a write that
+ * already has a version (replication). expire_at_ms: 0 none, -1 keep. */
+static PyObject *Engine_put_versioned(EngineObject *self, PyObject *args)
+{
+    PyObject *key, *value;
+    unsigned long long version;
+    long long exp = 0;
+    if (!PyArg_ParseTuple(args, "OOK|L:put_versioned", &key, &value, &version, &exp)) return NULL;
+    ENGINE_OK(self);
+    if (version == 0 || version > KV_VERSION_MASK) {
+        PyErr_SetString(PyExc_ValueError, "version must be between 1 and 2**48-1");
+        return NULL;
+    }
+    return put_impl(self, key, value, version, exp < 0 ? UINT64_MAX : (uint64_t)exp);
+}
+
+static PyObject *Engine_delete(EngineObject *self, PyObject *key)
+{
+    ENGINE_OK(self);
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    int r = kv_eng_delete(&self->e, k.buf, (uint32_t)k.len);
+    put_bytes(&k);
+    return PyBool_FromLong(r);
+}
+
+static int exists_impl(EngineObject *self, PyObject *key)
+{
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return -1;
+    uint32_t id;
+    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
+    put_bytes(&k);
+    return rc != KV_ABSENT;
+}
+
+static PyObject *Engine_exists(EngineObject *self, PyObject *key)
+{
+    ENGINE_OK(self);
+    int r = exists_impl(self, key);
+    return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
+static int Engine_contains(EngineObject *self, PyObject *key)
+{
+    if ((!self->ready || self->gen != g_fork_gen) && engine_unusable(self)) return -1;
+    return exists_impl(self, key);
+}
+
+static Py_ssize_t Engine_len(EngineObject *self)
+{
+    if ((!self->ready || self->gen != g_fork_gen) && engine_unusable(self)) return -1;
+    kv_eng_check(&self->e);
+    return (Py_ssize_t)self->e.ix.count;
+}
+
+/* mget(keys, marker=None): a list of values; None for absent keys. A LOST
+ * key gets `marker` when one is given, else goes through _lost_read. */
+static PyObject *Engine_mget(EngineObject *self, PyObject *args)
+{
+    PyObject *keys, *marker = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O:mget", &keys, &marker)) return NULL;
+    ENGINE_OK(self);
+    PyObject *seq = PySequence_Fast(keys, "mget() needs a sequence of keys");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(n);
+    if (!out) goto fail;
+    uint64_t now = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_buffer k;
+        if (key_arg(self, items[i], &k)) goto fail;
+        uint32_t id = 0;
+        if (!now) now = kv_now_ms();
+        int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, now);
+        put_bytes(&k);
+        PyObject *val = NULL;
+        if (rc == KV_ABSENT) {
+            val = Py_NewRef(Py_None);
+        } else {
+            int lost = rc == KV_LOSTKEY;
+            if (!lost) {
+                val = read_value(self, id, &lost);
+                if (!val && !lost) goto fail;
+            }
+            if (lost) {
+                if (marker != Py_None) val = Py_NewRef(marker);
+                else if (!(val = lost_read(self, items[i], id, 0))) goto fail;
+            }
+        }
+        PyList_SET_ITEM(out, i, val);
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_XDECREF(out);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+/* mput(mapping or iterable of (key, value)) -> [versions]. Every key and
+ * value is checked before anything is written. */
+static PyObject *Engine_mput(EngineObject *self, PyObject *arg)
+{
+    ENGINE_OK(self);
+    PyObject *pairs = PyDict_Check(arg) ? PyDict_Items(arg) : PySequence_List(arg);
+    if (!pairs) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(pairs);
+    PyObject *out = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(pairs, i);
+        if (!PyTuple_Check(p) && !PyList_Check(p)) goto badpair;
+        if (PySequence_Fast_GET_SIZE(p) != 2) goto badpair;
+        Py_buffer k, v;
+        if (key_arg(self, PySequence_Fast_GET_ITEM(p, 0), &k)) goto done;
+        put_bytes(&k);
+        if (value_arg(self, PySequence_Fast_GET_ITEM(p, 1), &v)) goto done;
+        put_bytes(&v);
+    }
+    out = PyList_New(n);
+    if (!out) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(pairs, i);
+        PyObject *ver = put_impl(self, PySequence_Fast_GET_ITEM(p, 0), PySequence_Fast_GET_ITEM(p, 1), 0, 0);
+        if (!ver) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, i, ver);
+    }
+    goto done;
+badpair:
+    PyErr_SetString(PyExc_TypeError, "mput() needs a mapping or an iterable of (key, value) pairs");
+done:
+    Py_DECREF(pairs);
+    return out;
+}
+
+/* expire_at_ms(key, abs_ms) -> bool: set (abs_ms > 0) or clear (0) expiry. */
+static PyObject *Engine_expire_at_ms(EngineObject *self, PyObject *args)
+{
+    PyObject *key;
+    unsigned long long at;
+    if (!PyArg_ParseTuple(args, "OK:expire_at_ms", &key, &at)) return NULL;
+    ENGINE_OK(self);
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    uint32_t id;
+    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
+    put_bytes(&k);
+    if (rc == KV_ABSENT) Py_RETURN_FALSE;
+    if (at == 0) {
+        int had = (kv_e_flags(kv_ix_entry(&self->e.ix, id)) & KV_F_TTL) != 0;
+        if (had) kv_ttl_del(&self->e.ix, id);
+        return PyBool_FromLong(had);
+    }
+    if (kv_ttl_set(&self->e.ix, id, at) != 0) return PyErr_NoMemory();
+    Py_RETURN_TRUE;
+}
+
+/* ttl_ms(key) -> ms left, -1 no expiry, -2 absent */
+static PyObject *Engine_ttl_ms(EngineObject *self, PyObject *key)
+{
+    ENGINE_OK(self);
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    uint32_t id;
+    uint64_t now = kv_now_ms();
+    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, now);
+    put_bytes(&k);
+    if (rc == KV_ABSENT) return PyLong_FromLong(-2);
+    if (!(kv_e_flags(kv_ix_entry(&self->e.ix, id)) & KV_F_TTL)) return PyLong_FromLong(-1);
+    uint64_t exp = kv_ttl_get(&self->e.ix, id);
+    return PyLong_FromUnsignedLongLong(exp > now ? exp - now : 0);
+}
+
+/* expire_at(key) -> absolute expiry ms or 0 (used by replication/fetch). */
+static PyObject *Engine_expire_at(EngineObject *self, PyObject *key)
+{
+    ENGINE_OK(self);
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    uint32_t id;
+    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
+    put_bytes(&k);
+    if (rc == KV_ABSENT) return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLongLong(kv_ttl_get(&self->e.ix, id));
+}
+
+static PyObject *Engine_keys(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OK(self);
+    kv_eng_check(&self->e);
+    PyObject *l = PyList_New(0);
+    if (!l) return NULL;
+    uint64_t now = kv_now_ms();
+    kv_index *ix = &self->e.ix;
+    for (uint64_t u = 1; u < ix->slab_top;) {
+        uint32_t id = (uint32_t)u;
+        kv_entry *ent = kv_ix_entry(ix, id);
+        u += kv_e_units(kv_e_klen(ent));
+        if (kv_e_state(ent) == KV_ST_FREE) continue;
+        if (kv_e_flags(ent) & KV_F_TTL) {
+            uint64_t exp = kv_ttl_get(ix, id);
+            if (exp && exp <= now) continue;
+        }
+        PyObject *k = PyBytes_FromStringAndSize((const char *)ent->key, kv_e_klen(ent));
+        if (!k || PyList_Append(l, k) != 0) {
+            Py_XDECREF(k);
+            Py_DECREF(l);
+            return NULL;
+        }
+        Py_DECREF(k);
+    }
+    return l;
+}
+
+static PyObject *Engine_locate(EngineObject *self, PyObject *key)
+{
+    ENGINE_OK(self);
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    uint32_t id = 0;
+    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
+    put_bytes(&k);
+    if (rc == KV_ABSENT) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    size_t len = rc == KV_OK ? kv_eng_record_len(&self->e, id) : 0;
+    if (rc != KV_OK || len == 0) {
+        kv_entry *ent = kv_ix_entry(&self->e.ix, id);
+        PyObject *exc = PyObject_CallFunction(self->st->KeyLostError, "OK", key,
+                                              (unsigned long long)kv_e_version(ent));
+        if (exc) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+    return Py_BuildValue("(Kn)", (unsigned long long)kv_e_off(kv_ix_entry(&self->e.ix, id)), (Py_ssize_t)len);
+}
+
+static PyObject *Engine_recover(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OK(self);
+    kv_recover_stats s;
+    kv_eng_recover(&self->e, &s);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:s}", "ranges", (unsigned long long)s.ranges,
+                         "subpages", (unsigned long long)s.subpages, "keys_lost",
+                         (unsigned long long)s.keys_lost, "pages_salvaged", (unsigned long long)s.pages_salvaged,
+                         "subpages_salvaged", (unsigned long long)s.subpages_salvaged, "salvage_failed",
+                         (unsigned long long)s.salvage_failed, "subpages_quarantined",
+                         (unsigned long long)s.subpages_quarantined, "salvage_error", s.salvage_error);
+}
+
+static int state_from_name(PyObject *o)
+{
+    const char *s = PyUnicode_Check(o) ? PyUnicode_AsUTF8(o) : NULL;
+    for (int i = KV_ST_LOST; s && i <= KV_ST_UNRECOVERABLE; i++)
+        if (!strcmp(s, state_names[i])) return i;
+    PyErr_Format(PyExc_ValueError, "state must be \"lost\", \"rebuilding\" or \"unrecoverable\", not %R", o);
+    return -1;
+}
+
+/* take_lost(max=0, mark=None) -> [(key, version)]: keys that became LOST
+ * since the last call (still not present); optionally move them to state
+ * `mark` ("rebuilding"). */
+static PyObject *Engine_take_lost(EngineObject *self, PyObject *args)
+{
+    Py_ssize_t max = 0;
+    PyObject *mark = Py_None;
+    if (!PyArg_ParseTuple(args, "|nO:take_lost", &max, &mark)) return NULL;
+    ENGINE_OK(self);
+    kv_eng_check(&self->e);
+    int to = -1;
+    if (mark != Py_None && (to = state_from_name(mark)) < 0) return NULL;
+    kv_engine *e = &self->e;
+    size_t take = max > 0 && (size_t)max < e->lostq_n ? (size_t)max : e->lostq_n;
+    PyObject *l = PyList_New(0);
+    if (!l) return NULL;
+    for (size_t i = 0; i < take; i++) {
+        kv_entry *ent = kv_ix_entry(&e->ix, e->lostq[i]);
+        if (kv_e_state(ent) != KV_ST_LOST) continue;
+        PyObject *t = Py_BuildValue("(y#K)", ent->key, (Py_ssize_t)kv_e_klen(ent),
+                                    (unsigned long long)kv_e_version(ent));
+        if (!t || PyList_Append(l, t) != 0) {
+            Py_XDECREF(t);
+            Py_DECREF(l);
+            return NULL;
+        }
+        Py_DECREF(t);
+        if (to >= 0) kv_e_set_state(ent, to);
+    }
+    memmove(e->lostq, e->lostq + take, (e->lostq_n - take) * sizeof *e->lostq);
+    e->lostq_n -= take;
+    return l;
+}
+
+/* set_state(key, state) -> bool: move a non-present key between lost,
+ * rebuilding and unrecoverable. */
+static PyObject *Engine_set_state(EngineObject *self, PyObject *args)
+{
+    PyObject *key, *state;
+    if (!PyArg_ParseTuple(args, "OO:set_state", &key, &state)) return NULL;
+    ENGINE_OK(self);
+    int to = state_from_name(state);
+    if (to < 0) return NULL;
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    uint32_t id;
+    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
+    put_bytes(&k);
+    if (rc != KV_LOSTKEY) Py_RETURN_FALSE;
+    kv_e_set_state(kv_ix_entry(&self->e.ix, id), to);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Engine_lost_keys(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OK(self);
+    kv_eng_check(&self->e);
+    PyObject *l = PyList_New(0);
+    if (!l) return NULL;
+    kv_index *ix = &self->e.ix;
+    for (uint64_t u = 1; u < ix->slab_top && self->e.n_lost;) {
+        kv_entry *ent = kv_ix_entry(ix, (uint32_t)u);
+        u += kv_e_units(kv_e_klen(ent));
+        int s = kv_e_state(ent);
+        if (s < KV_ST_LOST) continue;
+        PyObject *t = Py_BuildValue("(y#Ks)", ent->key, (Py_ssize_t)kv_e_klen(ent),
+                                    (unsigned long long)kv_e_version(ent), state_names[s]);
+        if (!t || PyList_Append(l, t) != 0) {
+            Py_XDECREF(t);
+            Py_DECREF(l);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return l;
+}
+
+/* install(key, value, version) -> "installed" | "stale" | "skipped" */
+static PyObject *Engine_install(EngineObject *self, PyObject *args)
+{
+    PyObject *key, *value;
+    unsigned long long version;
+    if (!PyArg_ParseTuple(args, "OOK:install", &key, &value, &version)) return NULL;
+    ENGINE_OK(self);
+    Py_buffer k, v;
+    if (key_arg(self, key, &k)) return NULL;
+    if (value_arg(self, value, &v)) {
+        put_bytes(&k);
+        return NULL;
+    }
+    int rc = kv_eng_install(&self->e, k.buf, (uint32_t)k.len, v.buf, (size_t)v.len, version);
+    size_t need = KV_REC_HDR + (size_t)v.len;
+    put_bytes(&k);
+    put_bytes(&v);
+    switch (rc) {
+    case KV_OK: return PyUnicode_FromString("installed");
+    case KV_STALE: return PyUnicode_FromString("stale");
+    case KV_SKIP: return PyUnicode_FromString("skipped");
+    default: return put_error(self, rc, need);
+    }
+}
+
+static PyObject *Engine_scrub(EngineObject *self, PyObject *arg)
+{
+    ENGINE_OK(self);
+    unsigned long long max = PyLong_AsUnsignedLongLong(arg);
+    if (max == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    uint64_t found;
+    uint64_t done = kv_eng_scrub(&self->e, max, &found);
+    return Py_BuildValue("(KK)", (unsigned long long)done, (unsigned long long)found);
+}
+
+static PyObject *Engine_expire_sweep(EngineObject *self, PyObject *arg)
+{
+    ENGINE_OK(self);
+    Py_ssize_t budget = PyLong_AsSsize_t(arg);
+    if (budget == -1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromSize_t(kv_eng_expire_sweep(&self->e, budget > 0 ? (size_t)budget : 0, kv_now_ms()));
+}
+
+static PyObject *Engine_compact(EngineObject *self, PyObject *args)
+{
+    Py_ssize_t max = 4096;
+    if (!PyArg_ParseTuple(args, "|n:compact", &max)) return NULL;
+    ENGINE_OK(self);
+    kv_eng_check(&self->e);
+    return PyLong_FromSize_t(kv_eng_compact(&self->e, max > 0 ? (size_t)max : 0));
+}
+
+static PyObject *Engine_flush(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OK(self);
+    kv_eng_flush(&self->e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OK(self);
+    kv_eng_check(&self->e);
+    kv_engine *e = &self->e;
+    PyObject *d = PyDict_New();
+    if (!d || arena_stats_into(e->arena, d)) goto fail;
+#define U(x) PyLong_FromUnsignedLongLong((unsigned long long)(x))
+    if (dset(d, "capacity", U(e->al.nsub * 4096ULL)) || dset(d, "used", U(e->al.live_bytes)) ||
+        dset(d, "dead_bytes", U(e->al.dead_bytes)) || dset(d, "free_subpages", U(e->al.nfree)) ||
+        dset(d, "quarantined_subpages", U(e->al.nlost)) || dset(d, "keys", U(e->ix.count)) ||
+        dset(d, "lost_keys", U(e->n_lost)) || dset(d, "keys_lost_total", U(e->c_lost_keys)) ||
+        dset(d, "rebuilt_keys", U(e->c_rebuilt)) || dset(d, "checksum_failures", U(e->c_checksum_fail)) ||
+        dset(d, "faults_on_access", U(e->c_faults_on_read)) || dset(d, "expired_keys", U(e->c_expired)) ||
+        dset(d, "keys_with_ttl", U(e->ix.ttl_count)) || dset(d, "compactions", U(e->c_compactions)) ||
+        dset(d, "records_moved", U(e->c_moved)) || dset(d, "scrubbed_bytes", U(e->c_scrubbed_bytes)) ||
+        dset(d, "scrub_found", U(e->c_scrub_found)) || dset(d, "recoveries", U(e->c_recoveries)) ||
+        dset(d, "index_bytes", U(kv_index_memory(&e->ix))) ||
+        dset(d, "allocator_bytes", U(e->al.nsub * 4 + (e->al.nsub + 63) / 64 * 8)) ||
+        dset(d, "version", U(e->version)) || dset(d, "max_key", PyLong_FromSsize_t(self->max_key)) ||
+        dset(d, "max_value", PyLong_FromSsize_t(self->max_value)) ||
+        dset(d, "last_salvage_error",
+             e->last_salvage_error[0] ? PyUnicode_FromString(e->last_salvage_error) : Py_NewRef(Py_None)))
+        goto fail;
+#undef U
+    return d;
+fail:
+    Py_XDECREF(d);
+    return NULL;
+}
+
+static PyObject *Engine__corrupt(EngineObject *self, PyObject *args)
+{
+    PyObject *key;
+    Py_ssize_t byte;
+    if (!PyArg_ParseTuple(args, "On:_corrupt", &key, &byte)) return NULL;
+    ENGINE_OK(self);
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    uint32_t id;
+    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
+    put_bytes(&k);
+    if (rc != KV_OK) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    size_t len = kv_eng_record_len(&self->e, id);
+    if (byte < 0 || (size_t)byte >= len) {
+        PyErr_Format(PyExc_IndexError, "byte %zd outside the %zu-byte record", byte, len);
+        return NULL;
+    }
+    if (kv_eng_corrupt(&self->e, id, (size_t)byte) != 0) return fault_error(self->st, "corrupt", 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_close(EngineObject *self, PyObject *unused)
+{
+    if (self->arena && self->ready) {
+        ArenaObject *ao = self->arena;
+        Py_INCREF(ao);
+        engine_release(self);
+        kv_arena_free(ao->a);
+        ao->a = NULL;
+        Py_DECREF(ao);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_get_closed(EngineObject *self, void *c) { return PyBool_FromLong(!self->ready); }
+static PyObject *Engine_get_arena(EngineObject *self, void *c)
+{
+    return self->arena ? Py_NewRef((PyObject *)self->arena) : Py_NewRef(Py_None);
+}
+static PyObject *Engine_get_loss_fd(EngineObject *self, void *c)
+{
+    ENGINE_OK(self);
+    return PyLong_FromLong(self->e.arena->efd);
+}
+static PyObject *Engine_get_version(EngineObject *self, void *c)
+{
+    ENGINE_OK(self);
+    return PyLong_FromUnsignedLongLong(self->e.version);
+}
+static PyObject *Engine_get_loss_pending(EngineObject *self, void *c)
+{
+    ENGINE_OK(self);
+    return PyBool_FromLong(__atomic_load_n(&self->e.arena->pending_flag, __ATOMIC_ACQUIRE) != 0 ||
+                           self->e.lostq_n != 0);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"get", (PyCFunction)Engine_get, METH_O, "get(key) -> bytes or None; KeyLostError if the key was lost."},
+    {"get_versioned", (PyCFunction)Engine_get_versioned, METH_O, "get_versioned(key) -> (version, value) or None."},
+    {"put", (PyCFunction)(void (*)(void))Engine_put, METH_FASTCALL | METH_KEYWORDS,
+     "put(key, value, ttl=None) -> version."},
+    {"put_versioned", (PyCFunction)Engine_put_versioned, METH_VARARGS,
+     "put_versioned(key, value, version, expire_at_ms=0): apply a write with its version."},
+    {"delete", (PyCFunction)Engine_delete, METH_O, "delete(key) -> True if the key existed (present or lost)."},
+    {"exists", (PyCFunction)Engine_exists, METH_O, "exists(key) -> bool (a lost key exists)."},
+    {"mget", (PyCFunction)Engine_mget, METH_VARARGS, "mget(keys, marker=None) -> [value or None]."},
+    {"mput", (PyCFunction)Engine_mput, METH_O, "mput(mapping or pairs) -> [version]."},
+    {"expire_at_ms", (PyCFunction)Engine_expire_at_ms, METH_VARARGS,
+     "expire_at_ms(key, ms) -> bool: set (ms>0, absolute) or clear (0) the expiry."},
+    {"ttl_ms", (PyCFunction)Engine_ttl_ms, METH_O, "ttl_ms(key) -> ms left, -1 (no expiry), -2 (absent)."},
+    {"expire_at", (PyCFunction)Engine_expire_at, METH_O, "expire_at(key) -> absolute expiry in ms, 0 if none."},
+    {"keys", (PyCFunction)Engine_keys, METH_NOARGS, "keys() -> list of keys (present and lost)."},
+    {"locate", (PyCFunction)Engine_locate, METH_O, "locate(key) -> (arena offset, record length)."},
+    {"recover", (PyCFunction)Engine_recover, METH_NOARGS,
+     "recover() -> dict: process lost memory now (salvage, invalidate, quarantine)."},
+    {"take_lost", (PyCFunction)Engine_take_lost, METH_VARARGS,
+     "take_lost(max=0, mark=None) -> [(key, version)] newly lost."},
+    {"set_state", (PyCFunction)Engine_set_state, METH_VARARGS, "set_state(key, state) -> bool."},
+    {"lost_keys", (PyCFunction)Engine_lost_keys, METH_NOARGS, "lost_keys() -> [(key, version, state)]."},
+    {"install", (PyCFunction)Engine_install, METH_VARARGS,
+     "install(key, value, version) -> 'installed' | 'stale' | 'skipped'."},
+    {"scrub", (PyCFunction)Engine_scrub, METH_O, "scrub(max_bytes) -> (bytes examined, records failed)."},
+    {"expire_sweep", (PyCFunction)Engine_expire_sweep, METH_O, "expire_sweep(budget) -> keys expired."},
+    {"compact", (PyCFunction)Engine_compact, METH_VARARGS, "compact(max_subpages=4096) -> records moved."},
+    {"flush", (PyCFunction)Engine_flush, METH_NOARGS, "Delete every key."},
+    {"engine_stats", (PyCFunction)Engine_engine_stats, METH_NOARGS, "Counters of the engine and its arena."},
+    {"_corrupt", (PyCFunction)Engine__corrupt, METH_VARARGS, "Test hook: flip one byte of a key's record."},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, "Free the index and unmap the arena (idempotent)."},
+    {NULL}};
+
+static PyGetSetDef Engine_getset[] = {
+    {"closed", (getter)Engine_get_closed, NULL, "True once closed.", NULL},
+    {"arena", (getter)Engine_get_arena, NULL, "The Arena.", NULL},
+    {"loss_fd", (getter)Engine_get_loss_fd, NULL, "eventfd readable when memory was lost.", NULL},
+    {"version", (getter)Engine_get_version, NULL, "Last version handed out.", NULL},
+    {"loss_pending", (getter)Engine_get_loss_pending, NULL, "True while losses await processing.", NULL},
+    {NULL}};
+
+static PyMemberDef Engine_members[] = {
+    {"__dictoffset__", T_PYSSIZET, offsetof(EngineObject, dict), READONLY, NULL},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(EngineObject, weakrefs), READONLY, NULL},
+    {NULL}};
+
+static PyType_Slot Engine_slots[] = {
+    {Py_tp_new, Engine_new},
+    {Py_tp_init, Engine_init},
+    {Py_tp_dealloc, Engine_dealloc},
+    {Py_tp_traverse, Engine_traverse},
+    {Py_tp_clear, Engine_clear},
+    {Py_tp_methods, Engine_methods},
+    {Py_tp_getset, Engine_getset},
+    {Py_tp_members, Engine_members},
+    {Py_sq_contains, Engine_contains},
+    {Py_sq_length, Engine_len},
+    {Py_mp_length, Engine_len},
+    {Py_tp_doc, "Engine(arena, capacity=-1, max_key=65536, max_value=512MiB)\n\n"
+                "The record store on an Arena. kvstore.Store subclasses it."},
+    {0, NULL}};
+
+static PyType_Spec Engine_spec = {"kvstore._native.Engine", sizeof(EngineObject), 0,
+                                  Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, Engine_slots};
+
+/* --------------------------------------------------------- module funcs */
+
+static PyObject *mod_xxh64(PyObject *m, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"data", "seed", NULL};
+    PyObject *data;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|K:xxh64", kwlist, &data, &seed)) return NULL;
+    Py_buffer v;
+    if (get_bytes(data, &v, "data")) return NULL;
+    uint64_t h = kv_xxh64(v.buf, (size_t)v.len, seed);
+    put_bytes(&v);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+static PyObject *mod_probe(PyObject *m, PyObject *unused)
+{
+    return Py_BuildValue("{s:O,s:O,s:O}", "keep_ue", kv_probe_keep_ue() ? Py_True : Py_False, "hwpoison",
+                         kv_probe_hwpoison() ? Py_True : Py_False, "handler_installed",
+                         kv_guard_is_installed() ? Py_True : Py_False);
+}
+
+static PyObject *mod_handler_installed(PyObject *m, PyObject *unused)
+{
+    return PyBool_FromLong(kv_guard_is_installed());
+}
+
+static PyObject *mod_install_handler(PyObject *m, PyObject *unused)
+{
+    if (kv_guard_install() != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_signal_counts(PyObject *m, PyObject *unused)
+{
+    kv_sigcounts c;
+    kv_guard_counts(&c);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "ao", (unsigned long long)c.ao, "ar",
+                         (unsigned long long)c.ar, "adrerr", (unsigned long long)c.adrerr, "other",
+                         (unsigned long long)c.other, "chained", (unsigned long long)c.chained, "in_injection",
+                         (unsigned long long)c.in_injection);
+}
+
+static PyObject *mod_raw_load(PyObject *m, PyObject *arg)
+{
+    void *p = PyLong_AsVoidPtr(arg);
+    if (!p && PyErr_Occurred()) return NULL;
+    return PyLong_FromLong(kv_guard_raw_load((uintptr_t)p));
+}
+
+static PyObject *mod_record_checksum(PyObject *m, PyObject *args)
+{
+    Py_buffer k, v;
+    unsigned long long version;
+    PyObject *ko, *vo;
+    if (!PyArg_ParseTuple(args, "OOK:record_checksum", &ko, &vo, &version)) return NULL;
+    if (get_bytes(ko, &k, "key")) return NULL;
+    if (get_bytes(vo, &v, "value")) {
+        put_bytes(&k);
+        return NULL;
+    }
+    kv_xxh64_state st;
+    uint8_t le[4] = {(uint8_t)v.len, (uint8_t)(v.len >> 8), (uint8_t)(v.len >> 16), (uint8_t)(v.len >> 24)};
+    kv_xxh64_reset(&st, version);
+    kv_xxh64_update(&st, k.buf, (size_t)k.len);
+    kv_xxh64_update(&st, le, 4);
+    kv_xxh64_update(&st, v.buf, (size_t)v.len);
+    put_bytes(&k);
+    put_bytes(&v);
+    return PyLong_FromUnsignedLong((uint32_t)kv_xxh64_digest(&st));
+}
+
+static PyMethodDef mod_methods[] = {
+    {"xxh64", (PyCFunction)(void (*)(void))mod_xxh64, METH_VARARGS | METH_KEYWORDS,
+     "xxh64(data, seed=0) -> int: XXH64 digest (same as xxhash.xxh64_intdigest)."},
+    {"probe", mod_probe, METH_NOARGS, "What the kernel supports: keep_ue, hwpoison; and handler state."},
+    {"handler_installed", mod_handler_installed, METH_NOARGS, "True if our SIGBUS handler is installed."},
+    {"install_handler", mod_install_handler, METH_NOARGS, "(Re)install our SIGBUS handler on top."},
+    {"signal_counts", mod_signal_counts, METH_NOARGS, "SIGBUS signals seen by our handler, by kind."},
+    {"_raw_load", mod_raw_load, METH_O, "Test hook: load a byte from an address with no guard."},
+    {"record_checksum", mod_record_checksum, METH_VARARGS,
+     "record_checksum(key, value, version) -> the u32 stored in a record header."},
+    {NULL}};
+
+static int mod_exec(PyObject *m)
+{
+    modstate *st = PyModule_GetState(m);
+    PyObject *errors = PyImport_ImportModule("kvstore.errors");
+    if (!errors) return -1;
+#define EXC(name)                                                 \
+    if (!(st->name = PyObject_GetAttrString(errors, #name))) {    \
+        Py_DECREF(errors);                                        \
+        return -1;                                                \
+    }
+    EXC(Error) EXC(KeyLostError) EXC(UnrecoverableKeyError) EXC(StoreFullError) EXC(KeyTooLargeError)
+    EXC(ValueTooLargeError) EXC(ClosedError) EXC(ArenaError) EXC(MemoryFaultError) EXC(FaultInjectionError)
+#undef EXC
+    Py_DECREF(errors);
+    if (!(st->str_lost_read = PyUnicode_InternFromString("_lost_read"))) return -1;
+    if (!(st->ArenaType = PyType_FromModuleAndSpec(m, &Arena_spec, NULL))) return -1;
+    if (PyModule_AddObjectRef(m, "Arena", st->ArenaType) < 0) return -1;
+    if (!(st->EngineType = PyType_FromModuleAndSpec(m, &Engine_spec, NULL))) return -1;
+    if (PyModule_AddObjectRef(m, "Engine", st->EngineType) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "SUBPAGE", 4096) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "RECORD_HEADER", KV_REC_HDR) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "MAX_KEY", KV_MAX_KEY) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "MFD_MF_KEEP_UE_MAPPED", MFD_MF_KEEP_UE_MAPPED) < 0) return -1;
+    static int atfork_done;
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, on_fork_child);
+        atfork_done = 1;
+    }
+    if (kv_guard_install() != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static int mod_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    modstate *st = PyModule_GetState(m);
+    Py_VISIT(st->ArenaType);
+    Py_VISIT(st->EngineType);
+    return 0;
+}
+
+static int mod_clear(PyObject *m)
+{
+    modstate *st = PyModule_GetState(m);
+    Py_CLEAR(st->ArenaType);
+    Py_CLEAR(st->EngineType);
+    Py_CLEAR(st->Error);
+    Py_CLEAR(st->KeyLostError);
+    Py_CLEAR(st->UnrecoverableKeyError);
+    Py_CLEAR(st->StoreFullError);
+    Py_CLEAR(st->KeyTooLargeError);
+    Py_CLEAR(st->ValueTooLargeError);
+    Py_CLEAR(st->ClosedError);
+    Py_CLEAR(st->ArenaError);
+    Py_CLEAR(st->MemoryFaultError);
+    Py_CLEAR(st->FaultInjectionError);
+    Py_CLEAR(st->str_lost_read);
+    return 0;
+}
+
+static PyModuleDef_Slot mod_slots[] = {{Py_mod_exec, mod_exec}, {0, NULL}};
+
+static struct PyModuleDef moddef = {
+    PyModuleDef_HEAD_INIT, "kvstore._native",
+    "The C core of kvstore: arena, SIGBUS guard, index, allocator, checksums.", sizeof(modstate), mod_methods,
+    mod_slots, mod_traverse, mod_clear, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModuleDef_Init(&moddef); }
