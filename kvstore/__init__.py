@@ -11,4 +11,6 @@ from .errors import (  # noqa: F401
     UnrecoverableKeyError, ValueTooLargeError,
 )
 
+from .store import LOST, Store, parse_size  # noqa: E402,F401
+
 __version__ = "0.1.0"

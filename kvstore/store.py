@@ -1,0 +1,445 @@
+"""The embedded store: ``kvstore.Store``.
+
+``Store`` subclasses the C engine (``kvstore._native.Engine``), so ``get``,
+``put``, ``delete``, ``mput``, ``exists``, ``len()`` and ``in`` are single C
+calls. This module adds what is policy rather than mechanism: sizes and
+configuration, the recovery worker, rebuilding lost keys from a rebuild
+source, read-repair, the patrol scrubber, expiry sweeps and statistics.
+
+Threads: every method may be called from any thread. The engine runs with
+the GIL held and never releases it, so engine calls are serialised by the
+GIL; the Python-side rebuild bookkeeping has its own lock. A rebuild source
+is called without any store lock held, so it may take its time (network).
+
+fork(): refused. The arena is shared memory (MAP_SHARED), so a child writing
+to it would corrupt the parent's records; any method called on an inherited
+Store in a child raises ``kvstore.Error``. Open a new Store in the child.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import re
+import select
+import threading
+import time
+from typing import Callable, Iterable
+
+from . import _native
+from .errors import ClosedError, KeyLostError, UnrecoverableKeyError
+
+__all__ = ["Store", "LOST", "parse_size"]
+
+log = logging.getLogger("kvstore")
+
+
+class _LostMarker:
+    """Stands in for the value of a LOST key in ``mget(..., on_lost="mark")``."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self):
+        return "kvstore.LOST"
+
+    def __bool__(self):
+        return False
+
+    def __reduce__(self):
+        return (_LostMarker, ())
+
+
+LOST = _LostMarker()
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(value) -> int:
+    """``"256MiB"`` / ``"1G"`` / ``"4096"`` / ``4096`` -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError("a size must be positive")
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"a size must be an int or a string like '256MiB', not {type(value).__name__}")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read size {value!r}: use e.g. 4096, '64MiB', '1G'")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError("a size must be positive")
+    return n
+
+
+class Faults:
+    """Fault injection on a store's arena (DESIGN.md section 5).
+
+    ``inject(offset, kind)`` with kind ``"ao"`` (scramble the subpage, then a
+    real asynchronous SIGBUS BUS_MCEERR_AO), ``"ar"`` (scramble and arm: the
+    next touch raises a real synchronous SIGBUS), or ``"hwpoison"``
+    (``madvise(MADV_HWPOISON)``; only where the kernel has it and
+    ``KVSTORE_ALLOW_HWPOISON=1``).
+    """
+
+    KINDS = ("ao", "ar", "hwpoison")
+
+    def __init__(self, store: "Store"):
+        self._store = store
+
+    def inject(self, offset: int, kind: str = "ao") -> dict:
+        if kind not in self.KINDS:
+            raise ValueError(f"fault kind must be one of {self.KINDS}, not {kind!r}")
+        arena = self._store.arena
+        if arena is None:
+            raise ClosedError("the store is closed")
+        arena.inject(int(offset), kind)
+        self._store._faults_injected += 1
+        return {"offset": int(offset), "subpage": int(offset) // _native.SUBPAGE, "kind": kind}
+
+    def inject_key(self, key, kind: str = "ao") -> dict:
+        """Inject into the subpage holding ``key``'s record."""
+        offset, _length = self._store.locate(key)
+        return self.inject(offset, kind)
+
+    def supported(self) -> dict:
+        """Which kinds can run here, with reasons."""
+        probe = _native.probe()
+        hw = probe["hwpoison"] and os.environ.get("KVSTORE_ALLOW_HWPOISON") == "1"
+        return {"ao": True, "ar": True, "hwpoison": hw,
+                "hwpoison_reason": None if hw else (
+                    "KVSTORE_ALLOW_HWPOISON=1 is not set" if probe["hwpoison"]
+                    else "kernel without CONFIG_MEMORY_FAILURE (madvise MADV_HWPOISON returns EINVAL)")}
+
+
+class _Pending:
+    __slots__ = ("version", "since", "attempts", "next_try")
+
+    def __init__(self, version, now):
+        self.version = version
+        self.since = now
+        self.attempts = 0
+        self.next_try = now
+
+
+def _call_source(source, requests):
+    fetch = getattr(source, "fetch", None)
+    result = fetch(requests) if fetch is not None else source(requests)
+    return result or {}
+
+
+class Store(_native.Engine):
+    """A fault-tolerant in-memory key-value store (see the module docstring).
+
+    Parameters
+    ----------
+    capacity: bytes for records, e.g. ``"256MiB"``.
+    page_size: ``"auto"`` (1 GiB, else 2 MiB, else 4 KiB), ``"1G"``, ``"2M"``, ``"4K"``.
+    kernel_policy: ``"auto"`` (what the kernel does), ``"keep_ue"`` or
+        ``"mainline"`` (simulated; see DESIGN.md section 5).
+    rebuild_source: ``fetch([(key, min_version)]) -> {key: (version, value)}``,
+        as a callable or an object with a ``fetch`` method; None for none.
+    max_key, max_value: size limits (defaults 64 KiB and 512 MiB).
+    recovery: ``"thread"`` (a background worker) or ``"manual"`` (call
+        :meth:`recover` when :attr:`loss_fd` is readable, and
+        :meth:`maintain` now and then; for event loops).
+    scrub_rate: bytes per second the patrol scrubber verifies (0: off).
+    read_repair_timeout: seconds a read of a LOST key may wait for the source.
+    rebuild_deadline: seconds after which a key no source returned is
+        declared unrecoverable.
+    rebuild_batch: keys per fetch call.
+    """
+
+    def __init__(self, capacity="256MiB", page_size="auto", kernel_policy="auto",
+                 rebuild_source=None, *, max_key: int = 65536, max_value: int = 512 << 20,
+                 recovery: str = "thread", scrub_rate: int = 0, read_repair_timeout: float = 1.0,
+                 rebuild_deadline: float = 30.0, rebuild_batch: int = 256,
+                 maintenance_interval: float = 0.05):
+        if recovery not in ("thread", "manual"):
+            raise ValueError('recovery must be "thread" or "manual"')
+        if rebuild_source is not None and not (callable(rebuild_source) or hasattr(rebuild_source, "fetch")):
+            raise TypeError("rebuild_source must be callable or have a fetch(requests) method")
+        cap = parse_size(capacity)
+        arena = _native.Arena(cap, page_size, kernel_policy)
+        try:
+            super().__init__(arena, cap, max_key, max_value)
+        except BaseException:
+            arena.close()
+            raise
+        if arena.fallback_reason:
+            log.warning("kvstore arena: %s", arena.fallback_reason)
+        log.info("kvstore arena: backing=%s page_size=%d keep_ue=%s kernel_policy=%s capacity=%d",
+                 arena.backing, arena.page_size, arena.keep_ue, arena.kernel_policy, cap)
+        self.faults = Faults(self)
+        self.rebuild_source = rebuild_source
+        self.read_repair_timeout = float(read_repair_timeout)
+        self.rebuild_deadline = float(rebuild_deadline)
+        self.rebuild_batch = int(rebuild_batch)
+        self.scrub_rate = int(scrub_rate)
+        self._interval = float(maintenance_interval)
+        self._lock = threading.RLock()
+        self._pending: dict[bytes, _Pending] = {}
+        self._callbacks: list[Callable[[list], None]] = []
+        self._faults_injected = 0
+        self._read_repairs = 0
+        self._unrecoverable = 0
+        self._rebuild_fetches = 0
+        self._last_maint = time.monotonic()
+        self._pool = None
+        self._stop = threading.Event()
+        self._worker = None
+        if recovery == "thread":
+            self._worker = threading.Thread(target=self._run, name="kvstore-recovery", daemon=True)
+            self._worker.start()
+
+    # ------------------------------------------------------------ API sugar
+
+    def mget(self, keys: Iterable, on_lost: str = "raise") -> list:
+        """Values for ``keys`` (None when absent). A LOST key is read-repaired
+        through the rebuild source, else raises KeyLostError; with
+        ``on_lost="mark"`` its place holds :data:`kvstore.LOST` instead."""
+        if on_lost not in ("raise", "mark"):
+            raise ValueError('on_lost must be "raise" or "mark"')
+        return super().mget(keys if isinstance(keys, (list, tuple)) else list(keys),
+                            LOST if on_lost == "mark" else None)
+
+    def expire(self, key, seconds: float) -> bool:
+        """Expire ``key`` in ``seconds`` (<= 0 deletes it). False if absent."""
+        if seconds <= 0:
+            return self.delete(key)
+        return self.expire_at_ms(key, int(time.time() * 1000 + seconds * 1000 + 0.999))
+
+    def ttl(self, key):
+        """Seconds left (float), -1 without expiry, -2 if absent."""
+        ms = self.ttl_ms(key)
+        return ms if ms < 0 else ms / 1000.0
+
+    def persist(self, key) -> bool:
+        """Remove ``key``'s expiry; True if it had one."""
+        return self.expire_at_ms(key, 0)
+
+    def on_loss(self, callback: Callable[[list], None]):
+        """Call ``callback(keys)`` with each batch of keys found lost (from
+        the recovery worker or :meth:`recover`). Returns the callback."""
+        self._callbacks.append(callback)
+        return callback
+
+    def fetch(self, requests) -> dict:
+        """Serve as a peer's rebuild source: ``{key: (version, value)}`` for
+        each ``(key, min_version)`` held here at ``version >= min_version``."""
+        out = {}
+        for key, min_version in requests:
+            try:
+                got = self.get_versioned(key)
+            except KeyLostError:
+                continue
+            if got is not None and got[0] >= min_version:
+                out[bytes(key)] = got
+        return out
+
+    def stats(self) -> dict:
+        s = self.engine_stats()
+        with self._lock:
+            s.update(
+                unrecoverable_keys=self._unrecoverable,
+                rebuild_pending=len(self._pending),
+                read_repairs=self._read_repairs,
+                rebuild_fetches=self._rebuild_fetches,
+                faults_injected=self._faults_injected,
+                rebuild_source=self.rebuild_source is not None,
+                scrub_rate=self.scrub_rate,
+            )
+        return s
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        if self.closed:
+            return "<kvstore.Store closed>"
+        return f"<kvstore.Store keys={len(self)} backing={self.arena.backing}>"
+
+    def close(self):
+        """Stop the worker, free the index and unmap the arena. Idempotent."""
+        self._stop.set()
+        w = self._worker
+        if w is not None and w is not threading.current_thread():
+            w.join(timeout=5)
+        self._worker = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        super().close()
+
+    # ------------------------------------------------------------- recovery
+
+    def recover(self) -> dict:
+        """Process lost memory now: salvage (mainline), invalidate exactly the
+        records on lost subpages, then try one rebuild round. Returns counts."""
+        r = super().recover()
+        newly = self.take_lost(0, "rebuilding")
+        if r["subpages"]:
+            log.info("kvstore ue: subpages=%d keys_lost=%d pages_salvaged=%d subpages_salvaged=%d "
+                     "salvage_failed=%d%s", r["subpages"], r["keys_lost"], r["pages_salvaged"],
+                     r["subpages_salvaged"], r["salvage_failed"],
+                     f" salvage_error={r['salvage_error']!r}" if r["salvage_failed"] else "")
+        if newly:
+            now = time.monotonic()
+            with self._lock:
+                for key, version in newly:
+                    p = self._pending.get(key)
+                    if p is None or p.version < version:
+                        self._pending[key] = _Pending(version, now)
+            for cb in list(self._callbacks):
+                try:
+                    cb([k for k, _ in newly])
+                except Exception:  # a user callback must not stop recovery
+                    log.exception("kvstore on_loss callback failed")
+        r["rebuilt"], r["unrecoverable"] = self._rebuild_round()
+        return r
+
+    def _rebuild_round(self):
+        """Fetch due pending keys from the source; install what comes back."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._pending:
+                return 0, 0
+            if self.rebuild_source is None:
+                # Nobody can return them: they stay LOST (KeyLostError on read).
+                for key in self._pending:
+                    self.set_state(key, "lost")
+                self._pending.clear()
+                return 0, 0
+            due = [(k, p.version) for k, p in self._pending.items() if p.next_try <= now]
+        rebuilt = unrecoverable = 0
+        for i in range(0, len(due), self.rebuild_batch):
+            batch = due[i:i + self.rebuild_batch]
+            try:
+                got = _call_source(self.rebuild_source, batch)
+                self._rebuild_fetches += 1
+            except Exception as e:  # a failing source is retried with backoff
+                log.warning("kvstore rebuild: source failed for %d keys: %s", len(batch), e)
+                got = {}
+            now = time.monotonic()
+            for key, version in batch:
+                item = got.get(key)
+                status = None
+                if item is not None:
+                    v, value = item
+                    status = self.install(key, value, v) if v >= version else "stale"
+                with self._lock:
+                    p = self._pending.get(key)
+                    if p is None:
+                        continue
+                    if status in ("installed", "skipped"):
+                        del self._pending[key]
+                        rebuilt += status == "installed"
+                        continue
+                    p.attempts += 1
+                    if now - p.since >= self.rebuild_deadline:
+                        del self._pending[key]
+                        if self.set_state(key, "unrecoverable"):
+                            self._unrecoverable += 1
+                            unrecoverable += 1
+                            log.warning("kvstore rebuild: key %r (version %d) unrecoverable: no source "
+                                        "returned it within %.1fs", key, version, self.rebuild_deadline)
+                    else:
+                        p.next_try = now + min(1.0, 0.01 * (2 ** min(p.attempts, 7)))
+        if rebuilt or unrecoverable:
+            log.info("kvstore rebuild: rebuilt=%d unrecoverable=%d pending=%d", rebuilt, unrecoverable,
+                     len(self._pending))
+        return rebuilt, unrecoverable
+
+    def _lost_read(self, key, version, state, versioned):
+        """Called by the engine when a read finds ``key`` LOST: read-repair
+        through the rebuild source within ``read_repair_timeout``."""
+        if self.rebuild_source is None or state == "unrecoverable":
+            cls = UnrecoverableKeyError if state == "unrecoverable" else KeyLostError
+            raise cls(bytes(key), version)
+        key = bytes(key)
+        deadline = time.monotonic() + self.read_repair_timeout
+        while True:
+            got = self._fetch_bounded([(key, version)], deadline - time.monotonic())
+            item = got.get(key) if got else None
+            if item is not None and item[0] >= version:
+                status = self.install(key, item[1], item[0])
+                if status == "installed":
+                    with self._lock:
+                        self._read_repairs += 1
+                        self._pending.pop(key, None)
+                # installed, or written meanwhile: read what is there now
+                return self.get_versioned(key) if versioned else self.get(key)
+            if time.monotonic() >= deadline:
+                raise KeyLostError(key, version)
+            time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+
+    def _fetch_bounded(self, requests, timeout):
+        if timeout <= 0:
+            return {}
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvstore-repair")
+        fut = self._pool.submit(_call_source, self.rebuild_source, requests)
+        try:
+            return fut.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            return {}
+        except Exception as e:
+            log.warning("kvstore read-repair: source failed: %s", e)
+            return {}
+
+    def maintain(self) -> None:
+        """Periodic work: expiry sweep, scrubbing at ``scrub_rate``, rebuild
+        retries. The worker thread calls it; with ``recovery="manual"`` call
+        it every few tens of milliseconds."""
+        now = time.monotonic()
+        dt = max(0.0, now - self._last_maint)
+        self._last_maint = now
+        self.expire_sweep(2000)
+        if self.scrub_rate > 0:
+            self.scrub(max(1, int(self.scrub_rate * min(dt, 1.0))))
+        if self.loss_pending or self._pending:
+            self.recover()
+
+    def wait_recovered(self, timeout: float | None = None) -> bool:
+        """Block until no loss awaits processing and no rebuild is pending
+        (keys nobody can return end LOST or unrecoverable). True on success,
+        False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.closed:
+                raise ClosedError("the store is closed")
+            if self._worker is None or threading.current_thread() is self._worker:
+                self.recover()
+            if not self.loss_pending and not self._pending:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+
+    def _run(self):
+        fd = self.loss_fd
+        while not self._stop.is_set():
+            try:
+                r, _, _ = select.select([fd], [], [], self._interval)
+                if self._stop.is_set():
+                    break
+                if r:
+                    self.recover()
+                self.maintain()
+            except ClosedError:
+                break
+            except Exception:
+                if self._stop.is_set() or self.closed:
+                    break
+                log.exception("kvstore recovery worker error")
+                time.sleep(self._interval)
+
