@@ -37,7 +37,9 @@ class _LostMarker:
 
 #: Marker put in place of a lost value by ``mget(keys, on_lost="mark")``.
 #: The same object as ``kvstore.LOST`` when the embedded store defines one.
-LOST = getattr(kvstore, "LOST", None) or _LostMarker()
+LOST = getattr(kvstore, "LOST", None)
+if LOST is None:
+    LOST = _LostMarker()
 
 
 class Command:
