@@ -131,6 +131,11 @@ long kv_arena_salvage(kv_arena *a, size_t p, char *err, size_t errlen);
  * poison: -1 with errno EIO if [off, off+n) covers a poisoned subpage. */
 long kv_arena_pread(kv_arena *a, size_t off, void *dst, size_t n);
 
+/* TLB benchmark: ns per step of a random pointer chase over one line of
+ * every healthy subpage in the first nbytes (see arena.c). */
+double kv_arena_chase(kv_arena *a, size_t nbytes, uint64_t steps, uint64_t seed);
+int kv_arena_chase_steps(kv_arena *a, uint64_t *pos, uint64_t m);
+
 /* 1 if every subpage of page p is lost. */
 int kv_arena_page_all_lost(const kv_arena *a, size_t p);
 

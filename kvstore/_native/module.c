@@ -446,6 +446,24 @@ static PyObject *Arena_stats(ArenaObject *self, PyObject *unused)
     return d;
 }
 
+static PyObject *Arena_pointer_chase(ArenaObject *self, PyObject *args)
+{
+    Py_ssize_t nbytes;
+    unsigned long long steps, seed = 1;
+    if (!PyArg_ParseTuple(args, "nK|K:pointer_chase", &nbytes, &steps, &seed)) return NULL;
+    ARENA_OPEN(self);
+    if (nbytes <= 0) {
+        PyErr_SetString(PyExc_ValueError, "nbytes must be positive");
+        return NULL;
+    }
+    double ns = kv_arena_chase(self->a, (size_t)nbytes, steps, seed);
+    if (ns < 0) {
+        PyErr_SetString(self->st->MemoryFaultError, "pointer chase failed: no healthy subpages or a fault");
+        return NULL;
+    }
+    return PyFloat_FromDouble(ns);
+}
+
 static PyObject *Arena_close(ArenaObject *self, PyObject *unused)
 {
     if (self->engines > 0) {
@@ -493,6 +511,8 @@ static PyMethodDef Arena_methods[] = {
     {"salvage", (PyCFunction)Arena_salvage, METH_O,
      "salvage(page) -> subpages still lost: copy a lost page into a spare one."},
     {"stats", (PyCFunction)Arena_stats, METH_NOARGS, "Counters and configuration."},
+    {"pointer_chase", (PyCFunction)Arena_pointer_chase, METH_VARARGS,
+     "pointer_chase(nbytes, steps, seed=1) -> ns per step over healthy subpages (overwrites them)."},
     {"close", (PyCFunction)Arena_close, METH_NOARGS, "Unmap the arena (idempotent)."},
     {NULL}};
 
