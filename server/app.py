@@ -24,6 +24,9 @@ from .logs import event
 
 __all__ = ["Server", "run"]
 
+#: Seconds between calls of store.maintain() on the loop.
+MAINTENANCE_INTERVAL = 0.05
+
 
 class Server:
     def __init__(self, config, store=None):
@@ -40,6 +43,7 @@ class Server:
         self._stop = None
         self._loss_fd = None
         self._idle_handle = None
+        self._maint_handle = None
         self.loop_name = "asyncio"
         self.reset_stats()
         self.stats_connections = 0
@@ -99,6 +103,8 @@ class Server:
         self.port = port
         if self.config.idle_timeout > 0:
             self._idle_handle = loop.call_later(self._idle_period(), self._idle_sweep)
+        if hasattr(self.store, "maintain"):
+            self._maint_handle = loop.call_later(MAINTENANCE_INTERVAL, self._maintain)
         for host, p in self.addresses:
             shown = f"[{host}]" if ":" in host else host
             print(f"kvstore-server listening on {shown}:{p}", flush=True)
@@ -126,6 +132,8 @@ class Server:
             srv.close()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
+        if self._maint_handle is not None:
+            self._maint_handle.cancel()
         # Replies already produced are in the transports' buffers; close()
         # flushes them before closing. Nothing new is read.
         for conn in list(self.clients.values()):
@@ -175,6 +183,17 @@ class Server:
 
     # ---------------------------------------------------------------- memory errors
 
+    def _maintain(self):
+        """Store housekeeping on the loop (recovery="manual"): expiry sweep,
+        scrubbing, rebuild retries."""
+        try:
+            self.store.maintain()
+        except Exception as e:  # noqa: BLE001 - keep serving
+            event("error", "maintenance_failed", error=f"{type(e).__name__}: {e}")
+        if not self.stopping:
+            self._maint_handle = asyncio.get_running_loop().call_later(
+                MAINTENANCE_INTERVAL, self._maintain)
+
     def _watch_losses(self, loop):
         fd = getattr(self.store, "loss_fd", None)
         if fd is None or fd < 0:
@@ -223,8 +242,8 @@ class Server:
         else:
             res = faults.inject(offset, kind=kind)
         res = dict(res) if isinstance(res, dict) else {"result": res}
-        event("warning", "fault_injected", kind=kind,
-              **{k: v for k, v in res.items() if isinstance(v, (int, str))})
+        fields = {k: v for k, v in res.items() if isinstance(v, (int, str)) and k != "kind"}
+        event("warning", "fault_injected", kind=kind, **fields)
         return res
 
     # ---------------------------------------------------------------- introspection

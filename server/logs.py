@@ -29,7 +29,7 @@ def fmt_value(v):
     return s
 
 
-def event(level, name, **fields):
+def event(level, name, /, **fields):
     """Log one structured event at ``level`` ("info", "warning", ...)."""
     lv = getattr(logging, level.upper())
     if not log.isEnabledFor(lv):
