@@ -1371,7 +1371,23 @@ static PyMethodDef Engine_methods[] = {
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Free the index and unmap the arena (idempotent)."},
     {NULL}};
 
+static PyObject *Engine_get_salvage(EngineObject *self, void *c)
+{
+    ENGINE_OK(self);
+    return PyBool_FromLong(self->e.salvage);
+}
+static int Engine_set_salvage(EngineObject *self, PyObject *v, void *c)
+{
+    if ((!self->ready || self->gen != g_fork_gen) && engine_unusable(self)) return -1;
+    int b = v ? PyObject_IsTrue(v) : 0;
+    if (b < 0) return -1;
+    self->e.salvage = b;
+    return 0;
+}
+
 static PyGetSetDef Engine_getset[] = {
+    {"salvage", (getter)Engine_get_salvage, (setter)Engine_set_salvage,
+     "Mainline policy: copy a whole lost hugepage into a spare one (default True).", NULL},
     {"closed", (getter)Engine_get_closed, NULL, "True once closed.", NULL},
     {"arena", (getter)Engine_get_arena, NULL, "The Arena.", NULL},
     {"loss_fd", (getter)Engine_get_loss_fd, NULL, "eventfd readable when memory was lost.", NULL},
