@@ -184,3 +184,18 @@ def error_from_reply(result, key=None, op=None):
     exc.code = code
     exc.extra = extra
     return exc
+
+
+def handshake_error(result, where):
+    """The exception for an error frame sent instead of the hello.
+
+    ``BUSY`` (too many clients, or shutting down) means the server did not
+    take the connection: a :class:`kvstore.errors.ConnectionError`, retried
+    like any connection that could not be opened (nothing was sent).
+    """
+    exc = error_from_reply(result)
+    if exc.code == "BUSY":
+        conn_exc = errors.ConnectionError(f"server at {where} refused the connection: {exc}")
+        conn_exc.code = "BUSY"
+        return conn_exc
+    return exc

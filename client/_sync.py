@@ -95,7 +95,7 @@ class Connection:
             if (type(hello) is not list or len(hello) != 3 or hello[0] != 0
                     or hello[1] != 0 or not isinstance(hello[2], dict)):
                 if type(hello) is list and len(hello) == 3 and hello[1] == 1:
-                    raise _protocol.error_from_reply(hello[2])
+                    raise _protocol.handshake_error(hello[2], where)
                 raise errors.ProtocolError(f"unexpected handshake from {where}: {hello!r:.200}")
             self.server_info = hello[2]
             if self.password is not None:

@@ -535,3 +535,30 @@ def test_raw_msgpack_is_what_protocol_says(fake):  # noqa: F811
     assert n == len(request) - 4
     assert msgpack.unpackb(request[4:], raw=True) == [1, b"put", [b"k", b"v"]]
     assert b"\xc4\x01k" in request    # bin 8 with length 1
+
+
+def test_busy_instead_of_hello_is_a_retried_connection_error(fake, monkeypatch):  # noqa: F811
+    """A server at max_clients answers the magic with BUSY and closes."""
+    import socket as socketmod
+    listener = socketmod.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen = []
+
+    def serve():
+        for _ in range(2):
+            sock, _ = listener.accept()
+            sock.recv(4)
+            seen.append(1)
+            sock.sendall(frame([0, 1, ["BUSY", "max clients reached", {}]]))
+            sock.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with Client("127.0.0.1", port, retries=1, retry_backoff=0.01) as c:
+            with pytest.raises(errors.ConnectionError, match="BUSY") as info:
+                c.put(b"k", b"v")
+            assert info.value.code == "BUSY"
+        t.join(5)
+        assert len(seen) == 2          # a refused connection is retried (nothing was sent)
+    finally:
+        listener.close()

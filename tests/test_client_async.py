@@ -228,3 +228,14 @@ def test_password_and_url():
                 with pytest.raises(kc.AuthenticationError):
                     await c.ping()
         run(main())
+
+
+def test_stale_idle_connection_replaced(fake):  # noqa: F811
+    async def main():
+        async with AsyncClient(fake.host, fake.port) as c:
+            await c.ping()
+            fake.drop_connections()
+            await asyncio.sleep(0.1)
+            assert await c.put(b"k", b"v") >= 1
+    run(main())
+    assert fake.ops().count("put") == 1 and fake.accepted == 2
