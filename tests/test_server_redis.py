@@ -24,7 +24,7 @@ def server():
     assert rc == 0, srv.logs()
 
 
-@pytest.fixture(params=[3, 2], ids=["resp3", "resp2"])
+@pytest.fixture(params=[None, 3, 2], ids=["default", "resp3", "resp2"])
 def r(request, server):
     c = redis.Redis(host=server.host, port=server.port, protocol=request.param,
                     socket_timeout=10)
@@ -192,7 +192,7 @@ def test_command_introspection(server):
 
 
 def test_hello(r, server):
-    if r.get_connection_kwargs().get("protocol") == 3:
+    if r.get_connection_kwargs().get("protocol") in (3, "3"):
         h = r.execute_command("HELLO", 3)
         assert h[b"proto"] == 3 and h[b"mode"] == b"standalone"
     with pytest.raises(redis.ResponseError, match="NOPROTO|unsupported protocol"):
