@@ -25,6 +25,7 @@ import re
 import select
 import threading
 import time
+import weakref
 from typing import Callable, Iterable
 
 from . import _native
@@ -195,7 +196,10 @@ class Store(_native.Engine):
         self._stop = threading.Event()
         self._worker = None
         if recovery == "thread":
-            self._worker = threading.Thread(target=self._run, name="kvstore-recovery", daemon=True)
+            # The worker holds only a weak reference, so a Store that is
+            # dropped without close() is still freed (and its arena unmapped).
+            self._worker = threading.Thread(target=Store._run, name="kvstore-recovery", daemon=True,
+                                            args=(weakref.ref(self), self._stop, self.loss_fd, self._interval))
             self._worker.start()
 
     # ------------------------------------------------------------ API sugar
@@ -425,21 +429,31 @@ class Store(_native.Engine):
                 return False
             time.sleep(0.002)
 
-    def _run(self):
-        fd = self.loss_fd
-        while not self._stop.is_set():
+    @staticmethod
+    def _run(ref, stop, fd, interval):
+        while not stop.is_set():
             try:
-                r, _, _ = select.select([fd], [], [], self._interval)
-                if self._stop.is_set():
-                    break
+                r, _, _ = select.select([fd], [], [], interval)
+            except (OSError, ValueError):
+                break                       # the store was freed and its fd closed
+            store = ref()
+            if store is None or stop.is_set():
+                break
+            try:
                 if r:
-                    self.recover()
-                self.maintain()
+                    store.recover()
+                store.maintain()
             except ClosedError:
                 break
             except Exception:
-                if self._stop.is_set() or self.closed:
+                if stop.is_set() or store.closed:
                     break
                 log.exception("kvstore recovery worker error")
-                time.sleep(self._interval)
+                time.sleep(interval)
+            finally:
+                del store
 
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()

@@ -284,7 +284,14 @@ static __attribute__((noinline)) int guarded_memcpy(void *dst, const void *src, 
         return -1;
     }
     kv_guard_arm(&jb);
-    if (raise_at) kv_guard_raise(BUS_MCEERR_AR, raise_at, lsb);   /* leaves through jb */
+    if (raise_at) {
+        kv_guard_raise(BUS_MCEERR_AR, raise_at, lsb);   /* leaves through jb */
+        /* Still here: SIGBUS is blocked in this thread, so the signal stays
+         * queued. Never copy the poisoned bytes; report the fault. */
+        kv_guard_disarm();
+        kv_tls.fault_addr = (uintptr_t)raise_at;
+        return -2;
+    }
     memcpy(dst, src, n);
     kv_guard_disarm();
     return 0;
@@ -325,6 +332,7 @@ static int guarded_copy(kv_arena *a, size_t off, void *dst, const void *src, siz
     if (rc != 0) {
         uintptr_t fa = kv_tls.fault_addr;
         *fault_off = fa - (uintptr_t)a->base;
+        if (rc == -2) kv_arena_mark_lost(a, *fault_off & ~(((size_t)1 << lsb) - 1), (size_t)1 << lsb);
         kv_arena_after_sync_fault(a, fa);
         errno = EIO;
         return -1;

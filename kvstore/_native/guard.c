@@ -32,6 +32,7 @@ static pthread_once_t g_key_once = PTHREAD_ONCE_INIT;
 static kv_sigcounts g_counts;               /* atomic fields */
 
 #define KV_ALTSTACK_SIZE (64 * 1024)
+#define KV_SIM_ERRNO 0x6b76      /* marks signals sent by the simulator */
 
 static kv_arena *find_arena(uintptr_t addr)
 {
@@ -112,6 +113,12 @@ static void kv_sigbus(int sig, siginfo_t *si, void *uc)
         kv_tls.fault_code = code;
         kv_tls.active = 0;
         siglongjmp(*kv_tls.jmp, 1);
+    }
+    if (si->si_errno == KV_SIM_ERRNO) {
+        /* A simulated AR that stayed queued while SIGBUS was blocked and
+         * arrives after the guard gave up: no faulting instruction to re-run. */
+        errno = saved_errno;
+        return;
     }
     /* A synchronous fault in our arena outside any guard: a bug in the
      * store. Returning would re-run the faulting load forever. */
@@ -217,6 +224,7 @@ int kv_guard_raise(int code, void *addr, int lsb)
     memset(&si, 0, sizeof si);
     si.si_signo = SIGBUS;
     si.si_code = code;
+    si.si_errno = KV_SIM_ERRNO;     /* kernel-made signals carry 0 here */
     si.si_addr = addr;
     si.si_addr_lsb = (short)lsb;
     return (int)syscall(SYS_rt_tgsigqueueinfo, getpid(), syscall(SYS_gettid), SIGBUS, &si);
