@@ -217,7 +217,7 @@ class Store(_native.Engine):
         """Expire ``key`` in ``seconds`` (<= 0 deletes it). False if absent."""
         if seconds <= 0:
             return self.delete(key)
-        return self.expire_at_ms(key, int(time.time() * 1000 + seconds * 1000 + 0.999))
+        return self.expire_at_ms(key, time.time_ns() // 1_000_000 + max(1, round(seconds * 1000)))
 
     def ttl(self, key):
         """Seconds left (float), -1 without expiry, -2 if absent."""
