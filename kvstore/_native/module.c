@@ -29,6 +29,7 @@
 #include "engine.h"
 #include "guard.h"
 #include "index.h"
+#include "resp.h"
 
 typedef struct {
     PyObject *ArenaType, *EngineType;
@@ -1302,6 +1303,26 @@ static PyObject *Engine__corrupt(EngineObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* resp_fast(buffer, flags) -> (consumed, replies, ncommands) */
+static PyObject *Engine_resp_fast(EngineObject *self, PyObject *args)
+{
+    Py_buffer b;
+    int flags = 0;
+    if (!PyArg_ParseTuple(args, "y*|i:resp_fast", &b, &flags)) return NULL;
+    if ((!self->ready || self->gen != g_fork_gen) && engine_unusable(self)) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    char *out = NULL;
+    size_t outlen = 0, n = 0;
+    size_t used = kv_resp_fast(&self->e, b.buf, (size_t)b.len, flags, (size_t)self->max_key,
+                               (size_t)self->max_value, &out, &outlen, &n);
+    PyBuffer_Release(&b);
+    PyObject *r = Py_BuildValue("(ny#n)", (Py_ssize_t)used, out ? out : "", (Py_ssize_t)outlen, (Py_ssize_t)n);
+    free(out);
+    return r;
+}
+
 static PyObject *Engine_close(EngineObject *self, PyObject *unused)
 {
     if (self->arena && self->ready) {
@@ -1368,6 +1389,8 @@ static PyMethodDef Engine_methods[] = {
     {"flush", (PyCFunction)Engine_flush, METH_NOARGS, "Delete every key."},
     {"engine_stats", (PyCFunction)Engine_engine_stats, METH_NOARGS, "Counters of the engine and its arena."},
     {"_corrupt", (PyCFunction)Engine__corrupt, METH_VARARGS, "Test hook: flip one byte of a key's record."},
+    {"resp_fast", (PyCFunction)Engine_resp_fast, METH_VARARGS,
+     "resp_fast(buffer, flags=0) -> (consumed, replies, n): run leading plain RESP GET/SET in C."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Free the index and unmap the arena (idempotent)."},
     {NULL}};
 
@@ -1525,6 +1548,8 @@ static int mod_exec(PyObject *m)
     if (PyModule_AddIntConstant(m, "SUBPAGE", 4096) < 0) return -1;
     if (PyModule_AddIntConstant(m, "RECORD_HEADER", KV_REC_HDR) < 0) return -1;
     if (PyModule_AddIntConstant(m, "MAX_KEY", KV_MAX_KEY) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "RESP_ALLOW_SET", KV_RESP_ALLOW_SET) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "RESP_RESP3", KV_RESP_RESP3) < 0) return -1;
     if (PyModule_AddIntConstant(m, "MFD_MF_KEEP_UE_MAPPED", MFD_MF_KEEP_UE_MAPPED) < 0) return -1;
     static int atfork_done;
     if (!atfork_done) {

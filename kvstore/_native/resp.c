@@ -1,0 +1,135 @@
+/* resp.c - the server's hot path in C: plain RESP GET and SET.
+ *
+ * redis-benchmark and most cache clients send little else than
+ * `*2 $3 GET <key>` and `*3 $3 SET <key> <value>`. kv_resp_fast() parses as
+ * many complete commands of exactly that shape as the buffer holds, runs them
+ * against the engine and appends the replies. It stops, without consuming,
+ * at the first command that is anything else, incomplete, or that needs the
+ * Python layer (a LOST key to repair, a full store to report, a key over
+ * the limit): the Python parser takes over from there, so behaviour is the
+ * same whichever path runs a command.
+ */
+#define _GNU_SOURCE
+#include "resp.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    char *p;
+    size_t n, cap;
+} obuf;
+
+static int ob_reserve(obuf *o, size_t more)
+{
+    if (o->n + more <= o->cap) return 0;
+    size_t nc = o->cap ? o->cap : 4096;
+    while (nc < o->n + more) nc *= 2;
+    char *q = realloc(o->p, nc);
+    if (!q) return -1;
+    o->p = q;
+    o->cap = nc;
+    return 0;
+}
+
+static int ob_put(obuf *o, const void *s, size_t n)
+{
+    if (ob_reserve(o, n)) return -1;
+    memcpy(o->p + o->n, s, n);
+    o->n += n;
+    return 0;
+}
+
+/* Parse "<digits>\r\n" at *pos (after the type byte). -1 malformed or too
+ * long, 0 incomplete, 1 ok. */
+static int parse_len(const char *b, size_t len, size_t *pos, size_t *out, size_t max)
+{
+    size_t i = *pos, v = 0;
+    int digits = 0;
+    while (i < len && b[i] >= '0' && b[i] <= '9') {
+        v = v * 10 + (size_t)(b[i] - '0');
+        if (v > max) return -1;
+        i++;
+        digits++;
+    }
+    if (i + 1 >= len) return i >= len || digits ? 0 : -1;
+    if (!digits || b[i] != '\r' || b[i + 1] != '\n') return -1;
+    *pos = i + 2;
+    *out = v;
+    return 1;
+}
+
+/* One bulk string "$<n>\r\n<data>\r\n" at *pos. */
+static int parse_bulk(const char *b, size_t len, size_t *pos, const char **data, size_t *n, size_t max)
+{
+    size_t i = *pos;
+    if (i >= len) return 0;
+    if (b[i] != '$') return -1;
+    i++;
+    int r = parse_len(b, len, &i, n, max);
+    if (r <= 0) return r;
+    if (i + *n + 2 > len) return 0;
+    if (b[i + *n] != '\r' || b[i + *n + 1] != '\n') return -1;
+    *data = b + i;
+    *pos = i + *n + 2;
+    return 1;
+}
+
+static int is_cmd(const char *s, size_t n, const char *name)
+{
+    return n == 3 && (s[0] | 0x20) == name[0] && (s[1] | 0x20) == name[1] && (s[2] | 0x20) == name[2];
+}
+
+size_t kv_resp_fast(kv_engine *e, const char *b, size_t len, int flags, size_t max_key, size_t max_value,
+                    char **out, size_t *outlen, size_t *ncmds)
+{
+    obuf o = {0};
+    size_t pos = 0, done = 0;
+    *ncmds = 0;
+    uint64_t now = 0;
+    while (pos < len && b[pos] == '*') {
+        size_t i = pos + 1, argc;
+        if (parse_len(b, len, &i, &argc, 16) != 1 || argc < 2 || argc > 3) break;
+        const char *cmd, *key, *val = NULL;
+        size_t cn, kn, vn = 0;
+        if (parse_bulk(b, len, &i, &cmd, &cn, 16) != 1) break;
+        int get = argc == 2 && is_cmd(cmd, cn, "get");
+        int set = argc == 3 && (flags & KV_RESP_ALLOW_SET) && is_cmd(cmd, cn, "set");
+        if (!get && !set) break;
+        if (parse_bulk(b, len, &i, &key, &kn, max_key) != 1) break;
+        if (set && parse_bulk(b, len, &i, &val, &vn, max_value) != 1) break;
+        if (get) {
+            uint32_t id = 0, vlen;
+            if (!now) now = kv_now_ms();
+            int rc = kv_eng_lookup(e, key, (uint32_t)kn, kv_hash(key, kn), &id, now);
+            if (rc == KV_ABSENT) {
+                if (flags & KV_RESP_RESP3 ? ob_put(&o, "_\r\n", 3) : ob_put(&o, "$-1\r\n", 5)) break;
+            } else if (rc != KV_OK || kv_eng_value_len(e, id, &vlen) != KV_OK) {
+                break;                        /* lost: the Python layer repairs or reports */
+            } else {
+                char hdr[32];
+                int hn = snprintf(hdr, sizeof hdr, "$%u\r\n", vlen);
+                size_t mark = o.n;
+                if (ob_reserve(&o, (size_t)hn + vlen + 2)) break;
+                memcpy(o.p + o.n, hdr, (size_t)hn);
+                if (kv_eng_value_read(e, id, vlen, o.p + o.n + hn) != KV_OK) {
+                    o.n = mark;
+                    break;
+                }
+                o.n += (size_t)hn + vlen;
+                memcpy(o.p + o.n, "\r\n", 2);
+                o.n += 2;
+            }
+        } else {
+            uint64_t ver;
+            if (kv_eng_put(e, key, (uint32_t)kn, val, vn, 0, 0, &ver) != KV_OK) break;
+            if (ob_put(&o, "+OK\r\n", 5)) break;
+        }
+        pos = done = i;
+        (*ncmds)++;
+    }
+    *out = o.p;
+    *outlen = o.n;
+    return done;
+}

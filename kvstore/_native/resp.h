@@ -1,0 +1,18 @@
+/* resp.h - plain RESP GET/SET executed in C (the server's hot path). */
+#ifndef KV_RESP_H
+#define KV_RESP_H
+
+#include <stddef.h>
+
+#include "engine.h"
+
+#define KV_RESP_ALLOW_SET 1   /* SET may run here (not a replica, no write observers) */
+#define KV_RESP_RESP3 2       /* the connection speaks RESP3 (null is "_") */
+
+/* Run the leading plain GET/SET commands of b[0..len). Returns the bytes
+ * consumed (whole commands only); *out (malloc'd, caller frees; may be NULL
+ * when nothing ran) holds their replies, *ncmds how many ran. */
+size_t kv_resp_fast(kv_engine *e, const char *b, size_t len, int flags, size_t max_key, size_t max_value,
+                    char **out, size_t *outlen, size_t *ncmds);
+
+#endif
