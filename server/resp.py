@@ -114,6 +114,19 @@ class RespParser:
         self._chunks = None
 
     def _parse(self, limit):
+        if (not limit and not self._pos and len(self._buf) <= _FAST_MAX
+                and self.max_multibulk >= 64 and self.max_bulk >= 4095):
+            out, used = _parse_fast(self._buf)
+            if used == len(self._buf):
+                self._buf = b""
+                return out
+            self._pos = used
+            if out:
+                out.extend(self._parse_slow(0))
+                return out
+        return self._parse_slow(limit)
+
+    def _parse_slow(self, limit):
         buf = self._buf
         pos = self._pos
         end = len(buf)
@@ -212,6 +225,58 @@ class RespParser:
         elif self.max_buffer and end - pos > self.max_buffer:
             self._fail("too big request")
         return out
+
+
+# The fast path: split the whole batch on CRLF once (one C call), then walk
+# the tokens. Headers are looked up in dicts of the common small values, so
+# an ordinary command costs no int() and no slicing of headers. It accepts a
+# command only when every header is a small known value and every argument
+# token has exactly its declared length (a value that contains CRLF, a big
+# or odd header, an inline command: the slow path takes over from there,
+# and it is the one that reports errors and checks the limits).
+_FAST_MAX = 1 << 16
+_FAST_COUNTS = {b"*%d" % i: i for i in range(1, 65)}
+_FAST_LENS = {b"$%d" % i: i for i in range(0, 4096)}
+
+
+def _parse_fast(buf):
+    """Parse complete, ordinary multibulk commands; return (cmds, bytes used)."""
+    toks = buf.split(b"\r\n")
+    last = len(toks) - 1          # toks[last] follows the final CRLF
+    counts = _FAST_COUNTS
+    lens = _FAST_LENS.get
+    out = []
+    i = 0
+    while i < last:
+        n = counts.get(toks[i])
+        if n is None:
+            break
+        j = i + 1 + 2 * n
+        if j > last:
+            break
+        if n == 2:                                 # GET key, the common case
+            a = toks[i + 2]
+            b = toks[i + 4]
+            if lens(toks[i + 1]) != len(a) or lens(toks[i + 3]) != len(b):
+                break
+            out.append([a, b])
+        elif n == 3:                               # SET key value
+            a = toks[i + 2]
+            b = toks[i + 4]
+            c = toks[i + 6]
+            if (lens(toks[i + 1]) != len(a) or lens(toks[i + 3]) != len(b)
+                    or lens(toks[i + 5]) != len(c)):
+                break
+            out.append([a, b, c])
+        else:
+            args = toks[i + 2:j:2]
+            if [*map(lens, toks[i + 1:j:2])] != [*map(len, args)]:
+                break
+            out.append(args)
+        i = j
+    if i == last:
+        return out, len(buf) - len(toks[last])
+    return out, sum(map(len, toks[:i])) + 2 * i
 
 
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b",

@@ -68,6 +68,25 @@ def test_inline_quotes():
     assert cmds == [] and b"unbalanced quotes" in p.error
 
 
+def test_fast_path_hands_over_to_slow_path():
+    """A batch mixing ordinary commands with a CRLF inside a value, a big
+    header, an inline command and a partial tail parses like the slow path."""
+    cmds = [("GET", "a"), ("SET", "k", "v\r\nw"), ("SET", "k2", "x" * 5000),
+            ("MSET",) + tuple("abcdefgh"), ("GET", "b")]
+    data = b"".join(resp_command(*c) for c in cmds) + b"PING\r\n" + resp_command("GET", "z")
+    expect = [[a.encode() for a in c] for c in cmds] + [[b"PING"], [b"GET", b"z"]]
+    for cut in (len(data), len(data) - 3):
+        p = RespParser()
+        p.feed(data[:cut])
+        got = p.gets_all()
+        p.feed(data[cut:])
+        got += p.gets_all()
+        assert got == expect and p.error is None and p.buffered() == 0
+    p = RespParser()
+    p.feed(resp_command("GET", "a") + b"*1\r\n$3\r\nabcXY")
+    assert p.gets_all() == [[b"GET", b"a"]] and b"not terminated" in p.error
+
+
 def test_zero_and_negative_multibulk_are_skipped():
     cmds, p = parse_chunks([b"*0\r\n*-1\r\n" + resp_command("PING")])
     assert cmds == [[b"PING"]] and p.error is None
