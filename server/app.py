@@ -45,6 +45,9 @@ class Server:
         self._idle_handle = None
         self._maint_handle = None
         self.loop_name = "asyncio"
+        self.repl = None          # replication.Replication, set by start()
+        self.reply_gate = None    # set by replication while replies may wait for acks
+        self.batch_out = None     # reply list of the client batch being executed
         self.reset_stats()
         self.stats_connections = 0
         self.stats_rejected = 0
@@ -90,6 +93,8 @@ class Server:
             self.store = self._make_store()
             event("info", "store_opened", **_store_fields(self.store))
         self._watch_losses(loop)
+        from .replication import Replication
+        self.repl = Replication(self)     # wraps the store's writes before any client exists
         port = self.config.port
         for host in self.config.hosts:
             srv = await loop.create_server(lambda: Handshake(self), host, port,
@@ -101,6 +106,7 @@ class Server:
                 if port == 0:
                     port = addr[1]        # every address listens on the same port
         self.port = port
+        self.repl.start(loop)
         if self.config.idle_timeout > 0:
             self._idle_handle = loop.call_later(self._idle_period(), self._idle_sweep)
         if hasattr(self.store, "maintain"):
@@ -128,6 +134,8 @@ class Server:
         if self.stopping:
             return
         self.stopping = True
+        if self.repl is not None:
+            self.repl.stop()
         for srv in self._listeners:
             srv.close()
         if self._idle_handle is not None:
@@ -264,6 +272,8 @@ class Server:
                  server_total_commands=self.stats_commands,
                  server_recoveries=self.stats_recoveries,
                  server_fault_injection=bool(self.config.enable_fault_injection))
+        if self.repl is not None:
+            d.update(self.repl.stats_fields())
         return d
 
     def info_text(self, wanted):

@@ -184,6 +184,7 @@ class RespConnection(BaseConnection):
         if cmds:
             out = []
             append = out.append
+            self.server.batch_out = out
             for args in cmds:
                 try:
                     f = self.table[args[0]]   # MULTI/AUTH switch tables mid-batch
@@ -206,6 +207,9 @@ class RespConnection(BaseConnection):
                     append(self.error_reply(e, args))
             self.server.stats_commands += len(cmds)
             if self.closed:
+                return
+            gate = self.server.reply_gate      # replication: replies waiting for replica acks
+            if gate is not None and gate(self, out):
                 return
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
             if self.big:
@@ -234,6 +238,9 @@ class RespConnection(BaseConnection):
             return self.error_reply(e, args)
 
     def error_reply(self, e, args):
+        reply = getattr(e, "resp_reply", None)      # READONLY, NOREPLICAS (replication)
+        if reply is not None:
+            return reply
         if isinstance(e, StoreFullError):
             return b"-OOM command not allowed: the store is full\r\n"
         if isinstance(e, KeyTooLargeError):
@@ -976,7 +983,8 @@ def info_sections(server, wanted):
             "total_commands_processed": server.stats_commands,
             "rejected_connections": server.stats_rejected,
         },
-        "replication": {"role": "master", "connected_slaves": 0},
+        "replication": (server.repl.info() if getattr(server, "repl", None) is not None
+                        else {"role": "master", "connected_slaves": 0}),
         "cpu": {"used_cpu_sys": round(ru.ru_stime, 6), "used_cpu_user": round(ru.ru_utime, 6)},
         "keyspace": ({"db0": f"keys={nkeys},expires=0,avg_ttl=0"} if nkeys else {}),
         "kvstore": stats,

@@ -55,9 +55,16 @@ class ServerConfig:
     idle_timeout: float = 0.0          # seconds, 0 = never close idle clients
     shutdown_timeout: float = 5.0
     use_uvloop: bool = True
+    # replication (server/replication.py)
+    replica_of: str = ""               # "HOST:PORT": start as a replica of that primary
+    masterauth: str = ""               # password for the primary (default: requirepass)
+    repl_backlog_size: int = 64 * 1024 * 1024
+    min_replica_acks: int = 0          # 0 = asynchronous replication
+    min_replica_timeout: float = 1.0   # seconds a write waits for min_replica_acks
+    repl_timeout: float = 10.0         # seconds without traffic before a link is dropped
 
     _SIZES = ("max_key", "max_value", "max_frame", "max_multibulk", "max_bulk",
-              "max_inline", "max_query_buffer", "max_output_buffer")
+              "max_inline", "max_query_buffer", "max_output_buffer", "repl_backlog_size")
 
     def validate(self):
         for name in self._SIZES:
@@ -76,6 +83,17 @@ class ServerConfig:
             raise ValueError(f"unknown log level {self.log_level!r}")
         if self.max_bulk < self.max_value:
             self.max_value = self.max_bulk
+        if self.replica_of:
+            from .replication import parse_hostport
+            parse_hostport(self.replica_of)
+        self.min_replica_acks = int(self.min_replica_acks)
+        self.min_replica_timeout = float(self.min_replica_timeout)
+        self.repl_timeout = float(self.repl_timeout)
+        if self.min_replica_acks < 0 or self.min_replica_timeout <= 0 or self.repl_timeout <= 0:
+            raise ValueError("min_replica_acks must be >= 0, min_replica_timeout and "
+                             "repl_timeout > 0")
+        if self.repl_backlog_size < 1:
+            raise ValueError("repl_backlog_size must be >= 1 byte")
         return self
 
     @property
@@ -110,6 +128,15 @@ def build_parser():
     p.add_argument("--shutdown-timeout", type=float, help="seconds to flush replies at shutdown")
     p.add_argument("--no-uvloop", dest="use_uvloop", action="store_false", default=None,
                    help="use the stdlib asyncio loop even if uvloop is installed")
+    p.add_argument("--replica-of", metavar="HOST:PORT", help="start as a replica of that primary")
+    p.add_argument("--masterauth", help="password for the primary (default: --requirepass)")
+    p.add_argument("--repl-backlog-size", metavar="SIZE", help="replication backlog (default 64MiB)")
+    p.add_argument("--min-replica-acks", type=int,
+                   help="writes wait for this many replica acks (default 0: asynchronous)")
+    p.add_argument("--min-replica-timeout", type=float,
+                   help="seconds a write waits for --min-replica-acks (default 1)")
+    p.add_argument("--repl-timeout", type=float,
+                   help="seconds without traffic before a replication link is dropped (default 10)")
     return p
 
 

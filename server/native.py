@@ -15,7 +15,7 @@ import msgpack
 import kvstore
 from kvstore.errors import (
     ClosedError, FaultInjectionError, KeyLostError, KeyTooLargeError,
-    StoreFullError, UnrecoverableKeyError, ValueTooLargeError,
+    ResponseError, StoreFullError, UnrecoverableKeyError, ValueTooLargeError,
 )
 
 from .conn import BaseConnection, OutputLimitExceeded
@@ -109,6 +109,7 @@ class NativeConnection(BaseConnection):
         out = []
         pack = self.packer.pack
         n = 0
+        self.server.batch_out = out
         try:
             if p.magic_pending:
                 if not p.read_magic():
@@ -132,6 +133,9 @@ class NativeConnection(BaseConnection):
             self.drop("output buffer limit")
             return
         self.server.stats_commands += n
+        gate = self.server.reply_gate          # replication: replies waiting for replica acks
+        if gate is not None and out and gate(self, out):
+            return
         if out:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
             if self.big:
@@ -165,6 +169,8 @@ class NativeConnection(BaseConnection):
             return [rid, 1, ["TOOLARGE", str(e), {}]]
         except ClosedError as e:
             return [rid, 1, ["BUSY", str(e) or "the server is shutting down", {}]]
+        except ResponseError as e:     # READONLY, NOREPLICAS (replication)
+            return [rid, 1, [getattr(e, "code", "ERR"), str(e), {}]]
         except FaultInjectionError as e:
             return [rid, 1, ["ERR", f"fault injection failed: {e}", {}]]
         except OutputLimitExceeded:
