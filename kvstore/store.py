@@ -323,6 +323,9 @@ class Store(_native.Engine):
                     self.set_state(key, "lost")
                 self._pending.clear()
                 return 0, 0
+            # A key deleted or written since it was lost needs no rebuild.
+            for key in [k for k in self._pending if self.state(k) not in ("lost", "rebuilding")]:
+                del self._pending[key]
             due = [(k, p.version) for k, p in self._pending.items() if p.next_try <= now]
         rebuilt = unrecoverable = 0
         for i in range(0, len(due), self.rebuild_batch):

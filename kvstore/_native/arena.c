@@ -429,7 +429,7 @@ int kv_arena_inject(kv_arena *a, size_t off, int kind, char *err, size_t errlen)
     int whole_page = a->hugetlb && a->policy == KV_POLICY_MAINLINE;
     /* The hardware garbles the bytes; scramble them through a guarded write
      * so a page already made faulting cannot take us down. */
-    if (!kv_arena_hazard(a, soff, KV_SUB_SIZE)) {
+    if (!kv_arena_hazard(a, soff, KV_SUB_SIZE) && !kv_bit_get(a->poison, sub)) {
         uint8_t junk[KV_SUB_SIZE];
         size_t fo;
         scramble(junk, sizeof junk, off ^ (uintptr_t)a->base);
@@ -496,6 +496,11 @@ int kv_arena_page_all_lost(const kv_arena *a, size_t p)
 
 long kv_arena_pread(kv_arena *a, size_t off, void *dst, size_t n)
 {
+    if (n == 0) return 0;
+    if (off >= a->size) {
+        errno = EINVAL;
+        return -1;
+    }
     size_t p = off >> a->page_shift;
     if (off + n > ((p + 1) << a->page_shift)) {
         errno = EINVAL;

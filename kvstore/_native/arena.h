@@ -93,7 +93,8 @@ static inline int kv_bit_get(const uint64_t *bm, size_t i)
  * (latent simulated poison) and none lost; else 0. */
 static inline int kv_arena_hazard(const kv_arena *a, size_t off, size_t len)
 {
-    size_t s = off >> KV_SUB_SHIFT, e = (off + (len ? len : 1) - 1) >> KV_SUB_SHIFT;
+    if (len == 0 || off >= a->size) return 0;
+    size_t s = off >> KV_SUB_SHIFT, e = (off + len - 1) >> KV_SUB_SHIFT;
     int armed = 0;
     for (size_t i = s; i <= e; i++) {
         if (kv_bit_get(a->lost, i)) return 1;

@@ -326,9 +326,10 @@ static int64_t alloc_record(kv_engine *e, size_t len)
 {
     int64_t off = kv_alloc_take(&e->al, len, 0);
     if (off >= 0) return off;
-    if (e->al.dead_bytes >= 4 * SUB || e->al.dead_bytes >= len) {
-        kv_eng_compact(e, 4096);
+    for (int pass = 0; pass < 4 && e->al.dead_bytes >= len; pass++) {
+        if (!kv_eng_compact(e, 4096)) break;
         off = kv_alloc_take(&e->al, len, 0);
+        if (off >= 0) break;
     }
     return off;
 }
@@ -497,23 +498,52 @@ size_t kv_eng_expire_sweep(kv_engine *e, size_t budget, uint64_t now_ms)
     return dropped;
 }
 
+typedef struct {
+    uint32_t live;
+    uint32_t sub;
+} cand_t;
+
+static int cand_cmp(const void *x, const void *y)
+{
+    const cand_t *a = x, *b = y;
+    return a->live < b->live ? -1 : a->live > b->live;
+}
+
+/* Greedy cleaning: the emptiest SMALL subpages first (any with at least an
+ * eighth dead and under 7/8 live), as many as the free space can absorb, so
+ * every pass frees whole subpages. A pass that frees nothing is remembered:
+ * the next one waits until more bytes have died. */
 size_t kv_eng_compact(kv_engine *e, size_t max_subpages)
 {
     kv_alloc *al = &e->al;
+    if (al->dead_bytes <= e->compact_futile_dead) return 0;
+    size_t room = (al->nfree > 1 ? al->nfree - 1 : 0) * SUB;
+    if (al->open >= 0) room += SUB - kv_sp_fill(al->meta[al->open]);
+    cand_t *cv = malloc((al->nsub ? al->nsub : 1) * sizeof *cv);
     uint8_t *cand = calloc((al->nsub + 7) / 8, 1);
-    if (!cand) return 0;
-    size_t ncand = 0;
-    /* Sparse first: at most a quarter live, then at most half. */
-    for (uint32_t limit = SUB / 4; limit <= SUB / 2 && ncand < max_subpages; limit += SUB / 4)
-        for (size_t s = 0; s < al->nsub && ncand < max_subpages; s++) {
-            uint32_t m = al->meta[s];
-            if (kv_sp_kind(m) != KV_SP_SMALL || (int64_t)s == al->open || (cand[s / 8] >> (s % 8)) & 1)
-                continue;
-            if (kv_sp_live(m) <= limit && kv_sp_fill(m) - kv_sp_live(m) >= SUB / 8) {
-                cand[s / 8] |= (uint8_t)(1u << (s % 8));
-                ncand++;
-            }
-        }
+    if (!cv || !cand) {
+        free(cv);
+        free(cand);
+        return 0;
+    }
+    size_t nc = 0;
+    for (size_t s = 0; s < al->nsub; s++) {
+        uint32_t m = al->meta[s];
+        if (kv_sp_kind(m) != KV_SP_SMALL || (int64_t)s == al->open) continue;
+        uint32_t fill = kv_sp_fill(m), live = kv_sp_live(m);
+        if (fill - live >= SUB / 8 && live <= SUB - SUB / 8) cv[nc++] = (cand_t){live, (uint32_t)s};
+    }
+    qsort(cv, nc, sizeof *cv, cand_cmp);
+    size_t ncand = 0, moving = 0;
+    for (size_t i = 0; i < nc && ncand < max_subpages; i++) {
+        /* survivors go to the open subpage and free ones; leave slack for
+         * records that do not pack perfectly */
+        if (moving + cv[i].live + cv[i].live / 8 + 64 > room) break;
+        moving += cv[i].live;
+        cand[cv[i].sub / 8] |= (uint8_t)(1u << (cv[i].sub % 8));
+        ncand++;
+    }
+    free(cv);
     size_t moved = 0;
     if (ncand) {
         e->c_compactions++;
@@ -545,8 +575,11 @@ size_t kv_eng_compact(kv_engine *e, size_t max_subpages)
             moved++;
         }
     }
+    /* (a candidate emptied early may already hold moved records: it was
+     * FREE, so it is a fine destination) */
     free(cand);
     e->c_moved += moved;
+    e->compact_futile_dead = moved ? 0 : al->dead_bytes + SUB;
     return moved;
 }
 

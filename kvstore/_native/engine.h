@@ -56,6 +56,7 @@ typedef struct {
     uint8_t *scratch;             /* scrubber / compactor buffer */
     size_t scratch_cap;
     int salvage;                  /* mainline: try to salvage whole-page losses */
+    uint64_t compact_futile_dead; /* dead bytes when a compaction last freed nothing */
     /* counters */
     uint64_t c_lost_keys, c_checksum_fail, c_faults_on_read, c_rebuilt, c_expired,
         c_compactions, c_moved, c_scrubbed_bytes, c_scrub_found, c_recoveries,

@@ -53,6 +53,11 @@ static void cnt(uint64_t *c) { __atomic_fetch_add(c, 1, __ATOMIC_RELAXED); }
 static void chain(int sig, siginfo_t *si, void *uc)
 {
     cnt(&g_counts.chained);
+    /* A crash handler we chained to may restore "its previous" disposition
+     * (ours) and re-raise; the re-raised signal (sent by a user, si_code <= 0)
+     * must not go round again: after one chain, this thread dies by default. */
+    if (kv_tls.chained && si->si_code <= 0) goto dfl;
+    kv_tls.chained = 1;
     if ((g_prev.sa_flags & SA_SIGINFO) && g_prev.sa_sigaction) {
         g_prev.sa_sigaction(sig, si, uc);
         return;
@@ -62,6 +67,7 @@ static void chain(int sig, siginfo_t *si, void *uc)
         g_prev.sa_handler(sig);
         return;
     }
+dfl:;
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;

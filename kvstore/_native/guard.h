@@ -37,6 +37,7 @@ typedef struct {
     volatile uintptr_t fault_addr;   /* address reported by the last fault */
     volatile int fault_code;     /* si_code of the last fault */
     int altstack_ready;
+    int chained;                 /* this thread passed a SIGBUS on already */
 } kv_guard_tls;
 
 extern __thread kv_guard_tls kv_tls __attribute__((tls_model("initial-exec")));

@@ -1165,6 +1165,19 @@ static PyObject *Engine_set_state(EngineObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+/* state(key) -> "absent" | "present" | "lost" | "rebuilding" | "unrecoverable" */
+static PyObject *Engine_state(EngineObject *self, PyObject *key)
+{
+    ENGINE_OK(self);
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    uint32_t id = 0;
+    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
+    put_bytes(&k);
+    if (rc == KV_ABSENT) return PyUnicode_FromString("absent");
+    return PyUnicode_FromString(state_names[kv_e_state(kv_ix_entry(&self->e.ix, id))]);
+}
+
 static PyObject *Engine_lost_keys(EngineObject *self, PyObject *unused)
 {
     ENGINE_OK(self);
@@ -1381,6 +1394,8 @@ static PyMethodDef Engine_methods[] = {
      "take_lost(max=0, mark=None) -> [(key, version)] newly lost."},
     {"set_state", (PyCFunction)Engine_set_state, METH_VARARGS, "set_state(key, state) -> bool."},
     {"lost_keys", (PyCFunction)Engine_lost_keys, METH_NOARGS, "lost_keys() -> [(key, version, state)]."},
+    {"state", (PyCFunction)Engine_state, METH_O,
+     "state(key) -> 'absent', 'present', 'lost', 'rebuilding' or 'unrecoverable'."},
     {"install", (PyCFunction)Engine_install, METH_VARARGS,
      "install(key, value, version) -> 'installed' | 'stale' | 'skipped'."},
     {"scrub", (PyCFunction)Engine_scrub, METH_O, "scrub(max_bytes) -> (bytes examined, records failed)."},
