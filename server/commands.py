@@ -43,6 +43,11 @@ REDIS_VERSION = "7.2.0"
 
 _BIG = 1 << 16
 
+try:
+    from kvstore._native import RESP_ALLOW_SET as _SET_FLAG, RESP_RESP3 as _RESP3_FLAG
+except ImportError:        # an older extension without the C RESP path
+    _SET_FLAG, _RESP3_FLAG = 1, 2
+
 
 class CommandError(Exception):
     """A command failed; ``reply`` is the full RESP error line."""
@@ -159,6 +164,7 @@ class RespConnection(BaseConnection):
         self.store = st
         self.sget = st.get
         self.sput = st.put
+        self._fast = getattr(st, "resp_fast", None) if cfg.resp_fast else None
 
     def set_resp3(self, on):
         self.resp3 = on
@@ -176,13 +182,58 @@ class RespConnection(BaseConnection):
 
     # -- hot path
 
+    def fast_flags(self):
+        """Flags for the engine's C RESP path, or -1 when it must not run.
+
+        It runs leading plain GET/SET of a batch in C (kvstore/_native/resp.c)
+        and stops at anything else, so it only needs the conditions under
+        which plain GET/SET have no Python-side effect: an authenticated
+        client outside MULTI, no replies held for replica acks, and for SET
+        no replication stream or replica role observing writes.
+        """
+        srv = self.server
+        if self._fast is None or self.table is not COMMANDS or srv.reply_gate is not None:
+            return -1
+        flags = _RESP3_FLAG if self.resp3 else 0
+        repl = srv.repl
+        if repl is None or (repl.role == "master" and repl.backlog is None and not repl.min_acks):
+            flags |= _SET_FLAG
+        return flags
+
     def data_received(self, data):
         self.active = True
         p = self.parser
+        head = None
+        if not p.pending and self._fast is not None:
+            flags = self.fast_flags()
+            if flags >= 0:
+                try:
+                    used, replies, n = self._fast(data, flags)
+                except Exception as e:  # noqa: BLE001 - e.g. a closed store: Python reports it
+                    used = n = 0
+                    event("debug", "resp_fast_failed", error=f"{type(e).__name__}: {e}")
+                if n:
+                    self.server.stats_commands += n
+                    if len(replies) >= _BIG:
+                        try:
+                            self.count_big(len(replies))
+                        except OutputLimitExceeded:
+                            self.drop("output buffer limit")
+                            return
+                    if used == len(data):
+                        self.transport.write(replies)
+                        if self.big:
+                            self.check_output()
+                        return
+                    head = replies
+                    data = data[used:]
         p.feed(data)
         cmds = p.gets_all()
+        if head is not None and not cmds:
+            self.transport.write(head)
+            head = None
         if cmds:
-            out = []
+            out = [head] if head is not None else []
             append = out.append
             self.server.batch_out = out
             for args in cmds:

@@ -55,6 +55,7 @@ class ServerConfig:
     idle_timeout: float = 0.0          # seconds, 0 = never close idle clients
     shutdown_timeout: float = 5.0
     use_uvloop: bool = True
+    resp_fast: bool = True             # plain RESP GET/SET run in C (engine.resp_fast)
     # replication (server/replication.py)
     replica_of: str = ""               # "HOST:PORT": start as a replica of that primary
     masterauth: str = ""               # password for the primary (default: requirepass)
@@ -128,6 +129,8 @@ def build_parser():
     p.add_argument("--shutdown-timeout", type=float, help="seconds to flush replies at shutdown")
     p.add_argument("--no-uvloop", dest="use_uvloop", action="store_false", default=None,
                    help="use the stdlib asyncio loop even if uvloop is installed")
+    p.add_argument("--no-resp-fast", dest="resp_fast", action="store_false", default=None,
+                   help="run every RESP command in Python (no C GET/SET path)")
     p.add_argument("--replica-of", metavar="HOST:PORT", help="start as a replica of that primary")
     p.add_argument("--masterauth", help="password for the primary (default: --requirepass)")
     p.add_argument("--repl-backlog-size", metavar="SIZE", help="replication backlog (default 64MiB)")

@@ -55,6 +55,11 @@ class RespParser:
         self.max_inline = max_inline
         self.max_buffer = max_buffer
 
+    @property
+    def pending(self):
+        """True while bytes of an unfinished command (or an error) are held."""
+        return bool(self._buf) or self._chunks is not None or self.error is not None
+
     def buffered(self):
         """Number of bytes held and not yet returned as commands."""
         n = len(self._buf) - self._pos

@@ -396,3 +396,33 @@ def test_bad_config_exits_with_message():
             start_server("--config", f.name, timeout=15)
     finally:
         os.unlink(f.name)
+
+
+def _pipeline_transcript(srv):
+    """Raw RESP2 then RESP3 replies to a batch mixing plain GET/SET (the C
+    path) with everything the Python layer handles, on one connection."""
+    batch = b"".join([
+        resp_command("SET", "a", "1"), resp_command("GET", "a"), resp_command("GET", "missing"),
+        resp_command("set", "bin", b"\r\n\x00\xff"), resp_command("GET", "bin"),
+        resp_command("SET", "t", "v", "EX", "100"), resp_command("TTL", "t"),
+        resp_command("SET", "t", "w"), resp_command("TTL", "t"),
+        resp_command("GET", "k" * 70000), resp_command("MGET", "a", "missing"),
+        resp_command("GET"), resp_command("GET", "a", "b"), resp_command("SET", "x"),
+        b"GET a\r\n", resp_command("DEL", "a"), resp_command("GET", "a"),
+    ])
+    with socket.create_connection((srv.host, srv.port)) as s:
+        s.sendall(batch + resp_command("PING", "end2"))
+        one = recv_until(s, lambda d: d.endswith(b"end2\r\n"))
+        s.sendall(resp_command("HELLO", "3") + batch + resp_command("PING", "end3"))
+        two = recv_until(s, lambda d: d.endswith(b"end3\r\n"))
+    return one, two
+
+
+def test_c_fast_path_matches_python_path():
+    with start_server() as fast, start_server("--no-resp-fast") as slow:
+        got_fast = _pipeline_transcript(fast)
+        got_slow = _pipeline_transcript(slow)
+    assert got_fast == got_slow
+    one, two = got_fast
+    assert one.startswith(b"+OK\r\n$1\r\n1\r\n$-1\r\n+OK\r\n$4\r\n\r\n\x00\xff\r\n")
+    assert b"_\r\n" in two and b"-ERR wrong number of arguments for 'get' command" in one
