@@ -1,0 +1,130 @@
+"""Helpers shared by the tests of the embedded store (tests/test_store*.py).
+
+- ``Replica``: an in-process rebuild source holding ``key -> (version, value)``
+  the way a peer would; it can be taken offline, made to lag, and counts calls.
+- ``keys_on_subpage`` / ``keys_on_page``: the keys whose record (per
+  ``Store.locate``) overlaps a 4 KiB subpage or a whole page.
+- ``reserved_2m``: reserve 2 MiB hugepages for a test (skipping with the reason
+  when the pool cannot supply them) and give back what it added afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+
+import kvstore
+from kvstore import hugepages
+
+SUB = 4096
+
+
+class Replica:
+    """A rebuild source: ``fetch([(key, min_version)]) -> {key: (version, value)}``.
+
+    Writers call :meth:`record` with the version ``Store.put`` returned.
+    ``online = False`` makes it answer nothing (a replica that is down).
+    """
+
+    def __init__(self):
+        self.data: dict[bytes, tuple[int, bytes]] = {}
+        self.online = True
+        self.calls = 0
+        self.requested: list[tuple[bytes, int]] = []
+        self.lock = threading.Lock()
+
+    def record(self, key, version, value):
+        with self.lock:
+            self.data[bytes(key)] = (version, bytes(value))
+
+    def forget(self, key):
+        with self.lock:
+            self.data.pop(bytes(key), None)
+
+    def fetch(self, requests):
+        with self.lock:
+            self.calls += 1
+            self.requested.extend((bytes(k), v) for k, v in requests)
+            if not self.online:
+                return {}
+            out = {}
+            for key, min_version in requests:
+                item = self.data.get(bytes(key))
+                if item is not None and item[0] >= min_version:
+                    out[bytes(key)] = item
+            return out
+
+
+def overlaps(loc, first, last_excl):
+    off, length = loc
+    return off < last_excl and off + length > first
+
+
+def record_map(store, keys=None):
+    """{key: (offset, length)} for every readable (not LOST) key."""
+    out = {}
+    for k in store.keys() if keys is None else keys:
+        try:
+            out[k] = store.locate(k)
+        except (kvstore.KeyLostError, KeyError):
+            pass
+    return out
+
+
+def keys_on_subpage(store, subpage, rmap=None):
+    rmap = record_map(store) if rmap is None else rmap
+    lo = subpage * SUB
+    return {k for k, loc in rmap.items() if overlaps(loc, lo, lo + SUB)}
+
+
+def keys_on_page(store, page_bytes, page, rmap=None):
+    rmap = record_map(store) if rmap is None else rmap
+    lo = page * page_bytes
+    return {k for k, loc in rmap.items() if overlaps(loc, lo, lo + page_bytes)}
+
+
+def lost_set(store):
+    return {k for k, _v, _s in store.lost_keys()}
+
+
+def _persistent(st):
+    return st["nr_hugepages"] - st["surplus_hugepages"]
+
+
+@contextlib.contextmanager
+def reserved_2m(n):
+    """Make ``n`` 2 MiB hugepages available for the duration; skip (with the
+    reason) when the kernel or the privileges do not allow it."""
+    try:
+        before = _persistent(hugepages.size_status("2M"))
+    except OSError as e:
+        pytest.skip(f"2 MiB hugepages unavailable: {e}")
+    try:
+        avail = hugepages.ensure_free("2M", n)
+    except OSError as e:  # PermissionError, read-only sysfs, ...
+        pytest.skip(f"cannot reserve 2 MiB hugepages: {e}")
+    try:
+        if avail < n:
+            pytest.skip(f"the kernel gave only {avail} free 2 MiB hugepages; {n} are needed")
+        yield
+    finally:
+        try:
+            now = _persistent(hugepages.size_status("2M"))
+            if now > before:
+                hugepages.release("2M", now - before)
+        except OSError:
+            pass
+
+
+def open_2m(capacity, policy, n_pages, **kw):
+    """A Store on 2 MiB hugepages, or skip with the reason. The caller must
+    hold ``reserved_2m(n_pages)``."""
+    try:
+        store = kvstore.Store(capacity, page_size="2M", kernel_policy=policy, **kw)
+    except kvstore.ArenaError as e:
+        pytest.skip(f"no 2 MiB hugepage arena: {e}")
+    st = store.stats()
+    assert st["backing"] == "hugetlb-2M", st
+    return store

@@ -1,0 +1,254 @@
+"""Hypothesis stateful test of the embedded Store under random memory faults.
+
+Random put / get / delete / mget / mput, random ``ao`` and ``ar`` faults at
+random arena offsets or at a key's subpage, a replica going down and coming
+back, recovery steps; checked against a dict model, with a model replica
+(key -> (version, value), as a peer would hold it) as the rebuild source.
+
+Invariants:
+- no read ever returns bytes other than the last value written;
+- a key reported LOST (KeyLostError, or kvstore.LOST from mget(on_lost="mark"))
+  had its record in an injected subpage (``locate()`` is taken before each
+  injection; on 2 MiB pages with the mainline policy the whole hugepage when
+  salvage had no spare page);
+- LOST keys still exist: len(), keys() and ``in`` match the model;
+- after wait_recovered() with the replica up, every key is back with its last value.
+
+The replica keeps values of deleted keys (it lags behind deletes), so the
+rebuilder is offered them; a deleted key must never come back.
+"""
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
+                                 run_state_machine_as_test)
+
+import kvstore
+from storeutil import SUB, Replica, keys_on_page, keys_on_subpage, lost_set, record_map, reserved_2m
+
+KEYS = [b""] + [b"key-%02d" % i for i in range(23)]
+MAX_FAULTS = 8
+
+
+def _value(seed, size):
+    return random.Random(seed).randbytes(size)
+
+
+values = st.builds(_value, st.integers(0, 1 << 30),
+                   st.one_of(st.integers(0, 64), st.integers(0, 600), st.integers(4000, 12000)))
+keys = st.sampled_from(KEYS)
+kinds = st.sampled_from(["ao", "ar"])
+
+
+class StoreMachine(RuleBasedStateMachine):
+    page_size = "4K"
+    policy = "keep_ue"
+    capacity = 1 << 20
+    hot_bytes = 256 << 10       # where random offsets are aimed (records are packed from the start)
+
+    def __init__(self):
+        super().__init__()
+        self.replica = Replica()
+        self.store = kvstore.Store(self.capacity, page_size=self.page_size, kernel_policy=self.policy,
+                                   rebuild_source=self.replica, recovery="manual",
+                                   read_repair_timeout=10.0, rebuild_deadline=600)
+        st_ = self.store.stats()
+        self.page_bytes = st_["page_bytes"]
+        self.whole_page = self.policy == "mainline" and self.page_bytes > SUB
+        self.model = {}
+        self.suspect = set()           # keys whose record was on an injected subpage
+        self.page_suspect = set()      # ... on an injected hugepage (mainline, salvage failed)
+        self.faults = 0
+
+    # -------------------------------------------------------------- helpers
+
+    def allowed_lost(self):
+        if self.whole_page and self.store.stats()["salvage_failed"]:
+            return self.suspect | self.page_suspect
+        return self.suspect
+
+    def check_value(self, key, got):
+        want = self.model.get(key)
+        if got is kvstore.LOST:
+            event("read saw a LOST key")
+            assert key in self.model, f"absent key {key!r} reported LOST"
+            assert key in self.allowed_lost(), f"{key!r} reported LOST but was on no injected subpage"
+        else:
+            assert got == want, f"{key!r}: got {got[:20] if got else got!r}, want {want[:20] if want else want!r}"
+
+    def read(self, key, versioned=False):
+        try:
+            got = self.store.get_versioned(key) if versioned else self.store.get(key)
+        except kvstore.KeyLostError as e:
+            assert not self.replica.online, f"{key!r}: KeyLostError although the replica is up: {e}"
+            assert e.retryable and e.key == key
+            return kvstore.LOST
+        if versioned and got is not None:
+            ver, got = got
+            assert self.replica.data[key][0] == ver
+        return got
+
+    def note_injection(self, offset):
+        rmap = record_map(self.store, list(self.model))
+        self.suspect |= keys_on_subpage(self.store, offset // SUB, rmap)
+        if self.whole_page:
+            self.page_suspect |= keys_on_page(self.store, self.page_bytes, offset // self.page_bytes, rmap)
+
+    def wrote(self, key, version, value):
+        self.replica.record(key, version, value)
+        self.model[key] = value
+        self.suspect.discard(key)
+        self.page_suspect.discard(key)
+
+    # -------------------------------------------------------------- rules
+
+    @rule(key=keys, value=values)
+    def put(self, key, value):
+        self.wrote(key, self.store.put(key, value), value)
+
+    @rule(pairs=st.dictionaries(keys, values, max_size=6))
+    def mput(self, pairs):
+        versions = self.store.mput(pairs)
+        assert len(versions) == len(pairs) and versions == sorted(versions)
+        for (k, v), ver in zip(pairs.items(), versions):
+            self.wrote(k, ver, v)
+
+    @rule(key=keys)
+    def delete(self, key):
+        assert self.store.delete(key) == (key in self.model)
+        self.model.pop(key, None)
+        self.suspect.discard(key)
+        self.page_suspect.discard(key)
+        assert self.store.get(key) is None
+
+    @rule(key=keys, versioned=st.booleans())
+    def get(self, key, versioned):
+        self.check_value(key, self.read(key, versioned))
+
+    @rule(ks=st.lists(keys, max_size=8))
+    def mget_mark(self, ks):
+        got = self.store.mget(ks, on_lost="mark")
+        assert len(got) == len(ks)
+        for k, g in zip(ks, got):
+            self.check_value(k, g)
+
+    @rule(ks=st.lists(keys, max_size=8))
+    def mget_raise(self, ks):
+        try:
+            got = self.store.mget(ks)
+        except kvstore.KeyLostError as e:
+            assert not self.replica.online, f"mget raised although the replica is up: {e}"
+            self.check_value(e.key, kvstore.LOST)
+            return
+        for k, g in zip(ks, got):
+            self.check_value(k, g)
+
+    @rule(key=keys)
+    def exists(self, key):
+        assert self.store.exists(key) == (key in self.model)
+        assert (key in self.store) == (key in self.model)
+
+    @precondition(lambda self: self.faults < MAX_FAULTS and self.model)
+    @rule(data=st.data(), kind=kinds)
+    def inject_at_key(self, data, kind):
+        key = data.draw(st.sampled_from(sorted(self.model)))
+        try:
+            off, _ln = self.store.locate(key)
+        except kvstore.KeyLostError:
+            return                                   # already lost
+        self.note_injection(off)
+        info = self.store.faults.inject_key(key, kind)
+        assert info["subpage"] == off // SUB
+        self.faults += 1
+
+    @precondition(lambda self: self.faults < MAX_FAULTS)
+    @rule(fraction=st.floats(0, 1, exclude_max=True), kind=kinds)
+    def inject_at_offset(self, fraction, kind):
+        offset = int(fraction * self.hot_bytes)
+        self.note_injection(offset)
+        self.store.faults.inject(offset, kind)
+        self.faults += 1
+
+    @rule(online=st.booleans())
+    def replica_up_or_down(self, online):
+        self.replica.online = online
+        # up: a read of a LOST key waits for the replica (generously: the
+        # machine may be busy); down: it gives up quickly with KeyLostError
+        self.store.read_repair_timeout = 10.0 if online else 0.02
+
+    @rule()
+    def recover(self):
+        r = self.store.recover()
+        assert r["keys_lost"] >= 0
+
+    # Only once something was written: scrubbing a never-used index is c-bugs.md S3
+    # (tests/test_store_faults.py::test_scrub_on_empty_store_then_fill covers it).
+    @precondition(lambda self: self.store.version > 0)
+    @rule()
+    def scrub(self):
+        self.store.scrub(1 << 20)
+
+    @precondition(lambda self: self.replica.online)
+    @rule()
+    def recover_all(self):
+        self.everything_back()
+
+    # -------------------------------------------------------------- invariants
+
+    @invariant()
+    def counts_match(self):
+        assert len(self.store) == len(self.model)
+        assert sorted(self.store.keys()) == sorted(self.model)
+
+    @invariant()
+    def lost_keys_are_suspects(self):
+        lost = lost_set(self.store)
+        if lost:
+            event("keys LOST at a step")
+        assert lost <= set(self.model), lost - set(self.model)
+        assert lost <= self.allowed_lost(), lost - self.allowed_lost()
+
+    def everything_back(self):
+        if self.store.loss_pending or lost_set(self.store):
+            event("rebuilt after loss")
+        assert self.store.wait_recovered(timeout=20)
+        assert self.store.lost_keys() == []
+        for k, v in self.model.items():
+            assert self.store.get(k) == v
+        assert self.store.stats()["lost_keys"] == 0
+
+    def teardown(self):
+        try:
+            if not self.store.closed:
+                self.replica_up_or_down(True)
+                self.everything_back()
+        finally:
+            self.store.close()
+
+
+SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+@pytest.mark.parametrize("policy", ["keep_ue", "mainline"])
+def test_store_state_machine_4k(policy):
+    machine = type(f"StoreMachine4K_{policy}", (StoreMachine,), {"policy": policy})
+    run_state_machine_as_test(machine, settings=SETTINGS)
+
+
+@pytest.mark.hugepages
+def test_store_state_machine_2m_mainline():
+    """2 MiB hugepages, mainline policy: a fault takes the whole hugepage;
+    salvage copies it into a spare page, so only the poisoned 4 KiB is lost
+    (every key on the page when no spare can be had)."""
+    machine = type("StoreMachine2M_mainline", (StoreMachine,),
+                   {"policy": "mainline", "page_size": "2M", "capacity": 2 << 20, "hot_bytes": 2 << 20})
+    with reserved_2m(2 + MAX_FAULTS + 2):
+        try:
+            kvstore.Store(2 << 20, page_size="2M", recovery="manual").close()
+        except kvstore.ArenaError as e:
+            pytest.skip(f"no 2 MiB hugepage arena: {e}")
+        run_state_machine_as_test(machine, settings=settings(SETTINGS, max_examples=25))
