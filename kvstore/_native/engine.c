@@ -454,8 +454,12 @@ uint64_t kv_eng_scrub(kv_engine *e, uint64_t max_bytes, uint64_t *found)
     uint64_t done = 0;
     *found = 0;
     uint64_t u = e->scrub_cursor, seen = 0;
+    if (e->ix.slab_top <= 1) {               /* no entries yet */
+        e->scrub_cursor = 0;
+        return 0;
+    }
     while (done < max_bytes && seen < e->ix.slab_top) {
-        if (u == 0 || u >= e->ix.slab_top) u = 1;
+        if (u == 0 || u >= e->ix.slab_top) u = 1;   /* entries start at unit 1 and are contiguous */
         uint32_t id = (uint32_t)u;
         kv_entry *ent = kv_ix_entry(&e->ix, id);
         uint32_t units = kv_e_units(kv_e_klen(ent));
@@ -472,7 +476,7 @@ uint64_t kv_eng_scrub(kv_engine *e, uint64_t max_bytes, uint64_t *found)
         if (kv_eng_value_read(e, id, vlen, buf) != KV_OK) (*found)++;
         done += KV_REC_HDR + vlen;
     }
-    e->scrub_cursor = u;
+    e->scrub_cursor = u < e->ix.slab_top ? u : 0;
     e->c_scrubbed_bytes += done;
     e->c_scrub_found += *found;
     return done;
