@@ -29,7 +29,7 @@ import weakref
 from typing import Callable, Iterable
 
 from . import _native
-from .errors import ClosedError, KeyLostError, UnrecoverableKeyError
+from .errors import ClosedError, KeyLostError, StoreFullError, UnrecoverableKeyError
 
 __all__ = ["Store", "LOST", "parse_size"]
 
@@ -290,26 +290,39 @@ class Store(_native.Engine):
         """Process lost memory now: salvage (mainline), invalidate exactly the
         records on lost subpages, then try one rebuild round. Returns counts."""
         r = super().recover()
-        newly = self.take_lost(0, "rebuilding")
+        with self._lock:
+            # take and record under one lock, so wait_recovered() never sees
+            # the keys in neither place
+            newly = self.take_lost(0, "rebuilding")
+            now = time.monotonic()
+            for key, version in newly:
+                p = self._pending.get(key)
+                if p is None or p.version < version:
+                    self._pending[key] = _Pending(version, now)
         if r["subpages"]:
             log.info("kvstore ue: subpages=%d keys_lost=%d pages_salvaged=%d subpages_salvaged=%d "
                      "salvage_failed=%d%s", r["subpages"], r["keys_lost"], r["pages_salvaged"],
                      r["subpages_salvaged"], r["salvage_failed"],
                      f" salvage_error={r['salvage_error']!r}" if r["salvage_failed"] else "")
         if newly:
-            now = time.monotonic()
-            with self._lock:
-                for key, version in newly:
-                    p = self._pending.get(key)
-                    if p is None or p.version < version:
-                        self._pending[key] = _Pending(version, now)
-            for cb in list(self._callbacks):
-                try:
-                    cb([k for k, _ in newly])
-                except Exception:  # a user callback must not stop recovery
-                    log.exception("kvstore on_loss callback failed")
+            self._notify([k for k, _ in newly])
         r["rebuilt"], r["unrecoverable"] = self._rebuild_round()
         return r
+
+    def _notify(self, keys):
+        for cb in list(self._callbacks):
+            try:
+                cb(keys)
+            except Exception:  # a user callback must not stop recovery
+                log.exception("kvstore on_loss callback failed")
+
+    def _install(self, key, value, version):
+        """install() that treats a full store as "try again later"."""
+        try:
+            return self.install(key, value, version)
+        except StoreFullError:
+            log.warning("kvstore rebuild: no room to reinstall %r (%d bytes); will retry", key, len(value))
+            return "full"
 
     def _rebuild_round(self):
         """Fetch due pending keys from the source; install what comes back."""
@@ -342,7 +355,7 @@ class Store(_native.Engine):
                 status = None
                 if item is not None:
                     v, value = item
-                    status = self.install(key, value, v) if v >= version else "stale"
+                    status = self._install(key, value, v) if v >= version else "stale"
                 with self._lock:
                     p = self._pending.get(key)
                     if p is None:
@@ -378,11 +391,15 @@ class Store(_native.Engine):
             got = self._fetch_bounded([(key, version)], deadline - time.monotonic())
             item = got.get(key) if got else None
             if item is not None and item[0] >= version:
-                status = self.install(key, item[1], item[0])
+                status = self._install(key, item[1], item[0])
+                if status == "full":
+                    raise KeyLostError(key, version)
                 if status == "installed":
                     with self._lock:
                         self._read_repairs += 1
                         self._pending.pop(key, None)
+                    if state == "lost":     # not yet reported by recover()
+                        self._notify([key])
                 # installed, or written meanwhile: read what is there now
                 return self.get_versioned(key) if versioned else self.get(key)
             if time.monotonic() >= deadline:
@@ -426,8 +443,9 @@ class Store(_native.Engine):
                 raise ClosedError("the store is closed")
             if self._worker is None or threading.current_thread() is self._worker:
                 self.recover()
-            if not self.loss_pending and not self._pending:
-                return True
+            with self._lock:
+                if not self.loss_pending and not self._pending:
+                    return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(0.002)
