@@ -655,3 +655,67 @@ def test_scrub_on_empty_store_then_fill():
         assert s.stats()["lost_keys"] == 0
         assert set(s.keys()) == keys
         assert all(s.get(k) == b"v" * 40 for k in keys)
+
+
+def test_fault_injection_arguments():
+    with manual_store("keep_ue", cap="1MiB") as s:
+        sup = s.faults.supported()
+        assert sup["ao"] and sup["ar"] and isinstance(sup["hwpoison"], bool)
+        if not sup["hwpoison"]:
+            assert sup["hwpoison_reason"]
+            with pytest.raises(kvstore.FaultInjectionError):
+                s.faults.inject(0, "hwpoison")
+        with pytest.raises(ValueError):
+            s.faults.inject(0, "bogus")
+        for off in (-1, 1 << 20, 10**12):
+            with pytest.raises(IndexError):
+                s.faults.inject(off, "ao")
+        with pytest.raises(KeyError):
+            s.faults.inject_key(b"absent")
+        assert s.stats()["faults_injected"] == 0
+        s.put(b"k", b"v")
+        assert s.faults.inject_key(b"k")["kind"] == "ao"
+        assert s.stats()["faults_injected"] == 1
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_ar_in_large_value_loses_only_it(policy):
+    with manual_store(policy) as s:
+        for i in range(100):
+            s.put(b"s%d" % i, b"x" * 200)
+        big = bytes(range(256)) * 64             # 16 KiB: four subpages
+        s.put(b"big", big)
+        for i in range(100, 200):
+            s.put(b"s%d" % i, b"x" * 200)
+        off, ln = s.locate(b"big")
+        s.faults.inject(off + 3 * SUB - 1, "ar")   # last byte of the third subpage
+        with pytest.raises(kvstore.KeyLostError):
+            s.get(b"big")
+        s.recover()
+        assert lost_set(s) == {b"big"}
+        assert all(s.get(b"s%d" % i) == b"x" * 200 for i in range(200))
+
+
+def test_flush_after_loss_forgets_lost_keys_keeps_quarantine():
+    rep = Replica()
+    rep.online = False
+    with manual_store("keep_ue", cap="1MiB", rebuild_source=rep, read_repair_timeout=0.01) as s:
+        for i in range(200):
+            s.put(b"k%d" % i, b"v" * 100)
+        bad_sp = s.locate(b"k50")[0] // SUB
+        s.faults.inject_key(b"k50")
+        s.recover()
+        assert lost_set(s)
+        s.flush()
+        assert len(s) == 0 and s.lost_keys() == [] and s.stats()["lost_keys"] == 0
+        assert s.wait_recovered(2)
+        assert s.get(b"k50") is None
+        # the lost subpage stays out of use after the flush
+        for i in range(2000):
+            try:
+                s.put(b"n%d" % i, b"w" * 300)
+            except kvstore.StoreFullError:
+                break
+        for off, ln in record_map(s).values():
+            assert not (off // SUB <= bad_sp <= (off + ln - 1) // SUB)
+        assert s.stats()["quarantined_subpages"] >= 1
