@@ -13,13 +13,20 @@ Threads: the Store calls the source from two places. Read-repair runs it in a
 worker thread and waits for it with a timeout; the rebuild round of
 ``store.recover()``/``maintain()`` runs it on the event loop thread itself. So
 this code never needs the event loop to make progress: it uses the blocking
-:class:`kvstore.client.Client` with its own sockets. On the loop thread it
-asks each peer once with short socket timeouts and skips peers that look
-stalled (no acknowledgement for a while), so a stopped replica cannot freeze
-the server; in a worker thread it keeps asking (a lagging replica catches up
-from the stream) until ``wait`` seconds have passed.
+:class:`kvstore.client.Client` with its own sockets. In a worker thread it
+keeps asking (a lagging replica catches up from the stream) until ``wait``
+seconds have passed. On the loop thread (given ``install``) it does not block
+at all: it hands the keys to a small thread pool and returns what earlier
+background fetches brought; the pool's results are installed on the loop
+(``loop.call_soon_threadsafe``) through ``install(key, value, version)``,
+which refuses anything older than the lost version, and are also returned
+to the Store's next rebuild round so its bookkeeping ends. Without
+``install`` the loop-thread path asks each peer once with short timeouts.
+Peers that look stalled (no acknowledgement for a while) are skipped from
+the loop, so a stopped replica cannot freeze the server.
 """
 
+import concurrent.futures
 import importlib
 import importlib.util
 import os
@@ -56,13 +63,22 @@ class PeerSource:
     """
 
     def __init__(self, peers, password=None, loop_thread=None, wait=0.8,
-                 loop_timeout=0.1, timeout=1.0):
+                 loop_timeout=0.1, timeout=1.0, before_loop_fetch=None, loop=None,
+                 install=None):
         self._peers = peers
         self._password = password or None
         self.loop_thread = loop_thread
         self.wait = wait
         self.loop_timeout = loop_timeout
         self.timeout = timeout
+        self.before_loop_fetch = before_loop_fetch
+        self.loop = loop
+        self.install = install
+        self._pool = None
+        self._inflight = set()      # loop thread only
+        self._ready = {}            # loop thread only: key -> (version, value, when)
+        self.background_installs = 0
+        self.keys_cached = 0
         self._clients = {}
         self._lock = threading.Lock()
         self._client_mod = load_client()
@@ -83,6 +99,9 @@ class PeerSource:
             return c
 
     def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         with self._lock:
             clients, self._clients = list(self._clients.values()), {}
         for c in clients:
@@ -97,11 +116,69 @@ class PeerSource:
             key = bytes(key)
             if want.get(key, -1) < min_version:
                 want[key] = min_version
-        got = {}
         on_loop = threading.get_ident() == self.loop_thread
-        deadline = time.monotonic() + (0 if on_loop else self.wait)
+        if on_loop and self.before_loop_fetch is not None:
+            self.before_loop_fetch()      # e.g. send pending writes to the replicas first
+        if on_loop and self.install is not None and self.loop is not None:
+            return self._fetch_async(want)
+        return self._fetch_blocking(want, on_loop, 0 if on_loop else self.wait)
+
+    # -- non-blocking path for the loop thread
+
+    def _fetch_async(self, want):
+        out = {}
+        todo = []
+        for k, mv in want.items():
+            r = self._ready.pop(k, None)
+            if r is not None and r[0] >= mv:
+                out[k] = (r[0], r[1])       # fetched (and installed) in the background
+                self.keys_cached += 1
+            elif k not in self._inflight:
+                todo.append((k, mv))
+        if todo:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=2, thread_name_prefix="kvstore-peer-fetch")
+            self._inflight.update(k for k, _ in todo)
+            self._pool.submit(self._background, dict(todo))
+        return out
+
+    def _background(self, want):
+        got = {}
+        try:
+            got = self._fetch_blocking(dict(want), False, self.wait, healthy_only=True)
+        except Exception:  # noqa: BLE001 - the Store retries
+            self.errors += 1
+        finally:
+            try:
+                self.loop.call_soon_threadsafe(self._done, list(want), got)
+            except RuntimeError:
+                pass        # loop closed: shutting down
+
+    def _done(self, keys, got):
+        for k in keys:
+            self._inflight.discard(k)
+        now = time.monotonic()
+        for k, (ver, val) in got.items():
+            try:
+                if self.install(k, val, ver) == "installed":
+                    self.background_installs += 1
+            except Exception:  # noqa: BLE001 - e.g. full: the Store's round retries
+                continue
+            self._ready[k] = (ver, val, now)
+        if len(self._ready) > 4096 or (self._ready and now - next(iter(self._ready.values()))[2] > 2):
+            self._ready = {k: v for k, v in self._ready.items() if now - v[2] < 2}
+
+    # -- blocking path
+
+    def _fetch_blocking(self, want, fast, wait, healthy_only=None):
+        got = {}
+        on_loop = fast
+        if healthy_only is None:
+            healthy_only = fast
+        deadline = time.monotonic() + wait
         while want:
-            peers = [p for p in self._peers() if p[2] or not on_loop]
+            peers = [p for p in self._peers() if p[2] or not healthy_only]
             for host, port, _healthy in peers:
                 try:
                     res = self._client(host, port, on_loop).fetch(list(want.items()))

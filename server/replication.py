@@ -87,6 +87,11 @@ HEARTBEAT = 1.0
 SNAPSHOT_CHUNK = 1 << 20
 #: Above this much queued output the snapshot writer waits for the socket.
 SNAPSHOT_HIGH_WATER = 8 << 20
+_DEBUG = bool(os.environ.get("KVSTORE_REPL_DEBUG"))
+#: Rebuild rounds on the loop fetch synchronously (blocking the loop for a
+#: round trip) instead of in the background: for comparisons.
+_SYNC_FETCH = os.environ.get("KVSTORE_SYNC_PEER_FETCH") == "1"
+
 #: A replica that has not acked for this long is skipped by loop-thread fetches.
 STALE_ACK = 2.0
 
@@ -281,7 +286,9 @@ class Replication:
     # -- lifecycle
 
     def start(self, loop):
-        self.source = PeerSource(self.peers, self.password, self.loop_thread)
+        self.source = PeerSource(self.peers, self.password, self.loop_thread,
+                                 before_loop_fetch=self._before_loop_fetch, loop=self.loop,
+                                 install=None if _SYNC_FETCH else self.store.install)
         self._hb = loop.call_later(HEARTBEAT, self._heartbeat)
         if self.server.config.replica_of:
             host, port = parse_hostport(self.server.config.replica_of)
@@ -305,7 +312,7 @@ class Replication:
         st = self.store
         o = self._orig
         for name in ("put", "mput", "delete", "expire_at_ms", "flush", "install", "put_versioned",
-                     "expire_at"):
+                     "expire_at", "_lost_read"):
             o[name] = getattr(st, name)
         put, mput, delete = o["put"], o["mput"], o["delete"]
         expire_at_ms, flush, install, expire_at = (o["expire_at_ms"], o["flush"], o["install"],
@@ -371,6 +378,9 @@ class Replication:
             # rebuilds from peers: not a client write, but a new replica that
             # synced while the key was lost here must still get it
             r = install(key, value, version)
+            if _DEBUG:
+                event("info", "dbg_install", key=bytes(key).decode("latin-1"), version=version,
+                      status=r, value=bytes(value[:16]).decode("latin-1"))
             if r == "installed":
                 if repl.role == "master":
                     if repl.backlog is not None:
@@ -384,6 +394,16 @@ class Replication:
         def w_put_versioned(*a):
             raise ReplicaReadOnlyError("put_versioned is the replication stream's own")
 
+        lost_read = o["_lost_read"]
+
+        def w_lost_read(key, version, state, versioned):
+            # Read-repair blocks this (loop) thread while a worker asks the
+            # peers: send the writes of this iteration first, or a replica
+            # could never reach the version it is asked for.
+            if repl.pending and threading.get_ident() == repl.loop_thread:
+                repl.flush_pending()
+            return lost_read(key, version, state, versioned)
+
         st.put = w_put
         st.mput = w_mput
         st.delete = w_delete
@@ -391,6 +411,7 @@ class Replication:
         st.flush = w_flush
         st.install = w_install
         st.put_versioned = w_put_versioned
+        st._lost_read = w_lost_read
 
     def online_count(self):
         return sum(1 for s in self.sessions if s.state == "online" and not s.closed)
@@ -570,6 +591,10 @@ class Replication:
         healthy = link is not None and link.up and now - link.last_io < STALE_ACK
         return [(master[0], master[1], healthy)]
 
+    def _before_loop_fetch(self):
+        if self.pending:
+            self.flush_pending()
+
     def _refresh_peers(self):
         if self.role == "master":
             self._peers = [s for s in self.sessions if s.state == "online" and s.listen_port
@@ -630,6 +655,14 @@ class Replication:
 
     def _expire(self, conn):
         self._release(conn, timed_out=True)
+        lst = self.held.get(conn)
+        if lst and lst[0].deadline is not None:
+            # timers may fire a little early (loop clock granularity): re-arm
+            h = lst[0]
+            if h.handle is not None:
+                h.handle.cancel()
+            h.handle = self.loop.call_later(max(0.001, h.deadline - time.monotonic()),
+                                            self._expire, conn)
 
     def _ready(self, h, now):
         done = True
@@ -644,7 +677,7 @@ class Replication:
 
     def _release(self, conn, timed_out=False):
         lst = self.held.get(conn)
-        now = time.monotonic()
+        now = time.monotonic() + (0.002 if timed_out else 0.0)
         while lst:
             h = lst[0]
             ready, late = self._ready(h, now)
@@ -789,7 +822,9 @@ class Replication:
         src = self.source
         if src is not None:
             d.update(peer_fetches=src.fetches, peer_keys_fetched=src.keys_fetched,
-                     peer_bytes_fetched=src.bytes_fetched, peer_fetch_errors=src.errors)
+                     peer_bytes_fetched=src.bytes_fetched, peer_fetch_errors=src.errors,
+                     peer_background_installs=src.background_installs,
+                     peer_keys_from_earlier_fetch=src.keys_cached)
         return d
 
     def stats_fields(self):
