@@ -184,9 +184,6 @@ class StoreMachine(RuleBasedStateMachine):
         r = self.store.recover()
         assert r["keys_lost"] >= 0
 
-    # Only once something was written: scrubbing a never-used index is c-bugs.md S3
-    # (tests/test_store_faults.py::test_scrub_on_empty_store_then_fill covers it).
-    @precondition(lambda self: self.store.version > 0)
     @rule()
     def scrub(self):
         self.store.scrub(1 << 20)
