@@ -390,7 +390,10 @@ def main(argv=None):
                     f"still lost after 30 s: {s1['lost_keys']}. Peer fetches: "
                     f"{s1['repl_peer_fetches'] - s0['repl_peer_fetches']}, fetch errors/timeouts: "
                     f"{s1['repl_peer_fetch_errors'] - s0['repl_peer_fetch_errors']}, read-repairs: "
-                    f"{s1['read_repairs'] - s0['read_repairs']}.", "",
+                    f"{s1['read_repairs'] - s0['read_repairs']} (over 50 ms: "
+                    f"{s1['repl_slow_read_repairs'] - s0['repl_slow_read_repairs']}, total "
+                    f"{s1['repl_read_repair_ms_total'] - s0['repl_read_repair_ms_total']} ms of "
+                    f"blocked loop).", "",
                     "Per second, storm: " + " ".join(str(x) for x in storm["series"]), "",
                     "Per second, baseline: " + " ".join(str(x) for x in baseline["series"]), ""]
             if storm["errors"] or storm["wrong"]:

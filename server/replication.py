@@ -402,7 +402,19 @@ class Replication:
             # could never reach the version it is asked for.
             if repl.pending and threading.get_ident() == repl.loop_thread:
                 repl.flush_pending()
-            return lost_read(key, version, state, versioned)
+            t0 = time.perf_counter()
+            ok = False
+            try:
+                r = lost_read(key, version, state, versioned)
+                ok = True
+                return r
+            finally:
+                dt = time.perf_counter() - t0
+                repl.stats["read_repair_ms_total"] += int(dt * 1000)
+                if dt > 0.05:
+                    repl.stats["slow_read_repairs"] += 1
+                    event("warning", "slow_read_repair", key=bytes(key[:64]).decode("latin-1"),
+                          version=version, duration_ms=round(dt * 1e3, 1), repaired=ok)
 
         st.put = w_put
         st.mput = w_mput
@@ -817,6 +829,8 @@ class Replication:
                  sync_full=self.stats["sync_full"], sync_partial_ok=self.stats["sync_partial_ok"],
                  sync_partial_err=self.stats["sync_partial_err"],
                  noreplicas_replies=self.stats["noreplicas_replies"],
+                 slow_read_repairs=self.stats["slow_read_repairs"],
+                 read_repair_ms_total=self.stats["read_repair_ms_total"],
                  applied_entries=self.stats["applied_entries"],
                  apply_errors=self.stats["apply_errors"])
         src = self.source
