@@ -58,6 +58,7 @@ class ServerProc:
         self.host = host
         self.port = port
         self.errfile = errfile
+        self._final_logs = None
 
     @property
     def pid(self):
@@ -67,6 +68,8 @@ class ServerProc:
         return self.proc.poll() is None
 
     def logs(self):
+        if self._final_logs is not None:
+            return self._final_logs
         self.errfile.flush()
         with open(self.errfile.name, "rb") as f:
             return f.read().decode("utf-8", "replace")
@@ -87,6 +90,13 @@ class ServerProc:
                 self.proc.wait(5)
         if self.proc.stdout:
             self.proc.stdout.close()
+        if self._final_logs is None:
+            self._final_logs = self.logs()
+            self.errfile.close()
+            try:
+                os.unlink(self.errfile.name)
+            except OSError:
+                pass
         return self.proc.returncode
 
     def __enter__(self):
@@ -127,6 +137,8 @@ def start_server(*flags, timeout=30.0, env=None):
     proc.wait()
     with open(errfile.name, "rb") as f:
         err = f.read().decode("utf-8", "replace")
+    errfile.close()
+    os.unlink(errfile.name)
     raise RuntimeError(f"kvstore-server did not become ready (rc={proc.returncode}):\n"
                        f"stdout: {buf.decode('utf-8', 'replace')}\nstderr: {err}")
 
