@@ -1037,7 +1037,8 @@ def info_sections(server, wanted):
         "replication": (server.repl.info() if getattr(server, "repl", None) is not None
                         else {"role": "master", "connected_slaves": 0}),
         "cpu": {"used_cpu_sys": round(ru.ru_stime, 6), "used_cpu_user": round(ru.ru_utime, 6)},
-        "keyspace": ({"db0": f"keys={nkeys},expires=0,avg_ttl=0"} if nkeys else {}),
+        "keyspace": ({"db0": f"keys={nkeys},expires={stats.get('keys_with_ttl', 0)},avg_ttl=0"}
+                     if nkeys else {}),
         "kvstore": stats,
     }
     if not wanted or any(w in ("all", "everything", "default") for w in wanted):

@@ -121,6 +121,9 @@ def test_mget_mset(r):
 
 def test_info(r):
     r.set("x", "1")
+    r.set("y", "2", ex=100)
+    assert r.info("keyspace")["db0"] == {"keys": 2, "expires": 1, "avg_ttl": 0}
+    r.delete("y")
     info = r.info()
     assert info["redis_version"].count(".") == 2
     assert info["tcp_port"] > 0 and info["connected_clients"] >= 1
