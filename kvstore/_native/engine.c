@@ -322,9 +322,10 @@ static void entry_drop(kv_engine *e, uint32_t id)
     kv_index_remove(&e->ix, id);
 }
 
-static int64_t alloc_record(kv_engine *e, size_t len)
+static int64_t alloc_record(kv_engine *e, size_t len, int use_reserve)
 {
     int64_t off = kv_alloc_take(&e->al, len, 0);
+    if (off < 0 && use_reserve) off = kv_alloc_take(&e->al, len, 1);
     if (off >= 0) return off;
     for (int pass = 0; pass < 4 && e->al.dead_bytes >= len; pass++) {
         if (!kv_eng_compact(e, 4096)) break;
@@ -337,14 +338,14 @@ static int64_t alloc_record(kv_engine *e, size_t len)
 /* Allocate and write a record; retries elsewhere if the place it got is
  * hit by a memory error while being written. *off_out on KV_OK. */
 static int write_record(kv_engine *e, const void *key, uint32_t klen, const void *val, size_t vlen,
-                        uint64_t version, uint64_t *off_out)
+                        uint64_t version, int use_reserve, uint64_t *off_out)
 {
     uint8_t h[KV_REC_HDR];
     uint32_t csum = rec_csum(key, klen, val, vlen, version), vl = (uint32_t)vlen;
     memcpy(h, &csum, 4);
     memcpy(h + 4, &vl, 4);
     for (int attempt = 0; attempt < 16; attempt++) {
-        int64_t off = alloc_record(e, KV_REC_HDR + vlen);
+        int64_t off = alloc_record(e, KV_REC_HDR + vlen, use_reserve);
         if (off < 0) return KV_FULL;
         size_t fo;
         if (kv_arena_write(e->arena, (size_t)off, h, sizeof h, &fo) == 0 &&
@@ -367,7 +368,7 @@ int kv_eng_put(kv_engine *e, const void *key, uint32_t klen, const void *val, si
     uint32_t id = kv_index_find(&e->ix, key, klen, h);
     uint64_t v = version ? version : e->version + 1;
     uint64_t off;
-    int rc = write_record(e, key, klen, val, vlen, v, &off);
+    int rc = write_record(e, key, klen, val, vlen, v, 0, &off);
     if (rc != KV_OK) return rc;
     if (id) {
         kv_entry *ent = kv_ix_entry(&e->ix, id);
@@ -421,7 +422,9 @@ int kv_eng_install(kv_engine *e, const void *key, uint32_t klen, const void *val
     if (kv_e_state(ent) == KV_ST_PRESENT) return KV_SKIP;
     if (version < kv_e_version(ent)) return KV_STALE;
     uint64_t off;
-    int rc = write_record(e, key, klen, val, vlen, version, &off);
+    /* Reinstalling data that was already stored may use the compactor's
+     * reserve: faults can fill a store by quarantining its memory. */
+    int rc = write_record(e, key, klen, val, vlen, version, 1, &off);
     if (rc != KV_OK) return rc;
     ent = kv_ix_entry(&e->ix, id);
     if (kv_e_state(ent) == KV_ST_PRESENT) {     /* cannot happen under one lock; be safe */
