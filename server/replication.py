@@ -289,6 +289,7 @@ class Replication:
         self.source = PeerSource(self.peers, self.password, self.loop_thread,
                                  before_loop_fetch=self._before_loop_fetch, loop=self.loop,
                                  install=None if _SYNC_FETCH else self.store.install)
+        self._hb_due = time.monotonic() + HEARTBEAT
         self._hb = loop.call_later(HEARTBEAT, self._heartbeat)
         if self.server.config.replica_of:
             host, port = parse_hostport(self.server.config.replica_of)
@@ -461,12 +462,17 @@ class Replication:
         return self.backlog.end + self.pending_bytes
 
     def _heartbeat(self):
+        late = time.monotonic() - self._hb_due
+        if late > 0.25:
+            self.stats["loop_stalls"] += 1
+            event("warning", "loop_stall", late_ms=round(late * 1e3, 1))
         for s in list(self.sessions):
             if s.state == "online":
                 s.send(["PING"])
         if self.link is not None:
             self.link.heartbeat()
         self._refresh_peers()
+        self._hb_due = time.monotonic() + HEARTBEAT
         self._hb = self.loop.call_later(HEARTBEAT, self._heartbeat)
 
     # -- sessions (primary)
