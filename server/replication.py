@@ -836,6 +836,7 @@ class Replication:
                  sync_partial_err=self.stats["sync_partial_err"],
                  noreplicas_replies=self.stats["noreplicas_replies"],
                  slow_read_repairs=self.stats["slow_read_repairs"],
+                 loop_stalls=self.stats["loop_stalls"],
                  read_repair_ms_total=self.stats["read_repair_ms_total"],
                  applied_entries=self.stats["applied_entries"],
                  apply_errors=self.stats["apply_errors"])
