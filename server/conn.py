@@ -71,6 +71,9 @@ class BaseConnection(asyncio.Protocol):
 
     def resume_writing(self):
         if not self.closed and not self.server.stopping:
+            repl = getattr(self.server, "repl", None)
+            if repl is not None and self in getattr(repl, "held", ()):
+                return      # replies held for replica acks: replication resumes us
             try:
                 self.transport.resume_reading()
             except RuntimeError:
