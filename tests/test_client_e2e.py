@@ -63,7 +63,8 @@ pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 class ServerProcess:
     def __init__(self, *args):
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVER_BOOT, "--port", "0", "--capacity", "64MiB", *args],
+            [sys.executable, "-c", _SERVER_BOOT, "--port", "0", "--capacity", "64MiB",
+             "--page-size", "4K", *args],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         buf = b""
