@@ -296,9 +296,9 @@ def test_python_signal_handler_is_chained_to_after_reinstall():
     assert "lost [1, 2, 3]" in out, out
 
 
-@pytest.mark.xfail(reason="C bug (notes/c-bugs.md #5): kv_tls.chained is never cleared, so the "
-                          "second user-sent SIGBUS skips the chained handler and kills", strict=False)
 def test_python_signal_handler_is_chained_to_every_time():
+    # Regression: the "already chained" flag used to stick, so the second
+    # user-sent SIGBUS skipped the chained handler and killed the process.
     # A handler we chain to that handles the signal and returns must get the
     # next one too (only a handler that re-raises is cut short, see above).
     proc = run_child("""

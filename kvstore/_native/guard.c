@@ -54,17 +54,23 @@ static void chain(int sig, siginfo_t *si, void *uc)
 {
     cnt(&g_counts.chained);
     /* A crash handler we chained to may restore "its previous" disposition
-     * (ours) and re-raise; the re-raised signal (sent by a user, si_code <= 0)
-     * must not go round again: after one chain, this thread dies by default. */
+     * (ours) and re-raise; that re-raised signal (sent by a user, si_code
+     * <= 0) must not go round again: it takes the default action. A handler
+     * that simply handled the signal and returned leaves nothing pending, and
+     * the next SIGBUS is chained to it again. */
     if (kv_tls.chained && si->si_code <= 0) goto dfl;
-    kv_tls.chained = 1;
+    int called = 0;
     if ((g_prev.sa_flags & SA_SIGINFO) && g_prev.sa_sigaction) {
         g_prev.sa_sigaction(sig, si, uc);
-        return;
-    }
-    if (!(g_prev.sa_flags & SA_SIGINFO) && g_prev.sa_handler != SIG_DFL &&
-        g_prev.sa_handler != SIG_IGN && g_prev.sa_handler) {
+        called = 1;
+    } else if (!(g_prev.sa_flags & SA_SIGINFO) && g_prev.sa_handler != SIG_DFL &&
+               g_prev.sa_handler != SIG_IGN && g_prev.sa_handler) {
         g_prev.sa_handler(sig);
+        called = 1;
+    }
+    if (called) {
+        sigset_t pend;
+        kv_tls.chained = sigpending(&pend) == 0 && sigismember(&pend, SIGBUS) == 1;
         return;
     }
 dfl:;
