@@ -275,8 +275,17 @@ def op_mget(conn, args):
         if v is None:
             continue
         if lost_marker is not None and v is lost_marker:
-            vals[i] = None
-            lost.append(i)
+            try:
+                v = st.get(keys[i])     # read-repair from a peer, as GET and RESP MGET do
+            except KeyLostError:
+                v = lost_marker
+            if v is lost_marker:
+                vals[i] = None
+                lost.append(i)
+                continue
+            vals[i] = v
+            if v is not None:
+                total += len(v)
         else:
             total += len(v)
     if total >= _BIG:
