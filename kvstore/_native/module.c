@@ -605,6 +605,17 @@ static int value_arg(EngineObject *self, PyObject *o, Py_buffer *v)
     return 0;
 }
 
+/* Look key up: KV_OK / KV_ABSENT / KV_LOSTKEY with *id, or -1 with an
+ * exception set (bad key). */
+static int lookup(EngineObject *self, PyObject *key, uint32_t *id, uint64_t now)
+{
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return -1;
+    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), id, now);
+    put_bytes(&k);
+    return rc;
+}
+
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"arena", "capacity", "max_key", "max_value", NULL};
@@ -751,11 +762,9 @@ static PyObject *read_value(EngineObject *self, uint32_t id, int *lost)
 static PyObject *get_impl(EngineObject *self, PyObject *key, int versioned)
 {
     ENGINE_OK(self);
-    Py_buffer k;
-    if (key_arg(self, key, &k)) return NULL;
     uint32_t id = 0;
-    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
-    put_bytes(&k);
+    int rc = lookup(self, key, &id, 0);
+    if (rc < 0) return NULL;
     if (rc == KV_ABSENT) Py_RETURN_NONE;
     if (rc == KV_OK) {
         int lost;
@@ -874,11 +883,9 @@ static PyObject *Engine_delete(EngineObject *self, PyObject *key)
 
 static int exists_impl(EngineObject *self, PyObject *key)
 {
-    Py_buffer k;
-    if (key_arg(self, key, &k)) return -1;
-    uint32_t id;
-    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
-    put_bytes(&k);
+    uint32_t id = 0;
+    int rc = lookup(self, key, &id, 0);
+    if (rc < 0) return -1;
     return rc != KV_ABSENT;
 }
 
@@ -992,11 +999,9 @@ static PyObject *Engine_expire_at_ms(EngineObject *self, PyObject *args)
     unsigned long long at;
     if (!PyArg_ParseTuple(args, "OK:expire_at_ms", &key, &at)) return NULL;
     ENGINE_OK(self);
-    Py_buffer k;
-    if (key_arg(self, key, &k)) return NULL;
-    uint32_t id;
-    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
-    put_bytes(&k);
+    uint32_t id = 0;
+    int rc = lookup(self, key, &id, 0);
+    if (rc < 0) return NULL;
     if (rc == KV_ABSENT) Py_RETURN_FALSE;
     if (at == 0) {
         int had = (kv_e_flags(kv_ix_entry(&self->e.ix, id)) & KV_F_TTL) != 0;
@@ -1011,12 +1016,10 @@ static PyObject *Engine_expire_at_ms(EngineObject *self, PyObject *args)
 static PyObject *Engine_ttl_ms(EngineObject *self, PyObject *key)
 {
     ENGINE_OK(self);
-    Py_buffer k;
-    if (key_arg(self, key, &k)) return NULL;
-    uint32_t id;
+    uint32_t id = 0;
     uint64_t now = kv_now_ms();
-    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, now);
-    put_bytes(&k);
+    int rc = lookup(self, key, &id, now);
+    if (rc < 0) return NULL;
     if (rc == KV_ABSENT) return PyLong_FromLong(-2);
     if (!(kv_e_flags(kv_ix_entry(&self->e.ix, id)) & KV_F_TTL)) return PyLong_FromLong(-1);
     uint64_t exp = kv_ttl_get(&self->e.ix, id);
@@ -1027,11 +1030,9 @@ static PyObject *Engine_ttl_ms(EngineObject *self, PyObject *key)
 static PyObject *Engine_expire_at(EngineObject *self, PyObject *key)
 {
     ENGINE_OK(self);
-    Py_buffer k;
-    if (key_arg(self, key, &k)) return NULL;
-    uint32_t id;
-    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
-    put_bytes(&k);
+    uint32_t id = 0;
+    int rc = lookup(self, key, &id, 0);
+    if (rc < 0) return NULL;
     if (rc == KV_ABSENT) return PyLong_FromLong(0);
     return PyLong_FromUnsignedLongLong(kv_ttl_get(&self->e.ix, id));
 }
@@ -1067,11 +1068,9 @@ static PyObject *Engine_keys(EngineObject *self, PyObject *unused)
 static PyObject *Engine_locate(EngineObject *self, PyObject *key)
 {
     ENGINE_OK(self);
-    Py_buffer k;
-    if (key_arg(self, key, &k)) return NULL;
     uint32_t id = 0;
-    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
-    put_bytes(&k);
+    int rc = lookup(self, key, &id, 0);
+    if (rc < 0) return NULL;
     if (rc == KV_ABSENT) {
         PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
@@ -1155,11 +1154,9 @@ static PyObject *Engine_set_state(EngineObject *self, PyObject *args)
     ENGINE_OK(self);
     int to = state_from_name(state);
     if (to < 0) return NULL;
-    Py_buffer k;
-    if (key_arg(self, key, &k)) return NULL;
-    uint32_t id;
-    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
-    put_bytes(&k);
+    uint32_t id = 0;
+    int rc = lookup(self, key, &id, 0);
+    if (rc < 0) return NULL;
     if (rc != KV_LOSTKEY) Py_RETURN_FALSE;
     kv_e_set_state(kv_ix_entry(&self->e.ix, id), to);
     Py_RETURN_TRUE;
@@ -1169,11 +1166,9 @@ static PyObject *Engine_set_state(EngineObject *self, PyObject *args)
 static PyObject *Engine_state(EngineObject *self, PyObject *key)
 {
     ENGINE_OK(self);
-    Py_buffer k;
-    if (key_arg(self, key, &k)) return NULL;
     uint32_t id = 0;
-    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
-    put_bytes(&k);
+    int rc = lookup(self, key, &id, 0);
+    if (rc < 0) return NULL;
     if (rc == KV_ABSENT) return PyUnicode_FromString("absent");
     return PyUnicode_FromString(state_names[kv_e_state(kv_ix_entry(&self->e.ix, id))]);
 }
@@ -1298,11 +1293,9 @@ static PyObject *Engine__corrupt(EngineObject *self, PyObject *args)
     Py_ssize_t byte;
     if (!PyArg_ParseTuple(args, "On:_corrupt", &key, &byte)) return NULL;
     ENGINE_OK(self);
-    Py_buffer k;
-    if (key_arg(self, key, &k)) return NULL;
-    uint32_t id;
-    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, 0);
-    put_bytes(&k);
+    uint32_t id = 0;
+    int rc = lookup(self, key, &id, 0);
+    if (rc < 0) return NULL;
     if (rc != KV_OK) {
         PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
