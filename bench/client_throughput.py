@@ -12,7 +12,6 @@ Measures; asserts nothing.
 
 import argparse
 import asyncio
-import importlib
 import os
 import platform
 import random
@@ -26,30 +25,17 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import kvstore  # noqa: E402
 
-try:
-    importlib.import_module("kvstore.client")
-except ModuleNotFoundError:     # a source checkout without an install
-    kvstore.__path__.append(REPO)
 
 from kvstore.client import AsyncClient, Client  # noqa: E402
 
-_SERVER_BOOT = (
-    "import importlib, sys, kvstore\n"
-    "try:\n"
-    "    importlib.import_module('kvstore.server')\n"
-    "except ModuleNotFoundError:\n"
-    f"    kvstore.__path__.append({REPO!r})\n"
-    "from kvstore.server.__main__ import main\n"
-    "sys.exit(main())\n"
-)
+_SERVER_CMD = [sys.executable, "-m", "kvstore.server"]
 
 _CLK = os.sysconf("SC_CLK_TCK")
 
 
 def start_server(extra):
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER_BOOT, "--port", "0", *extra],
+    proc = subprocess.Popen([*_SERVER_CMD, "--port", "0", *extra],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     buf = b""
     deadline = time.monotonic() + 60

@@ -42,26 +42,12 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import kvstore  # noqa: E402
 
-try:
-    import importlib
-    importlib.import_module("kvstore.client")
-except ModuleNotFoundError:     # a source checkout without an install
-    kvstore.__path__.append(REPO)
 
 import xxhash  # noqa: E402
 from kvstore.client import Client  # noqa: E402
 
-_SERVER_BOOT = (
-    "import importlib, sys, kvstore\n"
-    "try:\n"
-    "    importlib.import_module('kvstore.server')\n"
-    "except ModuleNotFoundError:\n"
-    f"    kvstore.__path__.append({REPO!r})\n"
-    "from kvstore.server.__main__ import main\n"
-    "sys.exit(main())\n"
-)
+_SERVER_CMD = [sys.executable, "-m", "kvstore.server"]
 
 
 LOGS = []
@@ -70,7 +56,7 @@ LOGS = []
 class Server:
     def __init__(self, *flags):
         self.log = open(f"/tmp/kvstore-bench-repl-{os.getpid()}-{time.monotonic_ns()}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER_BOOT, "--port", "0", *flags],
+        self.proc = subprocess.Popen([*_SERVER_CMD, "--port", "0", *flags],
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=self.log)
         LOGS.append(self.log.name)
         buf = b""

@@ -26,15 +26,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_SERVER_BOOT = (
-    "import importlib, sys, kvstore\n"
-    "try:\n"
-    "    importlib.import_module('kvstore.server')\n"
-    "except ModuleNotFoundError:\n"
-    f"    kvstore.__path__.append({REPO!r})\n"
-    "from kvstore.server.__main__ import main\n"
-    "sys.exit(main())\n"
-)
+_SERVER_CMD = [sys.executable, "-m", "kvstore.server"]
 
 _CLK = os.sysconf("SC_CLK_TCK")
 
@@ -65,7 +57,7 @@ def wait_port(port, proc, timeout=30):
 
 
 def start_kvstore(extra):
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER_BOOT, "--port", "0", *extra],
+    proc = subprocess.Popen([*_SERVER_CMD, "--port", "0", *extra],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     buf = b""
     deadline = time.monotonic() + 60

@@ -28,20 +28,7 @@ import kvstore  # noqa: E402
 from kvstore import errors  # noqa: E402
 from kvstore.client import LOST, AsyncClient, Client  # noqa: E402
 
-_SERVER_BOOT = (
-    "import importlib, os, sys, kvstore\n"
-    "try:\n"
-    "    importlib.import_module('kvstore.server')\n"
-    "except ModuleNotFoundError:\n"
-    f"    kvstore.__path__.append({REPO!r})\n"
-    "alt = os.environ.get('KVSTORE_E2E_STORE')\n"
-    "if alt:\n"
-    "    mod, _, attr = alt.partition(':')\n"
-    "    kvstore.Store = getattr(importlib.import_module(mod), attr)\n"
-    "    kvstore.LOST = getattr(importlib.import_module(mod), 'LOST', None)\n"
-    "from kvstore.server.__main__ import main\n"
-    "sys.exit(main())\n"
-)
+_SERVER_CMD = [sys.executable, "-m", "kvstore.server"]
 
 
 def _why_no_server():
@@ -63,7 +50,7 @@ pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 class ServerProcess:
     def __init__(self, *args):
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVER_BOOT, "--port", "0", "--capacity", "64MiB",
+            [*_SERVER_CMD, "--port", "0", "--capacity", "64MiB",
              "--page-size", "4K", *args],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
