@@ -1,151 +1,682 @@
-"""kvstore-demo: a store surviving a stream of memory errors, live.
+"""kvstore-demo: a primary and a replica surviving a stream of memory errors, live.
 
-Runs in one process: a primary Store and a replica Store (its rebuild
-source), loads keys, then serves a read/write load while injecting
-uncorrectable memory errors into the primary's arena through the fault
-simulator (real SIGBUS delivery into the real handler). A table refreshes
-with ops/s, errors injected, keys lost, keys rebuilt and wrong answers (which
-must stay 0). Exits 1 if any answer was wrong or any read failed.
+Starts two ``kvstore-server`` processes on 127.0.0.1 (a primary, and a
+replica of it on 4 KiB pages), loads keys into the primary through
+``kvstore.client``, then runs a read/write load from a few client threads
+while a stream of uncorrectable memory errors is injected into the
+primary's arena (``inject(kind, key=...)``: the fault simulator sends real
+SIGBUS signals into the real handler). The primary drops only the records in
+each poisoned 4 KiB subpage and rebuilds them from the replica. Every read
+is checked against what was written: wrong answers must stay 0. A table
+refreshes with ops/s, memory errors, keys lost, keys rebuilt, wrong answers
+and client errors; at the end every key is checked on both servers.
+Exits 1 if any answer was wrong, any client call failed or a key did not
+come back; 0 otherwise.
 
-    python -m kvstore.demo                 # 10 s, 200k keys
+    python -m kvstore.demo                        # 10 s, 100k keys, 20 UEs/s
     python -m kvstore.demo --seconds 30 --ue-rate 100 --kernel-policy mainline
+    python -m kvstore.demo --embedded             # both stores in this process
+
+``--kernel-policy keep_ue`` (the default) is simulated unless the kernel
+really has ``MFD_MF_KEEP_UE_MAPPED``: the handler acts as such a kernel
+would (the hugepage stays mapped, 4 KiB is lost). ``--page-size auto`` uses
+1 GiB or 2 MiB hugepages when reserved (``kvstore-hugepages reserve 2G``)
+and otherwise falls back to 4 KiB pages and says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import re
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import kvstore
-from kvstore.store import parse_size
 
+READY = re.compile(r"kvstore-server listening on \[?([^\]\s]+?)\]?:(\d+)\s*$")
+KINDS = ("ao", "ar", "hwpoison")
+
+
+# -- output -----------------------------------------------------------------
 
 def _bar(done, total, width=30):
     filled = int(width * done / max(total, 1))
     return "[" + "#" * filled + "." * (width - filled) + f"] {done:,}/{total:,}"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="kvstore-demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--keys", type=int, default=200_000)
-    ap.add_argument("--value-size", type=int, default=64)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--ue-rate", type=float, default=20.0, help="memory errors injected per second")
-    ap.add_argument("--kinds", default="ao,ar", help="fault kinds to inject, comma separated")
-    ap.add_argument("--write-ratio", type=float, default=0.1)
-    ap.add_argument("--capacity", default="256MiB")
-    ap.add_argument("--page-size", default="auto", help='"auto", "1G", "2M" or "4K"')
-    ap.add_argument("--kernel-policy", default="keep_ue",
-                    help='"keep_ue" (default: lose only 4 KiB), "mainline" or "auto"')
-    ap.add_argument("--plain", action="store_true", help="no live table (for logs)")
-    args = ap.parse_args(argv)
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+class Display:
+    """The live view: a table redrawn in place on a terminal, one plain line
+    per refresh otherwise (logs, CI, pipes)."""
+
+    ROWS = (("ops/s", "ops_s"), ("operations", "ops"), ("memory errors (UEs)", "ues"),
+            ("subpages lost", "subpages"), ("keys lost", "lost"), ("keys rebuilt", "rebuilt"),
+            ("keys lost right now", "lost_now"), ("wrong answers", "wrong"),
+            ("client errors", "errors"))
+
+    def __init__(self, live, seconds):
+        self.live = live
+        self.seconds = seconds
+        self.drawn = 0
+
+    def progress(self, done, total, final=False):
+        if self.live or final:
+            print("\rloading " + _bar(done, total), end="\n" if final else "", flush=True)
+
+    def row(self, elapsed, values):
+        if not self.live:
+            print(f"{elapsed:5.1f}s  ops/s {values['ops_s']:>8,}  UEs {values['ues']:>5,}  "
+                  f"keys lost {values['lost']:>6,}  rebuilt {values['rebuilt']:>6,}  "
+                  f"lost now {values['lost_now']:>4,}  wrong answers {values['wrong']}  "
+                  f"client errors {values['errors']}", flush=True)
+            return
+        lines = [f"+-- {elapsed:5.1f} s of {self.seconds:g} s " + "-" * 21,
+                 *(f"| {label:<22}{values[key]:>14,}" for label, key in self.ROWS),
+                 "+" + "-" * 37]
+        out = []
+        if self.drawn:
+            out.append(f"\x1b[{self.drawn}F")           # back to the table's first line
+        out.extend(line + "\x1b[K\n" for line in lines)
+        sys.stdout.write("".join(out))
+        sys.stdout.flush()
+        self.drawn = len(lines)
+
+
+def _describe_backing(st, requested_page, requested_policy):
+    """Lines saying what memory the store got and what was simulated."""
+    out = [f"arena: {st['backing']} ({st['arena_bytes']:,} bytes, {st['page_size']} pages)"]
+    if st.get("fallback_reason"):
+        out.append(f"  fell back: {st['fallback_reason']}")
+    elif requested_page == "auto" and st["page_size"] == "4K":
+        out.append("  no hugepages reserved: running on 4 KiB pages "
+                   "(reserve some with `kvstore-hugepages reserve 2G`)")
+    policy = st["kernel_policy"]
+    if requested_policy != "auto" and not (policy == "keep_ue" and st["keep_ue"]):
+        out.append(f"kernel policy: {policy}, simulated (MFD_MF_KEEP_UE_MAPPED in this kernel: "
+                   f"{'yes' if st['keep_ue'] else 'no'})")
+    else:
+        out.append(f"kernel policy: {policy}")
+    out.append("memory errors: simulated (real SIGBUS signals into the real handler)")
+    return out
+
+
+# -- servers ----------------------------------------------------------------
+
+class ServerProcess:
+    """One ``kvstore-server`` subprocess: started with ``--port 0``, ready
+    when it prints its listening line; stderr (its log) goes to a temp file
+    shown if it fails."""
+
+    def __init__(self, name, flags, timeout=30.0):
+        self.name = name
+        self.log = tempfile.NamedTemporaryFile(prefix=f"kvstore-demo-{name}-", suffix=".log",
+                                               delete=False)
+        cmd = [sys.executable, "-m", "kvstore.server", "--port", "0", *flags]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, errors="replace")
+        self.host = self.port = None
+        ready = threading.Event()
+
+        def drain():     # read the ready line, then keep the pipe empty
+            for line in self.proc.stdout:
+                m = READY.search(line.strip())
+                if m and not ready.is_set():
+                    self.host, self.port = m.group(1), int(m.group(2))
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=drain, name=f"{name}-stdout", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.1):
+            if time.monotonic() > deadline:
+                break
+        if self.port is None:
+            self.stop()
+            raise RuntimeError(f"{name} server did not start (exit {self.proc.returncode}):\n"
+                               + self.log_tail())
+
+    @property
+    def address(self):
+        return f"{self.host}:{self.port}"
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def log_tail(self, lines=15):
+        try:
+            with open(self.log.name, encoding="utf-8", errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout=10.0):
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def remove_log(self):
+        self.log.close()
+        try:
+            os.unlink(self.log.name)
+        except OSError:
+            pass
+
+
+def _wait(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _replica_caught_up(primary, replica):
+    p, r = primary.stats(), replica.stats()
+    return (r.get("repl_master_link_status") == "up" and not r.get("repl_master_sync_in_progress")
+            and r.get("repl_slave_repl_offset") == p.get("repl_master_repl_offset"))
+
+
+# -- the load ---------------------------------------------------------------
+
+class Tally:
+    """Counters shared by the client threads (under one lock)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.ops = self.wrong = self.errors = self.lost_retried = 0
+        self.messages = []
+
+    def error(self, n, exc):
+        with self.lock:
+            self.errors += n
+            if len(self.messages) < 5:
+                self.messages.append(f"{type(exc).__name__}: {exc}")
+
+
+def _value(i, gen, size):
+    head = b"%d:%d:" % (i, gen)
+    return head + bytes([65 + (i + gen) % 26]) * max(0, size - len(head))
+
+
+def _worker(client, keys, expected, mine, gens, args, stop, tally, seed):
+    """Pipelined get/put batches on this thread's own keys (``mine``: key
+    indices no other thread writes), each read checked against what was
+    written. A key whose write failed may hold the old or the new value: both
+    are accepted from then on (``expected[i]`` becomes a tuple)."""
+    from kvstore import client as kvc
+    rng = random.Random(seed)
+    batch = min(args.batch, len(mine))
+    while not stop.is_set():
+        idx = rng.sample(mine, batch)          # distinct keys: order within a batch is moot
+        ops = []
+        with client.pipeline() as pipe:
+            for i in idx:
+                if rng.random() < args.write_ratio:
+                    gens[i] += 1
+                    v = _value(i, gens[i], args.value_size)
+                    pipe.put(keys[i], v)
+                    ops.append((i, v))
+                else:
+                    pipe.get(keys[i])
+                    ops.append((i, None))
+            try:
+                results = pipe.execute(raise_on_error=False)
+            except kvc.Error as e:              # the whole batch failed (connection, timeout)
+                for i, v in ops:
+                    if v is not None:
+                        expected[i] = _accept(expected[i]) + (v,)
+                tally.error(len(ops), e)
+                continue
+        wrong = errors = retried = 0
+        for (i, v), res in zip(ops, results):
+            if v is not None:                   # a put
+                if isinstance(res, Exception):
+                    expected[i] = _accept(expected[i]) + (v,)
+                    errors += 1
+                    tally.error(0, res)
+                else:
+                    expected[i] = v
+                continue
+            if isinstance(res, kvc.KeyLostError):
+                retried += 1                    # being rebuilt: ask again, the client retries
+                try:
+                    res = client.get(keys[i])
+                except kvc.Error as e:
+                    res = e
+            if isinstance(res, Exception):
+                errors += 1
+                tally.error(0, res)
+            elif res not in _accept(expected[i]):
+                wrong += 1
+        with tally.lock:
+            tally.ops += len(ops)
+            tally.wrong += wrong
+            tally.errors += errors
+            tally.lost_retried += retried
+
+
+def _accept(e):
+    return e if isinstance(e, tuple) else (e,)
+
+
+def _injector(client, keys, kinds, rate, stop, counts, problems):
+    from kvstore import client as kvc
+    rng = random.Random(11)
+    period = 1.0 / rate
+    nxt = time.monotonic()
+    while True:
+        nxt += period
+        if stop.wait(max(0.0, nxt - time.monotonic())):
+            return
+        kind = rng.choice(kinds)
+        try:
+            client.inject(kind, key=keys[rng.randrange(len(keys))])
+            counts[kind] = counts.get(kind, 0) + 1
+        except kvc.KeyLostError:
+            counts["skipped"] = counts.get("skipped", 0) + 1   # that record is lost already
+        except kvc.Error as e:
+            problems.append(f"injection refused: {type(e).__name__}: {e}")
+            return
+
+
+def _check_all(client, keys, expected, chunk=2000):
+    """(wrong, lost) over every key, read with mget."""
+    from kvstore import client as kvc
+    wrong = lost = 0
+    for s in range(0, len(keys), chunk):
+        got = client.mget(keys[s:s + chunk], on_lost="mark")
+        for j, v in enumerate(got):
+            if v is kvc.LOST:
+                lost += 1
+            elif v not in _accept(expected[s + j]):
+                wrong += 1
+    return wrong, lost
+
+
+def run_servers(args) -> int:
+    from kvstore.client import Client
+
     live = sys.stdout.isatty() and not args.plain
+    display = Display(live, args.seconds)
+    kinds = args.kinds
+    common = ["--capacity", args.capacity, "--kernel-policy", args.kernel_policy,
+              "--enable-fault-injection", "--log-level", "warning"]
+    servers = []
+    clients = []
+    threads = []
+    stop = threading.Event()
+    failed = False
+    try:
+        primary_srv = ServerProcess("primary", [*common, "--page-size", args.page_size])
+        servers.append(primary_srv)
+        replica_srv = ServerProcess("replica", [*common, "--page-size", "4K",
+                                                "--replica-of", primary_srv.address])
+        servers.append(replica_srv)
+
+        def client(srv):
+            c = Client(srv.host, srv.port, socket_timeout=15, retries=10, retry_backoff=0.02,
+                       retry_backoff_max=0.5)
+            clients.append(c)
+            return c
+
+        primary, replica = client(primary_srv), client(replica_srv)
+        pst, rst = primary.stats(), replica.stats()
+        print(f"primary  {primary_srv.address} (pid {primary_srv.proc.pid})")
+        for line in _describe_backing(pst, args.page_size, args.kernel_policy):
+            print("  " + line)
+        print(f"replica  {replica_srv.address} (pid {replica_srv.proc.pid}), "
+              f"arena: {rst['backing']} ({rst['page_size']} pages)")
+        _wait(lambda: _replica_caught_up(primary, replica), 30, "the replica to connect")
+
+        keys = [b"key:%08d" % i for i in range(args.keys)]
+        expected = [_value(i, 0, args.value_size) for i in range(args.keys)]
+        gens = [0] * args.keys
+        t0 = time.monotonic()
+        step = 2000
+        for s in range(0, args.keys, step):
+            primary.mput(zip(keys[s:s + step], expected[s:s + step]))
+            display.progress(min(s + step, args.keys), args.keys)
+        display.progress(args.keys, args.keys, final=True)
+        _wait(lambda: _replica_caught_up(primary, replica), 60, "the replica to catch up")
+        print(f"loaded {args.keys:,} keys of {args.value_size} bytes in "
+              f"{time.monotonic() - t0:.1f} s; replica in sync")
+        print(f"running {args.seconds:g} s: {args.threads} client threads "
+              f"({args.write_ratio:.0%} writes), {args.ue_rate:g} memory errors/s "
+              f"({', '.join(kinds)}) into the primary")
+
+        tally = Tally()
+        counts, problems = {}, []
+        for t in range(args.threads):
+            mine = list(range(t, args.keys, args.threads))
+            if not mine:
+                continue
+            th = threading.Thread(target=_worker, name=f"client-{t}", daemon=True,
+                                  args=(client(primary_srv), keys, expected, mine, gens, args,
+                                        stop, tally, 100 + t))
+            threads.append(th)
+        if args.ue_rate > 0:
+            threads.append(threading.Thread(
+                target=_injector, name="injector", daemon=True,
+                args=(client(primary_srv), keys, kinds, args.ue_rate, stop, counts, problems)))
+        start = last = time.monotonic()
+        for th in threads:
+            th.start()
+        last_ops = 0
+        interval = 0.5 if live else 1.0
+        while True:
+            remaining = args.seconds - (time.monotonic() - start)
+            if stop.wait(max(0.0, min(interval, remaining))):
+                break
+            for srv in servers:
+                if not srv.alive():
+                    raise RuntimeError(f"the {srv.name} server exited "
+                                       f"(code {srv.proc.returncode}):\n{srv.log_tail()}")
+            now = time.monotonic()
+            st = primary.stats()
+            with tally.lock:
+                ops, wrong, errors = tally.ops, tally.wrong, tally.errors
+            display.row(now - start, {
+                "ops_s": int((ops - last_ops) / max(now - last, 1e-9)), "ops": ops,
+                "ues": counts.get("ao", 0) + counts.get("ar", 0) + counts.get("hwpoison", 0),
+                "subpages": st["lost_subpages"], "lost": st["keys_lost_total"],
+                "rebuilt": st["rebuilt_keys"], "lost_now": st["lost_keys"],
+                "wrong": wrong, "errors": errors})
+            last, last_ops = now, ops
+            if now - start >= args.seconds:
+                break
+        stop.set()
+        for th in threads:
+            th.join(30)
+        elapsed = time.monotonic() - start
+        for p in problems:
+            print(p, file=sys.stderr)
+
+        # every key, on both servers, once the primary is healthy again
+        try:
+            _wait(lambda: primary.stats()["lost_keys"] == 0, 30, "the primary's rebuilds")
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+        _wait(lambda: _replica_caught_up(primary, replica), 30, "the replica to catch up")
+        bad_p, lost_p = _check_all(primary, keys, expected)
+        bad_r, lost_r = _check_all(replica, keys, expected)
+        st = primary.stats()
+        ues = sum(counts.get(k, 0) for k in KINDS)
+        print()
+        print("summary")
+        print(f"  operations            {tally.ops:,} in {elapsed:.1f}s ({tally.ops / elapsed:,.0f}/s), "
+              f"{args.threads} client threads")
+        by_kind = ", ".join(f"{k} {counts[k]:,}" for k in KINDS if counts.get(k))
+        print(f"  memory errors         {ues:,} injected ({by_kind or 'none'}); primary saw "
+              f"{st['faults_injected']:,}, signals AO {st['signals_ao']:,} AR {st['signals_ar']:,}")
+        print(f"  subpages lost         {st['lost_subpages']:,} of {st['arena_bytes'] // 4096:,} "
+              f"({st['lost_subpages'] * 4:,} KiB) on {st['backing']}; pages salvaged "
+              f"{st['pages_salvaged']}")
+        print(f"  keys lost / rebuilt   {st['keys_lost_total']:,} / {st['rebuilt_keys']:,} "
+              f"(read-repaired: {st['read_repairs']:,}); unrecoverable {st['unrecoverable_keys']}")
+        print(f"  reads that met LOST   {tally.lost_retried:,} (retried by the client)")
+        print(f"  wrong answers         {tally.wrong + bad_p + bad_r} ({tally.wrong} during the run; "
+              f"final check of all {args.keys:,} keys: {bad_p} primary, {bad_r} replica)")
+        print(f"  keys still lost       {lost_p} on the primary, {lost_r} on the replica")
+        print(f"  client errors         {tally.errors}")
+        for m in tally.messages:
+            print(f"    {m}")
+        failed = bool(tally.wrong or bad_p or bad_r or lost_p or lost_r or tally.errors)
+        print("result: " + ("FAILED" if failed else "OK (no wrong answers, no client errors, "
+                                                     "every key back)"))
+        return 1 if failed else 0
+    except RuntimeError as e:
+        failed = True
+        print(f"\nkvstore-demo: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(5)
+        for c in clients:
+            c.close()
+        for srv in reversed(servers):
+            srv.stop()
+            if failed:
+                print(f"({srv.name} server log kept: {srv.log.name})", file=sys.stderr)
+                srv.log.close()
+            else:
+                srv.remove_log()
+
+
+# -- embedded mode (one process, no servers) ----------------------------------
+
+def run_embedded(args) -> int:
+    from kvstore.store import parse_size
+
+    live = sys.stdout.isatty() and not args.plain
+    display = Display(live, args.seconds)
+    kinds = args.kinds
     rng = random.Random(7)
 
     replica = kvstore.Store(args.capacity, page_size="4K", recovery="manual")
-    primary = kvstore.Store(args.capacity, page_size=args.page_size, kernel_policy=args.kernel_policy,
-                            rebuild_source=replica)
-    st = primary.stats()
-    print(f"primary arena: {st['backing']} (page {st['page_size']}), keep_ue flag from kernel: "
-          f"{st['keep_ue']}, policy: {st['kernel_policy']}"
-          + (" (simulated)" if args.kernel_policy != "auto" else ""))
-    if st["fallback_reason"]:
-        print(f"  {st['fallback_reason']}")
-    print(f"replica arena: {replica.stats()['backing']}; capacity {parse_size(args.capacity):,} bytes each")
-
-    keys = [b"key:%08d" % i for i in range(args.keys)]
-    expected = {}
-    t0 = time.monotonic()
-    for i, k in enumerate(keys):
-        v = b"%d:" % i + bytes([65 + i % 26]) * max(0, args.value_size - 8)
-        ver = primary.put(k, v)
-        replica.put_versioned(k, v, ver)
-        expected[k] = v
-        if (live and i % 20000 == 0) or i == len(keys) - 1:
-            print("\rloading " + _bar(i + 1, len(keys)), end="", flush=True)
-    print(f"  ({time.monotonic() - t0:.1f}s)")
-
-    stop = threading.Event()
-    injected = [0]
-
-    def injector():
-        period = 1.0 / args.ue_rate if args.ue_rate > 0 else None
-        r = random.Random(11)
-        while period and not stop.wait(period):
-            k = r.choice(keys)
-            try:
-                primary.faults.inject_key(k, r.choice(kinds))
-                injected[0] += 1
-            except kvstore.KeyLostError:
-                pass  # that record is already lost; pick another next time
-            except kvstore.Error as e:
-                print(f"\ninjection refused: {e}", file=sys.stderr)
-                return
-
-    ops = wrong = errors = 0
-    thread = threading.Thread(target=injector, daemon=True)
-    thread.start()
-    start = last = time.monotonic()
-    last_ops = 0
-    lines = 0
+    primary = kvstore.Store(args.capacity, page_size=args.page_size,
+                            kernel_policy=args.kernel_policy, rebuild_source=replica)
     try:
-        while True:
-            now = time.monotonic()
-            if now - start >= args.seconds:
-                break
-            for _ in range(2000):
-                k = keys[rng.randrange(len(keys))]
-                if rng.random() < args.write_ratio:
-                    v = expected[k][:-1] + bytes([rng.randrange(65, 91)])
-                    ver = primary.put(k, v)
-                    replica.put_versioned(k, v, ver)
-                    expected[k] = v
-                else:
-                    try:
-                        got = primary.get(k)
-                    except kvstore.Error:
-                        errors += 1
-                        continue
-                    if got != expected[k]:
-                        wrong += 1
-                ops += 1
-            if now - last >= 0.5:
-                s = primary.stats()
-                row = (f"{now - start:6.1f}s  ops/s {int((ops - last_ops) / (now - last)):>9,}  "
-                       f"UEs {injected[0]:>6,}  subpages lost {s['lost_subpages']:>6,}  "
-                       f"keys lost {s['keys_lost_total']:>7,}  rebuilt {s['rebuilt_keys']:>7,}  "
-                       f"wrong {wrong}  errors {errors}")
-                if live:
-                    print("\r" + row, end="", flush=True)
-                else:
-                    print(row)
-                    lines += 1
-                last, last_ops = now, ops
+        print("primary store (in this process)")
+        for line in _describe_backing(primary.stats(), args.page_size, args.kernel_policy):
+            print("  " + line)
+        print(f"replica store (in this process), arena: {replica.stats()['backing']}; "
+              f"capacity {parse_size(args.capacity):,} bytes each")
+
+        keys = [b"key:%08d" % i for i in range(args.keys)]
+        expected = {}
+        t0 = time.monotonic()
+        for i, k in enumerate(keys):
+            v = _value(i, 0, args.value_size)
+            replica.put_versioned(k, v, primary.put(k, v))
+            expected[k] = v
+            if i % 20000 == 0:
+                display.progress(i + 1, len(keys))
+        display.progress(len(keys), len(keys), final=True)
+        print(f"loaded {len(keys):,} keys in {time.monotonic() - t0:.1f} s")
+
+        stop = threading.Event()
+        counts = {}
+
+        def injector():
+            period = 1.0 / args.ue_rate if args.ue_rate > 0 else None
+            r = random.Random(11)
+            while period and not stop.wait(period):
+                kind = r.choice(kinds)
+                try:
+                    primary.faults.inject_key(r.choice(keys), kind)
+                    counts[kind] = counts.get(kind, 0) + 1
+                except kvstore.KeyLostError:
+                    pass  # that record is already lost; pick another next time
+                except kvstore.Error as e:
+                    print(f"\ninjection refused: {e}", file=sys.stderr)
+                    return
+
+        ops = wrong = errors = 0
+        thread = threading.Thread(target=injector, daemon=True)
+        thread.start()
+        start = last = time.monotonic()
+        last_ops = 0
+        interval = 0.5 if live else 1.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now - start >= args.seconds:
+                    break
+                for _ in range(2000):
+                    k = keys[rng.randrange(len(keys))]
+                    if rng.random() < args.write_ratio:
+                        v = expected[k][:-1] + bytes([rng.randrange(65, 91)])
+                        replica.put_versioned(k, v, primary.put(k, v))
+                        expected[k] = v
+                    else:
+                        try:
+                            got = primary.get(k)
+                        except kvstore.Error:
+                            errors += 1
+                            continue
+                        if got != expected[k]:
+                            wrong += 1
+                    ops += 1
+                if now - last >= interval:
+                    s = primary.stats()
+                    display.row(now - start, {
+                        "ops_s": int((ops - last_ops) / (now - last)), "ops": ops,
+                        "ues": sum(counts.values()), "subpages": s["lost_subpages"],
+                        "lost": s["keys_lost_total"], "rebuilt": s["rebuilt_keys"],
+                        "lost_now": s["lost_keys"], "wrong": wrong, "errors": errors})
+                    last, last_ops = now, ops
+        finally:
+            stop.set()
+            thread.join()
+        primary.wait_recovered(timeout=30)
+        bad = lost = 0
+        for k in keys:
+            try:
+                if primary.get(k) != expected[k]:
+                    bad += 1
+            except kvstore.KeyLostError:
+                lost += 1
+        s = primary.stats()
+        elapsed = time.monotonic() - start
+        ues = sum(counts.values())
+        by_kind = ", ".join(f"{k} {counts[k]:,}" for k in KINDS if counts.get(k))
+        print()
+        print("summary")
+        print(f"  operations            {ops:,} in {elapsed:.1f}s ({ops / elapsed:,.0f}/s), embedded")
+        print(f"  memory errors         {ues:,} injected ({by_kind or 'none'}); "
+              f"signals AO {s['signals_ao']:,} AR {s['signals_ar']:,} ADRERR {s['signals_adrerr']:,}")
+        print(f"  subpages lost         {s['lost_subpages']:,} of {s['arena_bytes'] // 4096:,} "
+              f"({s['lost_subpages'] * 4:,} KiB) on {s['backing']}; pages salvaged "
+              f"{s['pages_salvaged']}")
+        print(f"  keys lost / rebuilt   {s['keys_lost_total']:,} / {s['rebuilt_keys']:,} "
+              f"(read-repaired: {s['read_repairs']:,}); unrecoverable {s['unrecoverable_keys']}")
+        print(f"  wrong answers         {wrong + bad} ({wrong} during the run, {bad} in the final "
+              f"check of all {len(keys):,} keys)")
+        print(f"  keys still lost       {lost}")
+        print(f"  client errors         {errors}")
+        failed = bool(wrong or bad or lost or errors)
+        print("result: " + ("FAILED" if failed else "OK (no wrong answers, no client errors, "
+                                                     "every key back)"))
+        return 1 if failed else 0
     finally:
-        stop.set()
-        thread.join()
-    primary.wait_recovered(timeout=30)
-    bad = sum(1 for k in keys if primary.get(k) != expected[k])
-    s = primary.stats()
-    elapsed = time.monotonic() - start
-    print()
-    print("summary")
-    print(f"  operations            {ops:,} in {elapsed:.1f}s ({ops / elapsed:,.0f}/s)")
-    print(f"  memory errors         {injected[0]:,} injected ({', '.join(kinds)}); "
-          f"signals AO {s['signals_ao']:,} AR {s['signals_ar']:,} ADRERR {s['signals_adrerr']:,}")
-    print(f"  subpages lost         {s['lost_subpages']:,} of {s['arena_bytes'] // 4096:,} "
-          f"({s['lost_subpages'] * 4:,} KiB); pages salvaged {s['pages_salvaged']}")
-    print(f"  keys lost / rebuilt   {s['keys_lost_total']:,} / {s['rebuilt_keys']:,} "
-          f"(read-repaired on access: {s['read_repairs']:,}); unrecoverable {s['unrecoverable_keys']}")
-    print(f"  wrong answers         {wrong} during the run, {bad} in the final check of all {len(keys):,} keys")
-    print(f"  client errors         {errors}")
-    primary.close()
-    replica.close()
-    return 1 if (wrong or bad or errors) else 0
+        primary.close()
+        replica.close()
+
+
+# -- command line ---------------------------------------------------------------
+
+def _positive(kind):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+        return v
+    return parse
+
+
+def _rate(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v <= 100000:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100000: {text!r}")
+    return v
+
+
+def _ratio(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
+    return v
+
+
+def _kinds(text):
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if not kinds or bad:
+        raise argparse.ArgumentTypeError(f"fault kinds are {', '.join(KINDS)}: got {text!r}")
+    return kinds
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="kvstore-demo", description=__doc__.split("\n\n")[0],
+                                 epilog="Exit status: 0 if every answer was right, 1 otherwise.")
+    ap.add_argument("--seconds", type=_positive(float), default=10.0,
+                    help="how long the load runs (default 10)")
+    ap.add_argument("--keys", type=_positive(int), default=100_000, help="keys loaded (default 100k)")
+    ap.add_argument("--ue-rate", type=_rate, default=20.0,
+                    help="memory errors injected per second (default 20; 0 = none)")
+    ap.add_argument("--kinds", type=_kinds, default=["ao", "ar"],
+                    help="fault kinds to inject, comma separated (default ao,ar)")
+    ap.add_argument("--value-size", type=_positive(int), default=64)
+    ap.add_argument("--threads", type=_positive(int), default=4, help="client threads (default 4)")
+    ap.add_argument("--batch", type=_positive(int), default=32,
+                    help="operations per pipelined batch of a client thread (default 32)")
+    ap.add_argument("--write-ratio", type=_ratio, default=0.2, help="share of puts (default 0.2)")
+    ap.add_argument("--capacity", default="256MiB", help="arena size of each store (default 256MiB)")
+    ap.add_argument("--page-size", default="auto",
+                    help='primary pages: "auto" (hugepages if reserved), "1G", "2M" or "4K"; '
+                         "the replica always uses 4K")
+    ap.add_argument("--kernel-policy", default="keep_ue", choices=("keep_ue", "mainline", "auto"),
+                    help='"keep_ue" (default, simulated: lose only 4 KiB), "mainline" or "auto"')
+    ap.add_argument("--plain", action="store_true", help="plain lines instead of the live table")
+    ap.add_argument("--embedded", action="store_true",
+                    help="run both stores in this process instead of two servers")
+    return ap
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not hasattr(kvstore, "Store"):
+        print("kvstore-demo: the native extension kvstore._native is not built", file=sys.stderr)
+        return 2
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):     # stop the servers on these too
+        try:
+            old[sig] = signal.signal(sig, _interrupt)
+        except (ValueError, OSError):               # not the main thread
+            pass
+    if not args.embedded:
+        import importlib.util
+        missing = [m for m in ("kvstore.server", "kvstore.client")
+                   if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"kvstore-demo: {', '.join(missing)} not importable: install the package "
+                  "(pip install -e .) or run with --embedded", file=sys.stderr)
+            return 2
+    try:
+        return run_embedded(args) if args.embedded else run_servers(args)
+    except KeyboardInterrupt:
+        print("\nkvstore-demo: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
