@@ -190,10 +190,11 @@ kv_arena *kv_arena_create(size_t size, size_t page_size, int policy, char *err, 
     a->poison = calloc(a->nwords, 8);
     a->page_fd = calloc(a->npages, sizeof(int));
     a->page_foff = calloc(a->npages, 8);
+    a->page_small = calloc(a->npages, 1);
     a->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     a->hole_fd = memfd("kvstore-hole", MFD_CLOEXEC);
     if (!a->lost || !a->pending || !a->armed || !a->poison || !a->page_fd ||
-        !a->page_foff || a->efd < 0 || a->hole_fd < 0) {
+        !a->page_foff || !a->page_small || a->efd < 0 || a->hole_fd < 0) {
         snprintf(err, errlen, "arena bookkeeping allocation failed: %s", strerror(errno));
         kv_arena_free(a);
         return NULL;
@@ -229,6 +230,7 @@ void kv_arena_free(kv_arena *a)
     free(a->poison);
     free(a->page_fd);
     free(a->page_foff);
+    free(a->page_small);
     free(a);
 }
 
@@ -326,7 +328,10 @@ static int guarded_copy(kv_arena *a, size_t off, void *dst, const void *src, siz
                 break;
             }
     }
-    int lsb = a->policy == KV_POLICY_MAINLINE ? a->page_shift : KV_SUB_SHIFT;
+    int lsb = KV_SUB_SHIFT;
+    if (raise_at && a->policy == KV_POLICY_MAINLINE &&
+        kv_arena_page_huge(a, (size_t)(raise_at - a->base) >> a->page_shift))
+        lsb = a->page_shift;
     int rc = to_arena ? guarded_memcpy(a->base + off, src, n, raise_at, lsb)
                       : guarded_memcpy(dst, a->base + off, n, raise_at, lsb);
     if (rc != 0) {
@@ -353,11 +358,9 @@ int kv_arena_write(kv_arena *a, size_t off, const void *src, size_t n, size_t *f
 void kv_arena_after_sync_fault(kv_arena *a, uintptr_t addr)
 {
     if (addr < (uintptr_t)a->base || addr >= (uintptr_t)a->base + a->size) return;
-    size_t off = addr - (uintptr_t)a->base;
-    if (a->hugetlb && a->policy == KV_POLICY_MAINLINE) {
-        size_t p = off >> a->page_shift;
+    size_t p = (addr - (uintptr_t)a->base) >> a->page_shift;
+    if (kv_arena_page_huge(a, p) && a->policy == KV_POLICY_MAINLINE)
         make_faulting(a, p << a->page_shift, a->page_size);
-    }
 }
 
 static void scramble(uint8_t *p, size_t n, uint64_t seed)
@@ -426,7 +429,8 @@ int kv_arena_inject(kv_arena *a, size_t off, int kind, char *err, size_t errlen)
         return 0;
     }
     size_t p = soff >> a->page_shift;
-    int whole_page = a->hugetlb && a->policy == KV_POLICY_MAINLINE;
+    int huge = kv_arena_page_huge(a, p);
+    int whole_page = huge && a->policy == KV_POLICY_MAINLINE;
     /* The hardware garbles the bytes; scramble them through a guarded write
      * so a page already made faulting cannot take us down. */
     if (!kv_arena_hazard(a, soff, KV_SUB_SIZE) && !kv_bit_get(a->poison, sub)) {
@@ -437,7 +441,7 @@ int kv_arena_inject(kv_arena *a, size_t off, int kind, char *err, size_t errlen)
     }
     bit_set(a->poison, sub);
     int lsb = whole_page ? a->page_shift : KV_SUB_SHIFT;
-    if (!a->hugetlb) {
+    if (!huge) {
         /* 4 KiB backing: a real faulting mapping over the page. */
         if (make_faulting(a, soff, KV_SUB_SIZE) != 0) {
             snprintf(err, errlen, "cannot map a faulting page at %zu: %s", soff, strerror(errno));
@@ -448,7 +452,7 @@ int kv_arena_inject(kv_arena *a, size_t off, int kind, char *err, size_t errlen)
     }
     if (kind == KV_FAULT_AO) {
         if (whole_page) make_faulting(a, p << a->page_shift, a->page_size);
-        else if (a->hugetlb) bit_set(a->armed, sub);   /* touching it again faults */
+        else if (huge) bit_set(a->armed, sub);   /* touching it again faults */
         kv_guard_raise(BUS_MCEERR_AO, a->base + soff, lsb);
     }
     return 0;
@@ -521,24 +525,30 @@ long kv_arena_salvage(kv_arena *a, size_t p, char *err, size_t errlen)
         snprintf(err, errlen, "page %zu outside the arena", p);
         return -1;
     }
-    if (!a->hugetlb) {
+    if (!kv_arena_page_huge(a, p)) {
         snprintf(err, errlen, "4 KiB backing: nothing to salvage beyond the lost subpage");
         return -1;
     }
     size_t ps = a->page_size, per = ps >> KV_SUB_SHIFT, first = p * per;
+    /* Map the spare somewhere else first: if it cannot be had the arena is
+     * left as it was. A spare hugepage first, else 4 KiB shmem pages. */
+    uint8_t *tmp = MAP_FAILED;
+    int small = 0;
+    char why[160] = "";
     int fd = memfd("kvstore-spare", MFD_CLOEXEC | MFD_HUGETLB | huge_flag(ps));
-    if (fd < 0 || ftruncate(fd, (off_t)ps) != 0) {
-        snprintf(err, errlen, "cannot create a spare %s page: %s", page_label(ps), strerror(errno));
-        if (fd >= 0) close(fd);
-        __atomic_fetch_add(&a->salvage_failed, 1, __ATOMIC_RELAXED);
-        return -1;
-    }
-    /* Map the spare somewhere else first: if it cannot be had (no free
-     * hugepage) the arena is left as it was. */
-    uint8_t *tmp = mmap(NULL, ps, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    if (fd >= 0 && ftruncate(fd, (off_t)ps) == 0)
+        tmp = mmap(NULL, ps, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     if (tmp == MAP_FAILED) {
-        snprintf(err, errlen, "no free %s hugepage for salvage: %s", page_label(ps), strerror(errno));
-        close(fd);
+        snprintf(why, sizeof why, "no free %s hugepage (%s)", page_label(ps), strerror(errno));
+        if (fd >= 0) close(fd);
+        small = 1;
+        fd = memfd("kvstore-spare-4k", MFD_CLOEXEC);
+        if (fd >= 0 && ftruncate(fd, (off_t)ps) == 0)
+            tmp = mmap(NULL, ps, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    }
+    if (tmp == MAP_FAILED) {
+        snprintf(err, errlen, "%s, and no memory for 4 KiB pages either: %s", why, strerror(errno));
+        if (fd >= 0) close(fd);
         __atomic_fetch_add(&a->salvage_failed, 1, __ATOMIC_RELAXED);
         return -1;
     }
@@ -570,6 +580,10 @@ long kv_arena_salvage(kv_arena *a, size_t p, char *err, size_t errlen)
     }
     a->page_fd[p] = fd;
     a->page_foff[p] = 0;
+    if (small) {
+        a->page_small[p] = 1;
+        __atomic_fetch_add(&a->pages_degraded, 1, __ATOMIC_RELAXED);
+    }
     size_t restored = 0;
     for (size_t i = first; i < first + per; i++) {
         bit_clear(a->armed, i);

@@ -54,6 +54,7 @@ typedef struct kv_arena {
     uint64_t *poison;
     int *page_fd;             /* backing fd of each page (salvage swaps it) */
     uint64_t *page_foff;      /* file offset of each page in page_fd */
+    uint8_t *page_small;      /* 1: page now backed by 4 KiB pages (salvaged without a spare hugepage) */
     int *spare_fds;           /* memfds created for salvage, closed at free */
     size_t nspare;
     uint64_t pending_flag;    /* atomic: 1 when pending has bits */
@@ -64,6 +65,7 @@ typedef struct kv_arena {
     uint64_t pages_salvaged;
     uint64_t salvage_failed;
     uint64_t subpages_salvaged;
+    uint64_t pages_degraded;  /* salvaged into 4 KiB pages for want of a spare hugepage */
     char reason[256];         /* why a fallback happened, if one did */
 } kv_arena;
 
@@ -123,8 +125,10 @@ size_t kv_arena_drain(kv_arena *a, uint64_t (*out)[2], size_t cap);
 
 /* Salvage page p (mainline policy): copy its readable 4 KiB subpages from
  * the backing memfd with pread into a new hugepage mapped MAP_FIXED over the
- * same addresses; subpages where pread fails (EIO) stay lost. Returns the
- * number of subpages that stay lost, or -1 if no spare page could be had
+ * same addresses; subpages where pread fails (EIO) stay lost. Without a free
+ * hugepage, the copy goes into ordinary 4 KiB shmem pages instead: the data
+ * survives, that range pays TLB misses (stats: pages_degraded). Returns the
+ * number of subpages that stay lost, or -1 if no memory could be had at all
  * (err says why); then the page stays lost as a whole. */
 long kv_arena_salvage(kv_arena *a, size_t p, char *err, size_t errlen);
 
@@ -136,6 +140,12 @@ long kv_arena_pread(kv_arena *a, size_t off, void *dst, size_t n);
  * every healthy subpage in the first nbytes (see arena.c). */
 double kv_arena_chase(kv_arena *a, size_t nbytes, uint64_t steps, uint64_t seed);
 int kv_arena_chase_steps(kv_arena *a, uint64_t *pos, uint64_t m);
+
+/* 1 if page p is (still) a hugepage: hugetlb backing, not degraded. */
+static inline int kv_arena_page_huge(const kv_arena *a, size_t p)
+{
+    return a->hugetlb && !a->page_small[p];
+}
 
 /* 1 if every subpage of page p is lost. */
 int kv_arena_page_all_lost(const kv_arena *a, size_t p);

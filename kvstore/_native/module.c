@@ -428,6 +428,7 @@ static int arena_stats_into(kv_arena *a, PyObject *d)
         dset(d, "injected_hwpoison", U(a->injected[KV_FAULT_HWPOISON])) ||
         dset(d, "pages_salvaged", U(a->pages_salvaged)) || dset(d, "salvage_failed", U(a->salvage_failed)) ||
         dset(d, "subpages_salvaged", U(a->subpages_salvaged)) ||
+        dset(d, "pages_degraded_to_4k", U(a->pages_degraded)) ||
         dset(d, "signals_ao", U(c.ao)) || dset(d, "signals_ar", U(c.ar)) ||
         dset(d, "signals_adrerr", U(c.adrerr)) || dset(d, "signals_chained", U(c.chained)) ||
         dset(d, "signals_in_injection", U(c.in_injection)))
