@@ -629,7 +629,7 @@ def test_salvage_of_a_healthy_page_changes_no_byte(pools, arenas):
 
 
 def test_salvage_without_a_free_hugepage_degrades_to_4k_pages(pools, arenas):
-    a = make_arena(pools, "2M", 2 * MIB, "mainline")
+    a = make_arena(pools, "2M", 4 * MIB, "mainline")
     arenas.append(a)
     fill(a)
     inject(a, 77 * SUB, "ao", "2M")
@@ -651,11 +651,27 @@ def test_salvage_without_a_free_hugepage_degrades_to_4k_pages(pools, arenas):
     finally:
         if filler is not None:
             filler.close()
+    # The price is visible: page 0 is now served by 4 KiB pages, page 1 still
+    # by its hugepage.
+    m0, m1 = smaps_entry(a.address), smaps_entry(a.address + 2 * MIB)
+    assert m0["KernelPageSize"] == "4 kB" and m0["range"][1] - m0["range"][0] == 2 * MIB, m0
+    assert m1["KernelPageSize"] == "2048 kB" and "kvstore-arena" in m1["line"], m1
     # The degraded page now behaves as 4 KiB backing: one more error there
-    # costs one subpage, not the page.
-    inject(a, 5 * SUB, "ao", "4K")
+    # costs one subpage, not the page, and ar faults for real on the touch.
+    sig0 = native.signal_counts()
+    inject(a, 5 * SUB, "ao", "2M")
+    inject(a, 9 * SUB + 3, "ar", "2M")
     assert_lost_exactly(a, {5, 77})
-    assert_intact(a, {5, 77})
+    assert_read_faults(a, 9 * SUB, SUB, lambda sub: sub == 9)
+    d = sig_delta(sig0)
+    assert d["ao"] == 1 and d["adrerr"] == 1 and d["ar"] == 0, d
+    assert_lost_exactly(a, {5, 9, 77})
+    assert_intact(a, {5, 9, 77})
+    with pytest.raises(kvstore.ArenaError, match="4 KiB"):
+        a.salvage(0)                          # nothing more to salvage there
+    # The hugepage next to it still follows the mainline policy.
+    inject(a, 2 * MIB + 3 * SUB, "ao", "2M")
+    assert_lost_exactly(a, {5, 9, 77} | set(range(512, 1024)))
 
 
 def test_salvage_refused_on_4k_and_outside_the_arena(pools, arenas):
