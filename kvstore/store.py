@@ -397,8 +397,9 @@ class Store(_native.Engine):
                 if status == "installed":
                     with self._lock:
                         self._read_repairs += 1
-                        self._pending.pop(key, None)
-                    if state == "lost":     # not yet reported by recover()
+                        # taken by recover() meanwhile: it reports the key
+                        taken = self._pending.pop(key, None) is not None
+                    if not taken and state == "lost":
                         self._notify([key])
                 # installed, or written meanwhile: read what is there now
                 return self.get_versioned(key) if versioned else self.get(key)
