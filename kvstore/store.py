@@ -295,7 +295,9 @@ class Store(_native.Engine):
             # the keys in neither place
             newly = self.take_lost(0, "rebuilding")
             now = time.monotonic()
-            for key, version in newly:
+            for key, version, state in newly:
+                if state not in ("rebuilding", "lost"):
+                    continue          # repaired or rewritten before we got here
                 p = self._pending.get(key)
                 if p is None or p.version < version:
                     self._pending[key] = _Pending(version, now)
@@ -305,7 +307,7 @@ class Store(_native.Engine):
                      r["subpages_salvaged"], r["salvage_failed"],
                      f" salvage_error={r['salvage_error']!r}" if r["salvage_failed"] else "")
         if newly:
-            self._notify([k for k, _ in newly])
+            self._notify([k for k, _, _ in newly])
         r["rebuilt"], r["unrecoverable"] = self._rebuild_round()
         return r
 
@@ -397,10 +399,9 @@ class Store(_native.Engine):
                 if status == "installed":
                     with self._lock:
                         self._read_repairs += 1
-                        # taken by recover() meanwhile: it reports the key
-                        taken = self._pending.pop(key, None) is not None
-                    if not taken and state == "lost":
-                        self._notify([key])
+                        self._pending.pop(key, None)
+                    # on_loss hears of the key from recover(), which takes
+                    # every lost key from the engine exactly once
                 # installed, or written meanwhile: read what is there now
                 return self.get_versioned(key) if versioned else self.get(key)
             if time.monotonic() >= deadline:

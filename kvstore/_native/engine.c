@@ -91,7 +91,10 @@ void kv_eng_lose(kv_engine *e, uint32_t id, int release)
     kv_e_set_state(ent, KV_ST_LOST);
     e->n_lost++;
     e->c_lost_keys++;
-    lostq_push(e, id);
+    if (!(kv_e_flags(ent) & KV_F_QUEUED)) {
+        kv_e_set_flags(ent, kv_e_flags(ent) | KV_F_QUEUED);
+        lostq_push(e, id);
+    }
 }
 
 static int sub_lost(const kv_engine *e, size_t s)

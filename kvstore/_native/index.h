@@ -33,6 +33,7 @@ enum kv_state {
 };
 
 #define KV_F_TTL 1u
+#define KV_F_QUEUED 2u   /* in the engine's lost queue, not yet taken */
 
 #define KV_MAX_KEY 65536u
 #define KV_VERSION_MASK ((1ULL << 48) - 1)

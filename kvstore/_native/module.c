@@ -1112,9 +1112,10 @@ static int state_from_name(PyObject *o)
     return -1;
 }
 
-/* take_lost(max=0, mark=None) -> [(key, version)]: keys that became LOST
- * since the last call (still not present); optionally move them to state
- * `mark` ("rebuilding"). */
+/* take_lost(max=0, mark=None) -> [(key, version, state)]: every key that
+ * became LOST since the last call, exactly once, with its state now ("present"
+ * if it was repaired or rewritten meanwhile); those still LOST move to state
+ * `mark` ("rebuilding") when given. */
 static PyObject *Engine_take_lost(EngineObject *self, PyObject *args)
 {
     Py_ssize_t max = 0;
@@ -1130,16 +1131,18 @@ static PyObject *Engine_take_lost(EngineObject *self, PyObject *args)
     if (!l) return NULL;
     for (size_t i = 0; i < take; i++) {
         kv_entry *ent = kv_ix_entry(&e->ix, e->lostq[i]);
-        if (kv_e_state(ent) != KV_ST_LOST) continue;
-        PyObject *t = Py_BuildValue("(y#K)", ent->key, (Py_ssize_t)kv_e_klen(ent),
-                                    (unsigned long long)kv_e_version(ent));
+        if (!(kv_e_flags(ent) & KV_F_QUEUED)) continue;     /* deleted (maybe reused) since */
+        kv_e_set_flags(ent, kv_e_flags(ent) & ~KV_F_QUEUED);
+        int st = kv_e_state(ent);
+        if (to >= 0 && st == KV_ST_LOST) kv_e_set_state(ent, st = to);
+        PyObject *t = Py_BuildValue("(y#Ks)", ent->key, (Py_ssize_t)kv_e_klen(ent),
+                                    (unsigned long long)kv_e_version(ent), state_names[st]);
         if (!t || PyList_Append(l, t) != 0) {
             Py_XDECREF(t);
             Py_DECREF(l);
             return NULL;
         }
         Py_DECREF(t);
-        if (to >= 0) kv_e_set_state(ent, to);
     }
     memmove(e->lostq, e->lostq + take, (e->lostq_n - take) * sizeof *e->lostq);
     e->lostq_n -= take;
