@@ -442,14 +442,15 @@ int kv_arena_inject(kv_arena *a, size_t off, int kind, char *err, size_t errlen)
     bit_set(a->poison, sub);
     int lsb = whole_page ? a->page_shift : KV_SUB_SHIFT;
     if (!huge) {
-        /* 4 KiB backing: a real faulting mapping over the page. */
+        /* 4 KiB backing: a real faulting mapping over the page, so an
+         * unguarded touch faults for real; a guarded one is raised as the
+         * kernel does it, BUS_MCEERR_AR with lsb 12 (armed below). */
         if (make_faulting(a, soff, KV_SUB_SIZE) != 0) {
             snprintf(err, errlen, "cannot map a faulting page at %zu: %s", soff, strerror(errno));
             return -1;
         }
-    } else if (kind == KV_FAULT_AR) {
-        bit_set(a->armed, sub);
     }
+    if (kind == KV_FAULT_AR) bit_set(a->armed, sub);
     if (kind == KV_FAULT_AO) {
         if (whole_page) make_faulting(a, p << a->page_shift, a->page_size);
         else if (huge) bit_set(a->armed, sub);   /* touching it again faults */
