@@ -15,6 +15,8 @@ import struct
 
 import msgpack
 
+from .inbuf import InputBuffer
+
 __all__ = ["FrameParser", "FrameError", "NEED_MORE", "MAGIC", "pack_frame"]
 
 MAGIC = b"\x00KV1"
@@ -28,19 +30,15 @@ class FrameError(Exception):
     """Malformed native stream (bad magic, oversized or undecodable frame)."""
 
 
-class FrameParser:
+class FrameParser(InputBuffer):
     """Incremental reader of native frames, magic first."""
 
-    __slots__ = ("_buf", "_pos", "_chunks", "_need", "_magic", "max_frame",
-                 "_unpacker")
+    __slots__ = ("_magic", "max_frame", "_unpacker")
 
     def __init__(self, max_frame=(512 + 1) * 1024 * 1024, max_str=1024 * 1024,
                  max_array=1024 * 1024 * 2, max_map=1024 * 1024,
                  expect_magic=True):
-        self._buf = b""
-        self._pos = 0
-        self._chunks = None
-        self._need = 0
+        super().__init__()
         self._magic = expect_magic
         self.max_frame = max_frame
         # One Unpacker per connection, fed one whole frame at a time: cheaper
@@ -49,24 +47,6 @@ class FrameParser:
                                           max_str_len=max_str, max_bin_len=max_frame,
                                           max_array_len=max_array, max_map_len=max_map,
                                           max_ext_len=0, max_buffer_size=max(max_frame, 1024))
-
-    def feed(self, data):
-        if self._chunks is not None:
-            self._chunks.append(bytes(data))
-            self._need -= len(data)
-            if self._need > 0:
-                return
-            self._chunks.insert(0, self._buf[self._pos:])
-            self._buf = b"".join(self._chunks)
-            self._pos = 0
-            self._chunks = None
-            self._need = 0
-            return
-        if self._pos >= len(self._buf):
-            self._buf = bytes(data)
-        else:
-            self._buf = self._buf[self._pos:] + data
-        self._pos = 0
 
     @property
     def magic_pending(self):

@@ -17,6 +17,8 @@ Encoding helpers build complete replies as ``bytes``; constant replies are
 pre-encoded at import time.
 """
 
+from .inbuf import InputBuffer
+
 __all__ = ["RespParser", "RespProtocolError", "NEED_MORE"]
 
 #: Returned by ``gets()`` when the buffer holds no complete command.
@@ -37,18 +39,14 @@ class RespProtocolError(Exception):
     """The byte stream is not RESP; the message is ready for a -ERR reply."""
 
 
-class RespParser:
+class RespParser(InputBuffer):
     """Incremental RESP request parser (multibulk and inline commands)."""
 
-    __slots__ = ("_buf", "_pos", "_chunks", "_need", "error",
-                 "max_multibulk", "max_bulk", "max_inline", "max_buffer")
+    __slots__ = ("error", "max_multibulk", "max_bulk", "max_inline", "max_buffer")
 
     def __init__(self, max_multibulk=1024 * 1024, max_bulk=512 * 1024 * 1024,
                  max_inline=64 * 1024, max_buffer=1024 * 1024 * 1024):
-        self._buf = b""
-        self._pos = 0
-        self._chunks = None     # list of pending chunks while a big bulk arrives
-        self._need = 0          # bytes still missing before parsing is worth it
+        super().__init__()
         self.error = None       # bytes: RESP error line after a protocol error
         self.max_multibulk = max_multibulk
         self.max_bulk = max_bulk
@@ -59,33 +57,6 @@ class RespParser:
     def pending(self):
         """True while bytes of an unfinished command (or an error) are held."""
         return bool(self._buf) or self._chunks is not None or self.error is not None
-
-    def buffered(self):
-        """Number of bytes held and not yet returned as commands."""
-        n = len(self._buf) - self._pos
-        if self._chunks:
-            n += sum(len(c) for c in self._chunks)
-        return n
-
-    def feed(self, data):
-        """Append bytes received from the socket."""
-        if self._chunks is not None:
-            self._chunks.append(bytes(data))
-            self._need -= len(data)
-            if self._need > 0:
-                return
-            self._chunks.insert(0, self._buf[self._pos:])
-            self._buf = b"".join(self._chunks)
-            self._pos = 0
-            self._chunks = None
-            self._need = 0
-            return
-        if self._pos >= len(self._buf):
-            self._buf = bytes(data)
-            self._pos = 0
-        else:
-            self._buf = self._buf[self._pos:] + data
-            self._pos = 0
 
     def gets(self):
         """Return the next command (list of bytes) or ``NEED_MORE``.
