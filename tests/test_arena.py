@@ -468,8 +468,9 @@ def test_mainline_whole_page_pread_sees_only_the_poisoned_subpage(pools, arenas,
     with pytest.raises(OSError) as ei:
         a.pread(s * SUB, SUB)
     assert ei.value.errno == errno.EIO
-    with pytest.raises(OSError):
-        a.pread(s * SUB - 1, 2)                       # any range covering it
+    # a read that reaches the poison stops short before it, as the kernel's
+    # does (seen in the kernel lab)
+    assert a.pread(s * SUB - 1, 2) == pattern(s * SUB - 1, 1)
     for n in range(window // SUB, window // SUB + 5):
         if n != s:
             assert a.pread(n * SUB, SUB) == pattern(n * SUB, SUB), n

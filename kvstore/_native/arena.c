@@ -511,10 +511,17 @@ long kv_arena_pread(kv_arena *a, size_t off, void *dst, size_t n)
         errno = EINVAL;
         return -1;
     }
+    /* As the kernel does: a read that starts in a poisoned subpage fails
+     * with EIO; one that reaches a poisoned subpage stops short before it. */
     for (size_t i = off >> KV_SUB_SHIFT; i <= (off + n - 1) >> KV_SUB_SHIFT; i++)
         if (kv_bit_get(a->poison, i)) {
-            errno = EIO;
-            return -1;
+            size_t stop = i << KV_SUB_SHIFT;
+            if (stop <= off) {
+                errno = EIO;
+                return -1;
+            }
+            n = stop - off;
+            break;
         }
     size_t in_page = off - (p << a->page_shift);
     return (long)pread(a->page_fd[p], dst, n, (off_t)(a->page_foff[p] + in_page));
@@ -554,16 +561,20 @@ long kv_arena_salvage(kv_arena *a, size_t p, char *err, size_t errlen)
         return -1;
     }
     long still_lost = 0;
-    const size_t chunk = (size_t)1 << 21;
-    for (size_t o = 0; o < ps; o += chunk) {
-        size_t n = chunk < ps - o ? chunk : ps - o;
-        if (kv_arena_pread(a, (p << a->page_shift) + o, tmp + o, n) == (long)n) continue;
-        for (size_t s = 0; s < n; s += KV_SUB_SIZE) {      /* find the EIO pages */
-            if (kv_arena_pread(a, (p << a->page_shift) + o + s, tmp + o + s, KV_SUB_SIZE) != (long)KV_SUB_SIZE) {
-                memset(tmp + o + s, 0, KV_SUB_SIZE);
-                bit_set(a->poison, first + ((o + s) >> KV_SUB_SHIFT));
-            }
+    /* Read the rest of the page in one call each time: the kernel stops
+     * short before a poisoned 4 KiB and fails with EIO when a read starts in
+     * one (each call on a poisoned hugepage is slow, so make few). A subpage
+     * that cannot be read is zeroed and stays lost. */
+    for (size_t o = 0; o < ps;) {
+        long r = kv_arena_pread(a, (p << a->page_shift) + o, tmp + o, ps - o);
+        if (r > 0) {
+            o += (size_t)r;
+            continue;
         }
+        size_t sub = o & ~(KV_SUB_SIZE - 1);     /* EIO (or EOF): lose this subpage */
+        memset(tmp + sub, 0, KV_SUB_SIZE);
+        bit_set(a->poison, first + (sub >> KV_SUB_SHIFT));
+        o = sub + KV_SUB_SIZE;
     }
     munmap(tmp, ps);
     void *m = mmap(a->base + (p << a->page_shift), ps, PROT_READ | PROT_WRITE,

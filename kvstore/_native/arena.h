@@ -133,7 +133,8 @@ size_t kv_arena_drain(kv_arena *a, uint64_t (*out)[2], size_t cap);
 long kv_arena_salvage(kv_arena *a, size_t p, char *err, size_t errlen);
 
 /* pread the backing memfd (the salvage primitive), honouring simulated
- * poison: -1 with errno EIO if [off, off+n) covers a poisoned subpage. */
+ * poison as the kernel does: -1 with errno EIO if the read starts in a
+ * poisoned subpage, a short count if it reaches one. */
 long kv_arena_pread(kv_arena *a, size_t off, void *dst, size_t n);
 
 /* TLB benchmark: ns per step of a random pointer chase over one line of

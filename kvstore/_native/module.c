@@ -509,7 +509,7 @@ static PyMethodDef Arena_methods[] = {
     {"lost_subpages", (PyCFunction)Arena_lost_subpages, METH_NOARGS, "All lost subpages, sorted."},
     {"lost_bitmap", (PyCFunction)Arena_lost_bitmap, METH_NOARGS, "Lost bitmap: bit i of byte i//8 = subpage i."},
     {"pread", (PyCFunction)Arena_pread, METH_VARARGS,
-     "pread(offset, n): read the backing memfd (EIO at poisoned subpages)."},
+     "pread(offset, n): read the backing memfd; EIO when it starts in a poisoned subpage, short before one."},
     {"salvage", (PyCFunction)Arena_salvage, METH_O,
      "salvage(page) -> subpages still lost: copy a lost page into a spare one."},
     {"stats", (PyCFunction)Arena_stats, METH_NOARGS, "Counters and configuration."},
