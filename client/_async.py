@@ -17,7 +17,7 @@ from kvstore import errors
 
 from . import _protocol
 from ._commands import CommandsMixin, decode_reply
-from ._config import DEFAULT_PORT, RetryPolicy, parse_url
+from ._config import DEFAULT_PORT, client_retry_policy, parse_url
 from ._protocol import NEED_MORE, FrameParser, check_reply, encode_request
 from ._sync import PIPELINE_WINDOW, _collect
 
@@ -348,11 +348,8 @@ class AsyncClient(CommandsMixin):
                  retry_backoff=0.05, max_connections=64, *, retry_backoff_max=1.0,
                  retry_on_timeout=False, pool_timeout=20.0,
                  max_frame=_protocol.DEFAULT_MAX_FRAME):
-        for name, value in (("socket_timeout", socket_timeout),
-                            ("socket_connect_timeout", socket_connect_timeout)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0 seconds or None, not {value!r}")
-        self._retry = RetryPolicy(retries, retry_backoff, retry_backoff_max, retry_on_timeout)
+        self._retry = client_retry_policy(socket_timeout, socket_connect_timeout, retries,
+                                          retry_backoff, retry_backoff_max, retry_on_timeout)
         self.connection_pool = AsyncConnectionPool(
             max_connections, pool_timeout, host=host, port=port, password=password,
             socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,

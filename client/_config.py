@@ -72,6 +72,17 @@ _URL_FLOATS = ("socket_timeout", "socket_connect_timeout", "retry_backoff",
                "retry_backoff_max", "pool_timeout")
 
 
+def client_retry_policy(socket_timeout, socket_connect_timeout, retries, retry_backoff,
+                        retry_backoff_max, retry_on_timeout):
+    """Check a client's timeouts and build its RetryPolicy (Client and
+    AsyncClient take the same settings)."""
+    for name, value in (("socket_timeout", socket_timeout),
+                        ("socket_connect_timeout", socket_connect_timeout)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0 seconds or None, not {value!r}")
+    return RetryPolicy(retries, retry_backoff, retry_backoff_max, retry_on_timeout)
+
+
 def parse_url(url):
     """Keyword arguments for a client from ``kv://[:password@]host:port[?opt=v]``.
 
