@@ -39,10 +39,43 @@ class RespProtocolError(Exception):
     """The byte stream is not RESP; the message is ready for a -ERR reply."""
 
 
-class RespParser(InputBuffer):
-    """Incremental RESP request parser (multibulk and inline commands)."""
+_LLONG_MAX = (1 << 63) - 1
+_INT_MAX = (1 << 31) - 1
 
-    __slots__ = ("error", "max_multibulk", "max_bulk", "max_inline", "max_buffer")
+
+def _length(s):
+    """A length field (the bytes after ``*`` or ``$``) as Redis's ``string2ll``
+    reads it: an optional ``-`` and decimal digits, no ``+``, no spaces or
+    underscores, no leading zeros (``0`` alone is fine, ``-0`` is not), within
+    a signed 64-bit integer. Returns the int, or None when it is not one.
+    """
+    if s.isdigit():
+        if (s[0] == 48 and len(s) > 1) or len(s) > 19:
+            return None
+        v = int(s)
+        return v if v <= _LLONG_MAX else None
+    if len(s) > 1 and s[0] == 45 and s[1] != 48 and len(s) <= 20 and s[1:].isdigit():
+        v = -int(s[1:])
+        return v if v >= -_LLONG_MAX - 1 else None
+    return None
+
+
+class RespParser(InputBuffer):
+    """Incremental RESP request parser (multibulk and inline commands).
+
+    A multibulk command that has not fully arrived keeps the arguments parsed
+    so far (``_args``, with ``_left`` still to come) and the buffer is cut to
+    the first argument not yet complete, so a request sent over many reads is
+    parsed once: the work is linear in its size, as in Redis, and not
+    quadratic.
+
+    ``unauthenticated`` (set by the connection while a password is required
+    and the client has not authenticated) applies Redis's tighter limits to
+    such clients: at most 10 arguments and 16 KiB per argument.
+    """
+
+    __slots__ = ("error", "max_multibulk", "max_bulk", "max_inline", "max_buffer",
+                 "unauthenticated", "_args", "_left", "_held")
 
     def __init__(self, max_multibulk=1024 * 1024, max_bulk=512 * 1024 * 1024,
                  max_inline=64 * 1024, max_buffer=1024 * 1024 * 1024):
@@ -52,11 +85,21 @@ class RespParser(InputBuffer):
         self.max_bulk = max_bulk
         self.max_inline = max_inline
         self.max_buffer = max_buffer
+        self.unauthenticated = False
+        self._args = None       # arguments of the incomplete multibulk command
+        self._left = 0          # how many of its arguments are still to come
+        self._held = 0          # bytes of argument data in _args
 
     @property
     def pending(self):
         """True while bytes of an unfinished command (or an error) are held."""
-        return bool(self._buf) or self._chunks is not None or self.error is not None
+        return (bool(self._buf) or self._chunks is not None or self._args is not None
+                or self.error is not None)
+
+    def buffered(self):
+        """Bytes held and not yet consumed, including the arguments already
+        parsed of an incomplete command."""
+        return super().buffered() + self._held
 
     def gets(self):
         """Return the next command (list of bytes) or ``NEED_MORE``.
@@ -88,10 +131,14 @@ class RespParser(InputBuffer):
         self._buf = b""
         self._pos = 0
         self._chunks = None
+        self._args = None
+        self._left = 0
+        self._held = 0
 
     def _parse(self, limit):
-        if (not limit and not self._pos and len(self._buf) <= _FAST_MAX
-                and self.max_multibulk >= 64 and self.max_bulk >= 4095):
+        if (not limit and not self._pos and self._args is None and len(self._buf) <= _FAST_MAX
+                and self.max_multibulk >= 64 and self.max_bulk >= 4095
+                and not self.unauthenticated):
             out, used = _parse_fast(self._buf)
             if used == len(self._buf):
                 self._buf = b""
@@ -108,70 +155,111 @@ class RespParser(InputBuffer):
         end = len(buf)
         find = buf.find
         out = []
-        max_bulk = self.max_bulk
-        while pos < end:
-            if buf[pos] != 42:  # not '*': inline command
-                nl = find(b"\n", pos)
-                if nl < 0:
-                    if end - pos > self.max_inline:
+        if self.unauthenticated:
+            max_bulk = min(self.max_bulk, 16384)
+            max_count = min(self.max_multibulk, 10)
+        else:
+            max_bulk = self.max_bulk
+            max_count = self.max_multibulk
+        known_len = _FAST_LENS.get
+        args = self._args               # resume an incomplete multibulk
+        count = self._left
+        held = self._held
+        batch_ok = max_bulk >= 4095
+        while True:
+            if args is None:
+                if pos >= end or (limit and len(out) >= limit):
+                    break
+                if buf[pos] != 42:  # not '*': inline command
+                    nl = find(b"\n", pos)
+                    if nl < 0:
+                        if end - pos > self.max_inline:
+                            self._fail("too big inline request")
+                            return out
+                        break
+                    if nl - pos > self.max_inline:
                         self._fail("too big inline request")
                         return out
+                    line = buf[pos:nl]
+                    pos = nl + 1
+                    cmd = _split_inline(line)
+                    if cmd is None:
+                        self._fail("unbalanced quotes in request")
+                        return out
+                    if cmd:
+                        out.append(cmd)
+                    continue
+                nl = find(_CRLF, pos, pos + _MAX_HEADER)
+                if nl < 0:
+                    if end - pos >= _MAX_HEADER:
+                        self._fail("invalid multibulk length")
+                        return out
                     break
-                if nl - pos > self.max_inline:
-                    self._fail("too big inline request")
+                count = _FAST_COUNTS.get(buf[pos:nl])
+                if count is None:
+                    count = _length(buf[pos + 1:nl])
+                    if count is None:
+                        self._fail("invalid multibulk length")
+                        return out
+                if count > max_count:
+                    self._fail("unauthenticated multibulk length" if self.unauthenticated
+                               and count <= _INT_MAX else "invalid multibulk length")
                     return out
-                line = buf[pos:nl]
-                pos = nl + 1
-                args = _split_inline(line)
-                if args is None:
-                    self._fail("unbalanced quotes in request")
-                    return out
-                if args:
-                    out.append(args)
-                    if limit and len(out) >= limit:
-                        break
-                continue
-            nl = find(_CRLF, pos, pos + _MAX_HEADER)
-            if nl < 0:
-                if end - pos >= _MAX_HEADER:
-                    self._fail("invalid multibulk length")
-                    return out
-                break
-            try:
-                count = int(buf[pos + 1:nl])
-            except ValueError:
-                self._fail("invalid multibulk length")
-                return out
-            if count > self.max_multibulk:
-                self._fail("invalid multibulk length")
-                return out
-            p = nl + 2
-            if count <= 0:
-                pos = p
-                continue
-            args = []
+                pos = nl + 2
+                if count <= 0:
+                    continue
+                args = []
+                held = 0
+            if count >= 8 and batch_ok:
+                # Many arguments: split what is here on CRLF in one C call and
+                # take the leading ones whose "$<n>" header matches their
+                # length, as _parse_fast does. Tried once per call (the rest
+                # goes argument by argument), so a value holding CRLF cannot
+                # make this quadratic.
+                toks = buf[pos:end].split(_CRLF)
+                m = min(count, (len(toks) - 1) >> 1)
+                hdrs = toks[0:2 * m:2]
+                vals = toks[1:2 * m:2]
+                got = [*map(known_len, hdrs)]
+                if got != [*map(len, vals)]:
+                    batch_ok = False
+                    m = 0
+                    for a, b in zip(got, vals):
+                        if a != len(b):
+                            break
+                        m += 1
+                    hdrs = hdrs[:m]
+                    vals = vals[:m]
+                if m:
+                    args += vals
+                    nb = sum(map(len, vals))
+                    held += nb
+                    pos += sum(map(len, hdrs)) + nb + 4 * m
+                    count -= m
             append = args.append
             while count:
-                if p >= end:
+                if pos >= end:
                     break
-                if buf[p] != 36:  # '$'
-                    c = buf[p:p + 1]
+                if buf[pos] != 36:  # '$'
+                    c = buf[pos:pos + 1]
                     shown = c.decode("latin-1") if 32 <= c[0] < 127 else "\\x%02x" % c[0]
                     self._fail(f"expected '$', got '{shown}'")
                     return out
-                nl = find(_CRLF, p, p + _MAX_HEADER)
+                nl = find(_CRLF, pos, pos + _MAX_HEADER)
                 if nl < 0:
-                    if end - p >= _MAX_HEADER:
+                    if end - pos >= _MAX_HEADER:
                         self._fail("invalid bulk length")
                         return out
                     break
-                try:
-                    n = int(buf[p + 1:nl])
-                except ValueError:
-                    self._fail("invalid bulk length")
-                    return out
-                if n < 0 or n > max_bulk:
-                    self._fail("invalid bulk length")
+                n = known_len(buf[pos:nl])
+                if n is None:
+                    n = _length(buf[pos + 1:nl])
+                    if n is None or n < 0:
+                        self._fail("invalid bulk length")
+                        return out
+                if n > max_bulk:
+                    self._fail("unauthenticated bulk length" if n <= self.max_bulk
+                               else "invalid bulk length")
                     return out
                 s = nl + 2
                 e = s + n
@@ -180,26 +268,29 @@ class RespParser(InputBuffer):
                         # Collect the rest of this bulk without re-joining.
                         self._need = e + 2 - end
                         self._chunks = []
-                    p = -1
                     break
                 if buf[e:e + 2] != _CRLF:
                     self._fail("bulk string not terminated by CRLF")
                     return out
                 append(buf[s:e])
-                p = e + 2
+                held += n
+                pos = e + 2
                 count -= 1
             if count:
-                break          # incomplete command: wait for more bytes
-            pos = p
+                break          # incomplete command: keep its arguments
             out.append(args)
-            if limit and len(out) >= limit:
-                break
-        self._pos = pos
+            args = None
+            held = 0
+        self._args = args
+        self._left = count if args is not None else 0
+        self._held = held if args is not None else 0
         if pos and pos >= end:
             self._buf = b""
             self._pos = 0
-        elif self.max_buffer and end - pos > self.max_buffer:
-            self._fail("too big request")
+        else:
+            self._pos = pos
+            if self.max_buffer and end - pos + self._held > self.max_buffer:
+                self._fail("too big request")
         return out
 
 

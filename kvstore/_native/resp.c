@@ -42,12 +42,16 @@ static int ob_put(obuf *o, const void *s, size_t n)
 }
 
 /* Parse "<digits>\r\n" at *pos (after the type byte). -1 malformed or too
- * long, 0 incomplete, 1 ok. */
+ * long, 0 incomplete, 1 ok. Only the canonical form Redis's string2ll takes
+ * for a non-negative length: no sign, no space, no leading zero ("0" alone
+ * is fine). Anything else stops the fast path and the Python parser reports
+ * it as Redis does. */
 static int parse_len(const char *b, size_t len, size_t *pos, size_t *out, size_t max)
 {
     size_t i = *pos, v = 0;
     int digits = 0;
     while (i < len && b[i] >= '0' && b[i] <= '9') {
+        if (digits == 1 && v == 0) return -1;     /* leading zero */
         v = v * 10 + (size_t)(b[i] - '0');
         if (v > max) return -1;
         i++;
