@@ -27,7 +27,7 @@ Patterns without wildcards and ``prefix*`` patterns compare bytes directly.
 
 import re
 
-__all__ = ["compile", "stringmatch", "matches_all", "GlobPattern"]
+__all__ = ["compile", "stringmatch", "matches_all", "filter_keys", "GlobPattern"]
 
 _STAR = None          # a '*' group among the tokens; other tokens are frozensets
 _NESTING_LIMIT = 1000
@@ -212,3 +212,11 @@ def matches_all(pattern):
     """True for the pattern KEYS and SCAN treat as "every key" (``*``),
     including the empty key, as Redis does."""
     return pattern == b"*" or pattern == "*"
+
+
+def filter_keys(pattern, keys):
+    """KEYS semantics: the keys of ``keys`` that ``pattern`` matches, with
+    ``*`` meaning every key (the empty one too), as Redis's KEYS and SCAN."""
+    if matches_all(pattern):
+        return list(keys)
+    return [*filter(compile(pattern).match, keys)]

@@ -210,13 +210,17 @@ class RespParser(InputBuffer):
                     continue
                 args = []
                 held = 0
-            if count >= 8 and batch_ok:
-                # Many arguments: split what is here on CRLF in one C call and
-                # take the leading ones whose "$<n>" header matches their
-                # length, as _parse_fast does. Tried once per call (the rest
-                # goes argument by argument), so a value holding CRLF cannot
-                # make this quadratic.
-                toks = buf[pos:end].split(_CRLF)
+            while count >= 8 and batch_ok:
+                # Many arguments: split on CRLF in one C call and take the
+                # leading ones whose "$<n>" header matches their length, as
+                # _parse_fast does. The split covers at most 64 bytes per
+                # argument still due (so a pipeline of many such commands is
+                # not split again and again to its end), and stops for this
+                # read at the first mismatch (a value holding CRLF, a long
+                # value): the loop below takes over, so this cannot go
+                # quadratic.
+                lim = pos + (count << 6)
+                toks = buf[pos:lim].split(_CRLF)
                 m = min(count, (len(toks) - 1) >> 1)
                 hdrs = toks[0:2 * m:2]
                 vals = toks[1:2 * m:2]
@@ -230,12 +234,15 @@ class RespParser(InputBuffer):
                         m += 1
                     hdrs = hdrs[:m]
                     vals = vals[:m]
-                if m:
-                    args += vals
-                    nb = sum(map(len, vals))
-                    held += nb
-                    pos += sum(map(len, hdrs)) + nb + 4 * m
-                    count -= m
+                if not m:
+                    break
+                args += vals
+                nb = sum(map(len, vals))
+                held += nb
+                pos += sum(map(len, hdrs)) + nb + 4 * m
+                count -= m
+                if lim >= end:
+                    break
             append = args.append
             while count:
                 if pos >= end:
