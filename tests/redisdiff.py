@@ -182,56 +182,77 @@ def same(cmd, k, r):
     return k == r or documented(cmd, k, r) is not None
 
 
-class Pair:
-    """A fresh kvstore-server and a fresh redis-server side by side."""
+class On(tuple):
+    """A command sent by another client of the pair: ``On(1, ("WATCH", "k"))``.
+    Plain tuples are client 0's."""
 
-    def __init__(self, kv_flags=("--capacity", "64MiB"), redis_flags=()):
+    def __new__(cls, client, cmd):
+        return super().__new__(cls, (client, tuple(cmd)))
+
+
+class Pair:
+    """A fresh kvstore-server and a fresh redis-server side by side, with
+    ``clients`` connections to each (client 0, 1, ...)."""
+
+    def __init__(self, kv_flags=("--capacity", "64MiB"), redis_flags=(), clients=1):
         self.kv = start_server(*kv_flags)
         try:
             self.redis = RedisProc(*redis_flags)
         except Exception:
             self.kv.stop()
             raise
-        self.kc = Raw(self.kv.connect(timeout=10))
-        self.rc = Raw(self.redis.connect())
+        self.conns = [(Raw(self.kv.connect(timeout=10)), Raw(self.redis.connect()))
+                      for _ in range(clients)]
+        self.kc, self.rc = self.conns[0]
 
-    def both(self, *args):
-        return self.kc.call(*args), self.rc.call(*args)
+    def both(self, *args, client=0):
+        kc, rc = self.conns[client]
+        return kc.call(*args), rc.call(*args)
 
     def run(self, commands):
-        """Run ``commands`` (tuples of args) on both; list of (cmd, kv, redis)."""
-        return [(cmd, *self.both(*cmd)) for cmd in commands]
+        """Run ``commands`` (tuples of args, or :class:`On`) on both; list of
+        (client, cmd, kv reply, redis reply)."""
+        out = []
+        for item in commands:
+            client, cmd = item if isinstance(item, On) else (0, tuple(item))
+            out.append((client, cmd, *self.both(*cmd, client=client)))
+        return out
 
     def compare(self, commands):
         """Leave any open MULTI, FLUSHALL both, run the sequence; the first
         undocumented difference as a readable string, or None when every
         reply matched. Replies of EXEC are compared element by element with
-        the commands that were queued."""
-        self.both("DISCARD")
+        the commands that client queued."""
+        for client in range(len(self.conns)):
+            self.both("DISCARD", client=client)
+            self.both("UNWATCH", client=client)
         assert self.both("FLUSHALL") == (("+", b"OK"), ("+", b"OK"))
-        queued = None
-        for cmd, k, r in self.run(commands):
+        queued = {}
+        for client, cmd, k, r in self.run(commands):
             name = _upper(cmd[0])
             pairs = [(cmd, k, r)]
-            if name == b"MULTI" and queued is None:
-                queued = []
-            elif name in (b"EXEC", b"DISCARD") and queued is not None:
-                if isinstance(k, list) and isinstance(r, list) and len(k) == len(r) == len(queued):
-                    pairs = list(zip(queued, k, r))
-                queued = None
-            elif queued is not None and k == r == ("+", b"QUEUED"):
-                queued.append(cmd)
+            q = queued.get(client)
+            if name == b"MULTI" and q is None:
+                queued[client] = []
+            elif name in (b"EXEC", b"DISCARD") and q is not None:
+                if isinstance(k, list) and isinstance(r, list) and len(k) == len(r) == len(q):
+                    pairs = list(zip(q, k, r))
+                del queued[client]
+            elif q is not None and k == r == ("+", b"QUEUED"):
+                q.append(cmd)
             for c, a, b in pairs:
                 if not same(c, a, b):
                     shown = " ".join(x if isinstance(x, str) else repr(x) for x in c)
-                    return f"{shown}\n  kvstore: {a!r}\n  redis:   {b!r}"
+                    who = f"[client {client}] " if len(self.conns) > 1 else ""
+                    return f"{who}{shown}\n  kvstore: {a!r}\n  redis:   {b!r}"
         return None
 
     def close(self):
-        for c in (self.kc, self.rc):
-            try:
-                c.close()
-            except OSError:
-                pass
+        for pair in self.conns:
+            for c in pair:
+                try:
+                    c.close()
+                except OSError:
+                    pass
         self.redis.stop()
         return self.kv.stop()
