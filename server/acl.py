@@ -226,13 +226,23 @@ NATIVE_COMMANDS = {
     "wait": "wait", "digest": "kv.digest", "role": "role", "restart": "kv.restart",
 }
 
-# Key access a command needs on the keys it names: "R", "W" or "RW" (read
-# and write, e.g. GETDEL reads the value it deletes). Unlisted commands:
-# from their categories (@write -> W, else R).
+# Key access a command needs on the keys it names, from Redis 7's key specs:
+# "R" (the spec has ACCESS), "W" (INSERT, DELETE or UPDATE), "RW" (both), ""
+# (neither, e.g. EXISTS: a pattern of any kind will do). A tuple gives the
+# access by key position, the last one repeating (COPY src dst). SET needs
+# "RW" with its GET option (Redis's setGetKeys), else "W": the command layer
+# passes access="RW" then. Unlisted commands: from their categories (@write
+# -> "W", else "R").
 KEY_ACCESS = {
-    "getdel": "RW", "getset": "RW", "getex": "RW", "incr": "RW", "decr": "RW",
-    "incrby": "RW", "decrby": "RW", "incrbyfloat": "RW", "append": "RW", "setrange": "RW",
-    "rename": "RW", "renamenx": "RW", "copy": "RW", "watch": "R",
+    "get": "R", "mget": "R", "getrange": "R", "ttl": "R", "pttl": "R", "expiretime": "R",
+    "pexpiretime": "R",
+    "set": "W", "setex": "W", "psetex": "W", "setnx": "W", "mset": "W", "msetnx": "W",
+    "append": "W", "setrange": "W", "del": "W", "unlink": "W", "expire": "W", "pexpire": "W",
+    "expireat": "W", "pexpireat": "W", "persist": "W",
+    "getdel": "RW", "getset": "RW", "getex": "RW", "incr": "RW", "decr": "RW", "incrby": "RW",
+    "decrby": "RW", "incrbyfloat": "RW",
+    "exists": "", "strlen": "", "type": "", "touch": "", "watch": "",
+    "copy": ("R", "W"), "rename": ("RW", "W"), "renamenx": ("RW", "W"),
 }
 
 _NO_USER_KEYWORD = "should start with user keyword followed by the username"
@@ -472,14 +482,15 @@ class User:
 
     def can_access_key(self, key, access="RW"):
         """True when every kind of access in ``access`` ("R", "W", "RW") to
-        ``key`` (bytes) is allowed by some pattern."""
+        ``key`` (bytes) is allowed by some pattern; ``access=""`` (EXISTS,
+        TYPE...) is allowed by a pattern of any kind."""
         if self.allkeys:
             return True
         if isinstance(key, str):
             key = key.encode()
         need = set(access)
         for a, m in self._key_matchers():
-            if need & set(a) and m(key):
+            if (not need or need & set(a)) and m(key):
                 need -= set(a)
                 if not need:
                     return True
@@ -497,8 +508,8 @@ class User:
         """None when this user may run ``command`` (``subcommand`` for
         containers such as CONFIG) on ``keys``; else the NOPERM reason.
         ``access`` overrides the key access the command needs ("R", "W",
-        "RW"); by default it comes from :data:`KEY_ACCESS` / the command's
-        categories."""
+        "RW", "", or a tuple by key position); by default it comes from
+        :data:`KEY_ACCESS` / the command's categories."""
         if isinstance(command, bytes):
             command = command.decode("utf-8", "replace")
         if isinstance(subcommand, bytes):
@@ -515,8 +526,9 @@ class User:
                 if access is None:
                     cats = COMMAND_CATEGORIES.get(command, ())
                     access = "W" if "write" in cats else "R"
-            for k in keys:
-                if not self.can_access_key(k, access):
+            for i, k in enumerate(keys):
+                a = access if isinstance(access, str) else access[min(i, len(access) - 1)]
+                if not self.can_access_key(k, a):
                     return _KEY_NOPERM
         for ch in channels:
             if not self.can_access_channel(ch):

@@ -38,6 +38,9 @@ user jon on >pw ~* -@all +@keyspace
 user kim on >pw ~* -@all +@connection
 user lee on >pw ~* -@all +@transaction +ping
 user max on >pw ~* -@all +@fast
+user nia on >pw %R~r:* %W~w:* ~rw:* &* +@all
+user oto on >pw %W~* +@all
+user pam on >pw %R~* +@all
 """
 
 BAD_ACLFILE = """\
@@ -218,8 +221,21 @@ PROBES = [
     (["CLIENT", "ID"], [], "id"), (["CLIENT", "KILL", "ID", "999999"], [], "kill"),
     (["INFO", "server"], [], None), (["INCR", "k:n"], ["k:n"], None),
     (["APPEND", "r:1", "x"], ["r:1"], None), (["MULTI"], [], None), (["DISCARD"], [], None),
+    (["EXISTS", "r:1", "w:1"], ["r:1", "w:1"], None), (["TYPE", "w:1"], ["w:1"], None),
+    (["STRLEN", "w:1"], ["w:1"], None), (["GETDEL", "rw:1"], ["rw:1"], None),
+    (["GET", "rw:1"], ["rw:1"], None), (["EXPIRE", "r:1", "100"], ["r:1"], None),
+    (["EXPIRE", "w:1", "100"], ["w:1"], None), (["PERSIST", "w:1"], ["w:1"], None),
+    (["INCR", "w:1"], ["w:1"], None), (["INCR", "rw:1"], ["rw:1"], None),
+    (["APPEND", "w:1", "x"], ["w:1"], None), (["SETRANGE", "w:1", "0", "x"], ["w:1"], None),
+    (["MSETNX", "w:5", "x"], ["w:5"], None), (["SETEX", "w:1", "10", "x"], ["w:1"], None),
+    (["PTTL", "w:1"], ["w:1"], None), (["UNLINK", "w:9"], ["w:9"], None),
+    (["COPY", "r:1", "w:2"], ["r:1", "w:2"], None), (["COPY", "w:1", "r:2"], ["w:1", "r:2"], None),
+    (["RENAME", "rw:1", "w:3"], ["rw:1", "w:3"], None),
+    (["RENAME", "r:1", "w:3"], ["r:1", "w:3"], None),
+    (["GETRANGE", "w:1", "0", "1"], ["w:1"], None), (["TOUCH", "w:1"], ["w:1"], None),
 ]
-USERS = ["alice", "bob", "dan", "erin", "fay", "gus", "hal", "ivy", "jon", "kim", "lee", "max"]
+USERS = ["alice", "bob", "dan", "erin", "fay", "gus", "hal", "ivy", "jon", "kim", "lee", "max",
+         "nia", "oto", "pam"]
 
 
 @pytest.mark.parametrize("user", USERS)
