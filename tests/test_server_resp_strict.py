@@ -194,6 +194,15 @@ def test_server_replies_and_closes_as_redis(kv, redis_proc, data, msg):
 
 
 @needs_store
+@pytest.mark.parametrize("data, msg", BAD_FAST)
+def test_c_fast_path_refuses_what_redis_refuses(kv, redis_proc, data, msg):
+    """A GET/SET batch goes to the C path first (no PING before it here)."""
+    want = b"-ERR Protocol error: " + msg + b"\r\n"
+    assert _exchange(kv.connect, data) == want
+    assert _exchange(redis_proc.connect, data) == want
+
+
+@needs_store
 def test_fast_path_set_with_leading_zero_length_writes_nothing(kv):
     got = _exchange(kv.connect, b"*3\r\n$3\r\nSET\r\n$2\r\nlz\r\n$01\r\nv\r\n")
     assert got == b"-ERR Protocol error: invalid bulk length\r\n"
