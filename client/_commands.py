@@ -12,7 +12,6 @@ asyncio client.
 
 import numbers
 
-import kvstore
 from kvstore import errors
 
 from . import _protocol

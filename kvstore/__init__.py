@@ -8,7 +8,7 @@ engine on first use, so ``kvstore.client`` (and ``kvstore.errors``,
 ``kvstore.wire``) import on a machine without the engine built.
 """
 
-from .errors import (  # noqa: F401
+from .errors import (  # noqa: F401 - the exceptions are kvstore.<Name> too
     ArenaError, ClosedError, ConnectionError, Error, FaultInjectionError,
     KeyLostError, KeyTooLargeError, MemoryFaultError, ProtocolError,
     ReadOnlyError, ResponseError, StoreFullError, TimeoutError,

@@ -8,19 +8,10 @@ import sys
 
 import pytest
 
-from test_client_fakeserver import REPO, FakeServer, fake  # noqa: F401
+from fakeserver import REPO, FakeServer
 
-# Runs kvstore.client.cli:main the way the console script does, also from a
-# source checkout where kvstore.client is not installed.
-_BOOT = (
-    "import importlib, sys, kvstore\n"
-    "try:\n"
-    "    importlib.import_module('kvstore.client')\n"
-    "except ModuleNotFoundError:\n"
-    f"    kvstore.__path__.append({REPO!r})\n"
-    "from kvstore.client.cli import main\n"
-    "sys.exit(main())\n"
-)
+# Runs kvstore.client.cli:main the way the console script does.
+_BOOT = "import sys\nfrom kvstore.client.cli import main\nsys.exit(main())\n"
 
 
 def cli(*args, stdin=b"", env=None, timeout=30):

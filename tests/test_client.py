@@ -13,7 +13,7 @@ import pytest
 
 import kvstore
 
-from test_client_fakeserver import FakeServer, fake, frame  # noqa: F401
+from fakeserver import FakeServer, frame
 
 import kvstore.client as kc
 from kvstore import errors

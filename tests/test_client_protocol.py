@@ -7,14 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_client_fakeserver import ensure_client_importable
-
-ensure_client_importable()
-
-from kvstore import errors  # noqa: E402
-from kvstore.client import _protocol  # noqa: E402
-from kvstore.client._config import RetryPolicy, parse_url  # noqa: E402
-from kvstore.client._protocol import NEED_MORE, FrameParser  # noqa: E402
+from kvstore import errors
+from kvstore.client import _protocol
+from kvstore.client._config import RetryPolicy, parse_url
+from kvstore.client._protocol import NEED_MORE, FrameParser
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.binary(max_size=300)
