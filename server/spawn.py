@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 
-__all__ = ["READY", "ServerProcess", "start_server"]
+__all__ = ["READY", "ServerProcess", "server_command", "start_server"]
 
 #: The line the server prints once it listens (one per address).
 READY = re.compile(rb"kvstore-server listening on \[?([^\]\s]+?)\]?:(\d+)\s*$")
@@ -104,6 +104,11 @@ class ServerProcess:
         self.stop()
 
 
+def server_command(*flags):
+    """The argv that runs kvstore-server with ``flags`` in this Python."""
+    return [sys.executable, "-m", "kvstore.server", *flags]
+
+
 def _drain(pipe):
     try:
         while os.read(pipe.fileno(), 65536):
@@ -120,7 +125,7 @@ def start_server(*flags, timeout=60.0, env=None, cwd=None, name="kvstore-server"
     if "--port" not in flags:
         flags += ["--port", "0"]
     logfile = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "kvstore.server", *flags],
+    proc = subprocess.Popen(server_command(*flags),
                             stdout=subprocess.PIPE, stderr=logfile, stdin=subprocess.DEVNULL,
                             cwd=cwd, env=env)
     deadline = time.monotonic() + timeout

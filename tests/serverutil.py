@@ -13,7 +13,7 @@ import socket
 import time
 
 from kvstore.server.spawn import ServerProcess as ServerProc  # noqa: F401
-from kvstore.server.spawn import start_server  # noqa: F401
+from kvstore.server.spawn import server_command, start_server  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -112,16 +112,23 @@ def test_link_cut_resumes_with_partial_sync():
         w.start()
         try:
             wait_for(lambda: w.n > 2000, 20, what="writes")
+            def resynced(n):
+                wait_for(lambda: info(r)["kv_partial_syncs"] >= n, 30, what=f"partial sync {n}")
+                wait_link_up(r)
+
+            n = info(r)["kv_partial_syncs"]
             for _ in range(3):
-                assert rc(p).execute_command("KV.REPL", "DROP") >= 1      # primary closes
-                time.sleep(0.2)
-                assert rc(r).execute_command("KV.REPL", "DROP") >= 0      # replica closes
-                time.sleep(0.2)
-            # SIGSTOP / SIGCONT: the link survives and catches up
+                assert rc(p).execute_command("KV.REPL", "DROP") == 1      # primary closes
+                n += 1
+                resynced(n)
+                assert rc(r).execute_command("KV.REPL", "DROP") == 1      # replica closes
+                n += 1
+                resynced(n)
+            # SIGSTOP / SIGCONT: the link survives a stopped replica (shorter
+            # than --repl-timeout) and catches up
             os.kill(r.pid, signal.SIGSTOP)
             time.sleep(1.5)
             os.kill(r.pid, signal.SIGCONT)
-            time.sleep(0.5)
         finally:
             w.stop()
         assert not w.errors
@@ -175,11 +182,13 @@ def test_kill9_replica_under_load_and_restart():
         r.proc.kill()
         r.proc.wait(5)
         wait_for(lambda: info(p)["connected_slaves"] == 0, 10, what="primary notices")
-        time.sleep(0.3)
+        n = w.n
+        wait_for(lambda: w.n > n + 500, 20, what="writes while no replica is connected")
         r.stop()
         r = start_replica(p)
         wait_link_up(r)
-        time.sleep(0.5)
+        n = w.n
+        wait_for(lambda: w.n > n + 500, 20, what="writes after the new replica synced")
         w.stop()
         assert not w.errors
         wait_synced(p, r)
@@ -288,7 +297,8 @@ def test_peers_authenticate_with_the_client_password():
         wait_for(lambda: rr.get("k") == b"v", 10, what="replicated")
         assert rr.execute_command("KV.DIGEST") == rp.execute_command("KV.DIGEST")
         # the replica with the wrong password never gets in
-        time.sleep(0.5)
+        wait_for(lambda: rb.info("replication").get("kv_reconnects", 0) >= 2, 10,
+                 what="the replica with the wrong password to retry")
         assert rb.info("replication")["master_link_status"] == "down"
         assert rb.get("k") is None
         assert rp.info("replication")["connected_slaves"] == 1
