@@ -11,18 +11,13 @@ Stream and offsets
     created when the first replica syncs, as in Redis) and sent to every
     online replica as ``["W", start_offset, blob]``.
 
-Sync (native op ``sync [replid, offset, listen_port]``)
-    Partial when ``replid`` matches and the backlog still holds ``offset``:
-    the reply is ``{"mode": "partial", ...}`` and the backlog from there
-    follows. Otherwise full: ``{"mode": "full", "offset": S}``, then the
-    snapshot of every key as ``["S", blob]`` frames (``p`` entries with
-    versions and absolute expiries), ``["E", S]``, then the writes after S.
-    The snapshot is read while writes continue; writes after S are queued for
-    that replica and replayed after it, and since every entry is a complete
-    overwrite the replica ends equal to the primary. After the reply the
-    connection stops being a command connection: the replica sends
-    ``["ack", offset]`` frames, the primary sends stream frames and
-    ``["PING"]`` heartbeats.
+Sync (native op ``sync [replid, offset, listen_port]``; PROTOCOL.md)
+    Partial when ``replid`` matches and the backlog still holds ``offset``,
+    else full: the snapshot of every key as ``["S", blob]`` frames, ``["E",
+    S]``, then the writes after S (queued for that replica meanwhile; every
+    entry is a complete overwrite, so the replica ends equal). The connection
+    then becomes a :class:`ReplicaSession`: acks in, stream and ``["PING"]``
+    out.
 
 Synchronous writes
     ``--min-replica-acks N``: a batch of client commands that wrote holds its

@@ -10,7 +10,7 @@ from kvstore.errors import KeyLostError
 
 from .adapters import arity_error, unknown_command
 from .errors import CommandError
-from .resp import OK
+from .resp import OK, QUEUED
 
 __all__ = ["MultiTable"]
 
@@ -41,7 +41,7 @@ def _queue(conn, args):
         conn.multi_error = True
         return arity_error(up.decode("latin-1").lower())
     conn.multi.append(args)
-    return b"+QUEUED\r\n"
+    return QUEUED
 
 
 def _end_multi(conn):

@@ -130,6 +130,7 @@ def test_stats_ping_inject(fake):  # noqa: F811
         assert code == 0 and server.requests[-1][2] == ["ao", "key", b"k"]
 
 
+@pytest.mark.slow
 def test_url_password_and_env():
     with FakeServer(password="pw") as server:
         url = f"kv://:pw@127.0.0.1:{server.port}"

@@ -187,6 +187,7 @@ def test_password():
         srv.stop()
 
 
+@pytest.mark.slow
 def test_stopped_then_killed_server():
     """A frozen server gives TimeoutError; a server killed while a request
     waits (no timeout set) gives ConnectionError; neither hangs."""

@@ -26,6 +26,7 @@ def framed(obj):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(values, min_size=1, max_size=8), st.data())
+@pytest.mark.slow
 def test_parser_any_split(objs, data):
     stream = b"".join(framed(o) for o in objs)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))

@@ -55,6 +55,7 @@ class Writer(threading.Thread):
         self.c.close()
 
 
+@pytest.mark.slow
 def test_two_replicas_converge_over_100k_keys():
     p = start()
     r1 = start_replica(p)          # synced before the load: gets it from the stream
@@ -103,6 +104,7 @@ def test_two_replicas_converge_over_100k_keys():
         p.stop()
 
 
+@pytest.mark.slow
 def test_link_cut_resumes_with_partial_sync():
     p = start()
     r = start_replica(p)
@@ -143,6 +145,7 @@ def test_link_cut_resumes_with_partial_sync():
         p.stop()
 
 
+@pytest.mark.slow
 def test_full_resync_when_backlog_does_not_cover():
     p = start("--repl-backlog-size", "64KiB")
     r = start_replica(p)
@@ -169,6 +172,7 @@ def test_full_resync_when_backlog_does_not_cover():
         p.stop()
 
 
+@pytest.mark.slow
 def test_kill9_replica_under_load_and_restart():
     """A replica killed with SIGKILL lost its memory: it comes back with a
     full sync (there is nothing to resume from) and converges."""
@@ -201,6 +205,7 @@ def test_kill9_replica_under_load_and_restart():
         p.stop()
 
 
+@pytest.mark.slow
 def test_wait_and_min_replica_acks():
     p = start("--min-replica-acks", "1", "--min-replica-timeout", "0.5")
     try:
@@ -247,6 +252,7 @@ def test_wait_and_min_replica_acks():
         p.stop()
 
 
+@pytest.mark.slow
 def test_no_acknowledged_write_lost_on_promotion():
     p = start("--min-replica-acks", "1", "--min-replica-timeout", "2")
     r = start_replica(p)
@@ -282,6 +288,7 @@ def test_no_acknowledged_write_lost_on_promotion():
                 s.stop()
 
 
+@pytest.mark.slow
 def test_peers_authenticate_with_the_client_password():
     pw = "s3cret-pw"
     p = start("--requirepass", pw)

@@ -19,7 +19,7 @@ import xxhash
 from replutil import client, digest, start, start_replica, wait_for, wait_link_up, wait_synced
 from serverutil import store_available
 
-pytestmark = [pytest.mark.timeout(120),
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow,
               pytest.mark.skipif(not store_available(), reason="kvstore.Store is not built")]
 
 NKEYS = 8000

@@ -263,6 +263,7 @@ def test_max_clients_native_gets_a_frame():
         a.close()
 
 
+@pytest.mark.slow
 def test_inject_through_native(tmp_path):
     with start_server("--enable-fault-injection") as srv:
         c = Native(srv)

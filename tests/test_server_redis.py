@@ -295,6 +295,7 @@ def test_many_clients_and_big_values(server):
 
 # ---------------------------------------------------------------- configured servers
 
+@pytest.mark.slow
 def test_requirepass():
     with start_server("--requirepass", "s3cret") as srv:
         with socket.create_connection((srv.host, srv.port)) as s:
@@ -348,6 +349,7 @@ def test_max_clients():
         b.close()
 
 
+@pytest.mark.slow
 def test_idle_timeout():
     with start_server("--idle-timeout", "0.5") as srv:
         s = socket.create_connection((srv.host, srv.port))
@@ -359,6 +361,7 @@ def test_idle_timeout():
         s.close()
 
 
+@pytest.mark.slow
 def test_output_buffer_limit_closes_only_that_client():
     with start_server("--max-output-buffer", "4MiB") as srv:
         c = redis.Redis(host=srv.host, port=srv.port)
