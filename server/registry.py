@@ -101,8 +101,11 @@ class CommandTable:
         return cmd
 
     def add_hook(self, hook):
-        """Run ``hook(conn, cmd, args)`` before every command; it refuses a
-        command by raising (a CommandError: its reply goes back)."""
+        """Run ``hook(conn, cmd, args)`` before every command of both
+        protocols; ``cmd`` is the row, ``args`` the RESP words (name first)
+        or the native op's argument list (``conn.kind`` says which). The
+        hook refuses a command by raising (a CommandError: its reply goes
+        back). While a hook is installed the C fast path does not run."""
         self.hooks.append(hook)
         rows = list(self.commands.values()) + list(self.native_rows.values())
         for cmd in {id(c): c for c in rows}.values():

@@ -35,6 +35,7 @@ class WritePath:
 
     def __init__(self, store):
         self.store = store
+        self._put = store.put          # bound once: put() is on the hot path
         #: None, or a callable raising the refusal of a client write.
         self.guard = None
         #: True while some subscriber wants the entries of client writes.
@@ -65,15 +66,14 @@ class WritePath:
     def put(self, key, value, ttl=None):
         if self.guard is not None:
             self.guard()
-        st = self.store
         if ttl is None:
-            v = st.put(key, value)
+            v = self._put(key, value)
             if self.recording:
                 self.entries.append(("p", key, v, value, 0))
         else:
-            v = st.put(key, value, ttl=ttl)
+            v = self._put(key, value, ttl=ttl)
             if self.recording:
-                self.entries.append(("p", key, v, value, st.expire_at(key)))
+                self.entries.append(("p", key, v, value, self.store.expire_at(key)))
         return v
 
     def mput(self, pairs):

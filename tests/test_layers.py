@@ -101,3 +101,38 @@ def test_every_command_is_one_row():
     assert {"get", "put", "mget", "sync", "persist", "dbsize"} <= set(t.native)
     with pytest.raises(ValueError):
         t.add(Command("GET", 2, resp=lambda conn, args: b"+OK\r\n"))
+
+
+def test_store_reports_its_own_writes_to_the_write_observer():
+    import contextlib
+
+    import kvstore
+
+    class Observer:
+        def __init__(self):
+            self.events = []
+
+        def installed(self, key, value, version, status):
+            self.events.append(("installed", key, value, version, status))
+
+        @contextlib.contextmanager
+        def read_repair(self, key, version):
+            self.events.append(("repair", bytes(key), version))
+            yield
+
+    with kvstore.Store("1MiB", page_size="4K", recovery="manual") as st:
+        obs = st.write_observer = Observer()
+        v = st.put(b"k", b"v1")
+        st.put(b"other", b"x")
+        assert obs.events == []                      # client writes are not the Store's own
+        st.faults.inject_key(b"k", "ao")
+        st.recover()
+        with pytest.raises(kvstore.KeyLostError):
+            st.get(b"k")                             # no rebuild source: stays lost
+        assert obs.events == [("repair", b"k", v)]
+        assert st.install(b"k", b"v1", v) == "installed"
+        assert obs.events[-1] == ("installed", b"k", b"v1", v, "installed")
+        assert st.get(b"k") == b"v1"
+        st.write_observer = None
+        st.install(b"k", b"v0", v - 1)
+        assert len(obs.events) == 2
