@@ -136,3 +136,59 @@ def test_store_reports_its_own_writes_to_the_write_observer():
         st.write_observer = None
         st.install(b"k", b"v0", v - 1)
         assert len(obs.events) == 2
+
+
+def _relative_imports(pkg_dir):
+    """{module: {module it imports}} for the relative imports inside a package."""
+    import ast
+    import os
+    graph = {}
+    for root, _dirs, files in os.walk(pkg_dir):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(root, f)
+            rel = os.path.relpath(path, pkg_dir)[:-3].split(os.sep)
+            is_pkg = rel[-1] == "__init__"
+            mod = rel[:-1] if is_pkg else rel
+            here = mod if is_pkg else mod[:-1]
+            deps = set()
+            with open(path) as fh:
+                tree = ast.parse(fh.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    base = here[:len(here) - (node.level - 1)]
+                    if node.module:
+                        deps.add(".".join(base + node.module.split(".")))
+                    else:
+                        deps.update(".".join(base + [a.name]) for a in node.names)
+            graph[".".join(mod)] = deps
+    return graph
+
+
+def _cycles(graph):
+    out = []
+
+    def visit(node, path):
+        for nxt in graph.get(node, ()):
+            if nxt in path:
+                out.append(path[path.index(nxt):] + [nxt])
+            elif nxt in graph:
+                visit(nxt, path + [nxt])
+    for n in graph:
+        visit(n, [n])
+    return out
+
+
+@pytest.mark.parametrize("package", ["server", "client"])
+def test_no_import_cycles(package):
+    import os
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), package)
+    graph = _relative_imports(root)
+    assert len(graph) > 5
+    assert _cycles(graph) == []
+
+
+def test_cycle_finder_finds_one():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) != []
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
