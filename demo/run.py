@@ -27,13 +27,9 @@ and otherwise falls back to 4 KiB pages and says so.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import re
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
