@@ -73,6 +73,7 @@ def test_put_with_ttl(fake):  # noqa: F811
     assert code == 2 and "ttl" in err
 
 
+@pytest.mark.slow
 def test_absent_key_exit_1(fake):  # noqa: F811
     assert cli(*at(fake, "get", "nope"))[:2] == (1, b"")
     fake.data[b"a"] = (1, b"x")
@@ -83,6 +84,7 @@ def test_absent_key_exit_1(fake):  # noqa: F811
     assert b"a" not in fake.data
 
 
+@pytest.mark.slow
 def test_lost_key_exit_4(fake):  # noqa: F811
     fake.data[b"k"] = (3, b"v")
     fake.lose(b"k", times=1000)
@@ -96,6 +98,7 @@ def test_lost_key_exit_4(fake):  # noqa: F811
     assert code == 0 and out == b"k\t3\tunrecoverable\n"
 
 
+@pytest.mark.slow
 def test_connection_errors_exit_3(fake):  # noqa: F811
     port = fake.port
     fake.stop()
@@ -114,6 +117,7 @@ def test_server_errors_exit_5(fake):  # noqa: F811
     assert code == 5 and "DISABLED" in err
 
 
+@pytest.mark.slow
 def test_stats_ping_inject(fake):  # noqa: F811
     fake.data[b"a"] = (1, b"x")
     code, out, _ = cli(*at(fake, "stats"))

@@ -128,6 +128,7 @@ def test_async_client(server):
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+@pytest.mark.slow
 def test_injected_fault_gives_lost_never_missing(server, kv):
     kv.mput({b"victim": b"v" * 100, b"other": b"o"})
     try:
@@ -221,6 +222,7 @@ def test_stopped_then_killed_server():
 _CLI_BOOT = "import sys\nfrom kvstore.client.cli import main\nsys.exit(main())\n"
 
 
+@pytest.mark.slow
 def test_cli_against_server(server, kv):
     def cli(*args, stdin=b""):
         proc = subprocess.run([sys.executable, "-c", _CLI_BOOT, "-p", str(server.port), *args],
