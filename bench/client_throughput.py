@@ -15,42 +15,16 @@ import asyncio
 import os
 import platform
 import random
-import re
-import select
-import signal
-import subprocess
 import sys
 import threading
 import time
 
+from kvstore.client import AsyncClient, Client
+from kvstore.server.spawn import start_server
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-
-from kvstore.client import AsyncClient, Client  # noqa: E402
-
-_SERVER_CMD = [sys.executable, "-m", "kvstore.server"]
-
 _CLK = os.sysconf("SC_CLK_TCK")
-
-
-def start_server(extra):
-    proc = subprocess.Popen([*_SERVER_CMD, "--port", "0", *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    buf = b""
-    deadline = time.monotonic() + 60
-    while True:
-        m = re.search(rb"listening on (\S+):(\d+)", buf)
-        if m:
-            break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            sys.exit(f"kvstore-server did not start: {buf.decode(errors='replace')}")
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            buf += os.read(proc.stdout.fileno(), 4096)
-    threading.Thread(target=lambda: [None for _ in iter(lambda: proc.stdout.read(4096), b"")],
-                     daemon=True).start()
-    return proc, m.group(1).decode().strip("[]"), int(m.group(2))
 
 
 def proc_cpu(pid):
@@ -210,8 +184,8 @@ def main(argv=None):
         c.close()
         pid = None
     else:
-        proc, host, port = start_server(["--capacity", "256MiB", *args.server_arg])
-        pid = proc.pid
+        proc = start_server("--capacity", "256MiB", *args.server_arg, cwd=REPO)
+        host, port, pid = proc.host, proc.port, proc.pid
     try:
         bench = Bench(host, port, pid, args.keys, args.value_size)
         with Client(host, port, socket_timeout=30) as c:
@@ -230,11 +204,7 @@ def main(argv=None):
         print(bench.table())
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.stop(timeout=15)
     return 0
 
 

@@ -32,60 +32,36 @@ import multiprocessing as mp
 import os
 import platform
 import random
-import re
-import select
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
+import xxhash
+
+from kvstore.client import Client
+from kvstore.server.spawn import start_server
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-import xxhash  # noqa: E402
-from kvstore.client import Client  # noqa: E402
-
-_SERVER_CMD = [sys.executable, "-m", "kvstore.server"]
-
 
 LOGS = []
 
 
 class Server:
+    """A kvstore-server subprocess (kvstore.server.spawn) whose log is kept."""
+
     def __init__(self, *flags):
-        self.log = open(f"/tmp/kvstore-bench-repl-{os.getpid()}-{time.monotonic_ns()}.log", "wb")
-        self.proc = subprocess.Popen([*_SERVER_CMD, "--port", "0", *flags],
-                                     cwd=REPO, stdout=subprocess.PIPE, stderr=self.log)
-        LOGS.append(self.log.name)
-        buf = b""
-        deadline = time.monotonic() + 120
-        while True:
-            m = re.search(rb"listening on (\S+):(\d+)", buf)
-            if m:
-                self.port = int(m.group(2))
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"server did not start; see {self.log.name}")
-            r, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if r:
-                buf += os.read(self.proc.stdout.fileno(), 4096)
+        self.srv = start_server(*flags, cwd=REPO, timeout=120, name="kvstore-bench-repl")
+        self.port = self.srv.port
+        self.proc = self.srv.proc
+        LOGS.append(self.srv.logfile.name)
 
     def client(self, **kw):
         kw.setdefault("socket_timeout", 30)
         return Client("127.0.0.1", self.port, **kw)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        self.srv.stop(timeout=20, keep_log=True)
 
 
 def repl_fields(c):

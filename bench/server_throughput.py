@@ -16,17 +16,15 @@ asserts nothing. Keep N small enough that a run stays well under a minute.
 import argparse
 import os
 import platform
-import re
-import select
 import shutil
 import socket
 import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kvstore.server.spawn import start_server
 
-_SERVER_CMD = [sys.executable, "-m", "kvstore.server"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CLK = os.sysconf("SC_CLK_TCK")
 
@@ -57,21 +55,8 @@ def wait_port(port, proc, timeout=30):
 
 
 def start_kvstore(extra):
-    proc = subprocess.Popen([*_SERVER_CMD, "--port", "0", *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    buf = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        m = re.search(rb"listening on (\S+):(\d+)", buf)
-        if m:
-            return proc, int(m.group(2))
-        if proc.poll() is not None:
-            break
-        r, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if r:
-            buf += os.read(proc.stdout.fileno(), 4096)
-    proc.kill()
-    raise RuntimeError(f"kvstore-server did not start: {buf!r}")
+    srv = start_server(*extra, cwd=REPO)
+    return srv, srv.port
 
 
 def start_redis():
@@ -130,6 +115,9 @@ def main(argv=None):
                 rows.append((depth, test, res))
     finally:
         for proc, _ in procs.values():
+            if hasattr(proc, "stop"):       # a kvstore.server.spawn.ServerProcess
+                proc.stop()
+                continue
             proc.terminate()
             try:
                 proc.wait(10)

@@ -12,7 +12,6 @@ asyncio client.
 
 import numbers
 
-import kvstore
 from kvstore import errors
 
 from . import _protocol
@@ -35,10 +34,12 @@ class _LostMarker:
         return "LOST"
 
 
-#: Marker put in place of a lost value by ``mget(keys, on_lost="mark")``.
-#: The same object as ``kvstore.LOST`` when the embedded store defines one.
-LOST = getattr(kvstore, "LOST", None)
-if LOST is None:
+#: Marker put in place of a lost value by ``mget(keys, on_lost="mark")``:
+#: the same object as ``kvstore.LOST`` where the engine is built, a marker of
+#: its own where the client runs without it.
+try:
+    from kvstore.store import LOST
+except ImportError:
     LOST = _LostMarker()
 
 

@@ -13,31 +13,18 @@ msgpack object. Requests are ``[request_id, op, args]``; replies are
 ``[code, message, extra]``).
 """
 
-import struct
-
 import msgpack
 
-from kvstore import errors
+from kvstore import errors, wire
+from kvstore.wire import DEFAULT_MAX_FRAME, MAGIC, NEED_MORE  # noqa: F401 - re-exported
 
-MAGIC = b"\x00KV1"
-
-#: Default largest reply frame accepted (the server's default max_frame).
-DEFAULT_MAX_FRAME = 512 * 2**20 + 2**20
-
-_LEN = struct.Struct(">I")
+_LEN = wire.LENGTH
 _MAX_REQUEST_ID = 2**31 - 1
-
-#: Returned by :meth:`FrameParser.gets` when no complete frame is buffered.
-NEED_MORE = object()
 
 
 def encode_request(request_id, op, args):
     """Return one request frame (length prefix included) as bytes."""
-    body = msgpack.packb([request_id, op, args], use_bin_type=True)
-    if len(body) > 0xFFFFFFFF:
-        raise errors.ValueTooLargeError(
-            f"request of {len(body)} bytes does not fit in one frame (max 4 GiB)")
-    return _LEN.pack(len(body)) + body
+    return wire.encode_request(request_id, op, args, errors.ValueTooLargeError)
 
 
 def next_request_id(request_id):

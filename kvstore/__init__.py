@@ -2,24 +2,32 @@
 
 The arena lives in HugeTLB memfds; an uncorrectable memory error costs only the
 records in the 4 KiB subpage that was hit, and those are rebuilt from a replica.
+
+``kvstore.Store``, ``kvstore.LOST`` and ``kvstore.parse_size`` load the C
+engine on first use, so ``kvstore.client`` (and ``kvstore.errors``,
+``kvstore.wire``) import on a machine without the engine built.
 """
 
-import os as _os
-
-# kvstore.server and kvstore.client live in the repository's server/ and
-# client/ folders (pyproject maps them there). An installed package finds them
-# through the install; a source checkout run without installing finds them here.
-_repo = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_repo, "server", "__init__.py")) and _repo not in __path__:
-    __path__.append(_repo)
-
-from .errors import (  # noqa: F401
+from .errors import (  # noqa: F401 - the exceptions are kvstore.<Name> too
     ArenaError, ClosedError, ConnectionError, Error, FaultInjectionError,
     KeyLostError, KeyTooLargeError, MemoryFaultError, ProtocolError,
     ReadOnlyError, ResponseError, StoreFullError, TimeoutError,
     UnrecoverableKeyError, ValueTooLargeError,
 )
 
-from .store import LOST, Store, parse_size  # noqa: E402,F401
-
 __version__ = "0.1.0"
+
+_FROM_STORE = ("Store", "LOST", "parse_size")
+
+
+def __getattr__(name):
+    if name in _FROM_STORE:
+        from . import store
+        value = getattr(store, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_FROM_STORE))

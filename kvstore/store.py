@@ -476,6 +476,39 @@ class Store(_native.Engine):
             finally:
                 del store
 
+    # ------------------------------------------------------------ write observer
+    #
+    # The writes the Store makes by itself (keys rebuilt from the rebuild
+    # source, by a rebuild round or by read-repair) and the reads that block on
+    # read-repair are reported to ``write_observer`` when one is set. Client
+    # writes are not: whoever issues them observes them (the server's write
+    # path, server/writes.py). The observer implements
+    #   installed(key, value, version, status)  after every install()
+    #   read_repair(key, version)                a context manager around a
+    #                                            read of a LOST key
+    # and must not raise. See docs/DESIGN.md, "The write path".
+
+    write_observer = None
+
+    def install(self, key, value, version):
+        """Install a rebuilt ``value`` at ``version`` (see the engine's install)."""
+        status = super().install(key, value, version)
+        obs = self.write_observer
+        if obs is not None:
+            obs.installed(key, value, version, status)
+        return status
+
+    _repair_lost_read = _lost_read
+
+    def _lost_read(self, key, version, state, versioned):
+        obs = self.write_observer
+        if obs is None:
+            return self._repair_lost_read(key, version, state, versioned)
+        with obs.read_repair(key, version):
+            return self._repair_lost_read(key, version, state, versioned)
+
+    # ------------------------------------------------------------ end of write observer
+
     def __del__(self):
         stop = getattr(self, "_stop", None)
         if stop is not None:

@@ -18,9 +18,12 @@ import time
 
 import kvstore
 
-from .commands import info_sections
-from .conn import Handshake
+from .commands import build_table
+from .handshake import Handshake
+from .info import info_sections
 from .logs import event
+from .replication import Replication
+from .writes import WritePath
 
 __all__ = ["Server", "run"]
 
@@ -45,6 +48,8 @@ class Server:
         self._idle_handle = None
         self._maint_handle = None
         self.loop_name = "asyncio"
+        self.table = build_table()  # commands.py: every command of both protocols
+        self.writes = None        # writes.WritePath, set by start()
         self.repl = None          # replication.Replication, set by start()
         self.reply_gate = None    # set by replication while replies may wait for acks
         self.batch_out = None     # reply list of the client batch being executed
@@ -93,8 +98,10 @@ class Server:
             self.store = self._make_store()
             event("info", "store_opened", **_store_fields(self.store))
         self._watch_losses(loop)
-        from .replication import Replication
-        self.repl = Replication(self)     # wraps the store's writes before any client exists
+        self.writes = WritePath(self.store)
+        self.writes.reply_index = self._reply_index
+        self.repl = Replication(self)     # subscribes to the write path
+
         port = self.config.port
         for host in self.config.hosts:
             srv = await loop.create_server(lambda: Handshake(self), host, port,
@@ -116,6 +123,10 @@ class Server:
             print(f"kvstore-server listening on {shown}:{p}", flush=True)
             event("info", "listening", host=host, port=p, loop=self.loop_name, pid=_pid())
         return self.addresses
+
+    def _reply_index(self):
+        out = self.batch_out
+        return len(out) if out is not None else 0
 
     def request_stop(self):
         if self._stop is not None and not self._stop.is_set():
@@ -164,6 +175,8 @@ class Server:
             except (asyncio.TimeoutError, Exception):  # noqa: BLE001
                 pass
         self._unwatch_losses()
+        if self.writes is not None:
+            self.writes.close()
         if self._own_store and self.store is not None:
             try:
                 self.store.close()

@@ -1,11 +1,5 @@
 """Connection plumbing shared by both protocols.
 
-A new TCP connection starts as a :class:`Handshake` protocol. Its first byte
-picks the protocol (``0x00`` native, anything else RESP); the handshake then
-builds the protocol object, hands it the transport with
-``transport.set_protocol`` (which uvloop honours: it caches the bound
-``data_received``) and replays the bytes it got.
-
 :class:`BaseConnection` holds what both protocols need: client id, address,
 flow control (a client that does not read its replies stops being read, so
 pipelining without reading cannot grow the output buffer without bound), a
@@ -17,7 +11,7 @@ import time
 
 from .logs import event
 
-__all__ = ["BaseConnection", "Handshake", "OutputLimitExceeded"]
+__all__ = ["BaseConnection", "OutputLimitExceeded"]
 
 
 class OutputLimitExceeded(Exception):
@@ -71,8 +65,8 @@ class BaseConnection(asyncio.Protocol):
 
     def resume_writing(self):
         if not self.closed and not self.server.stopping:
-            repl = getattr(self.server, "repl", None)
-            if repl is not None and self in getattr(repl, "held", ()):
+            repl = self.server.repl
+            if repl is not None and repl.holds(self):
                 return      # replies held for replica acks: replication resumes us
             try:
                 self.transport.resume_reading()
@@ -106,63 +100,3 @@ class BaseConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.close()
-
-
-class Handshake(BaseConnection):
-    """The first protocol of every connection: waits for the first byte."""
-
-    def __init__(self, server):
-        super().__init__(server)
-        self.rejected = False
-        self._timer = None
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        srv = self.server
-        srv.stats_connections += 1
-        if len(srv.clients) >= srv.config.max_clients:
-            # Answer in the client's own protocol once we see its first byte.
-            self.rejected = True
-            srv.stats_rejected += 1
-            self._timer = asyncio.get_running_loop().call_later(1.0, self._give_up)
-            event("warning", "client_rejected", addr=self.addr, reason="max_clients",
-                  max_clients=srv.config.max_clients)
-            return
-        srv.register(self)
-
-    def _give_up(self):
-        if not self.closed:
-            self.closed = True
-            self.transport.abort()
-
-    def connection_lost(self, exc):
-        if self._timer is not None:
-            self._timer.cancel()
-        self.closed = True
-        if not self.rejected:
-            self.server.forget(self)
-
-    def data_received(self, data):
-        if not data:
-            return
-        native = data[0] == 0
-        if self.rejected:
-            if self._timer is not None:
-                self._timer.cancel()
-            if native:
-                from .native import rejection_frame
-                self.transport.write(rejection_frame("max number of clients reached"))
-            else:
-                self.transport.write(b"-ERR max number of clients reached\r\n")
-            self.close_after_write()
-            return
-        if native:
-            from .native import NativeConnection
-            conn = NativeConnection(self.server, self)
-        else:
-            from .commands import RespConnection
-            conn = RespConnection(self.server, self)
-        self.server.replace(self, conn)
-        self.transport.set_protocol(conn)
-        conn.connection_made(self.transport)
-        conn.data_received(data)

@@ -11,23 +11,17 @@ Errors are :class:`FrameError`; after one the stream cannot be resynced
 ``PROTO`` with request id 0 and closes.
 """
 
-import struct
-
 import msgpack
+
+from kvstore.wire import LENGTH as _LEN
+from kvstore.wire import MAGIC, NEED_MORE, FrameError, pack_frame
 
 from .inbuf import InputBuffer
 
+# MAGIC, NEED_MORE, FrameError and pack_frame are kvstore.wire's, re-exported.
 __all__ = ["FrameParser", "FrameError", "NEED_MORE", "MAGIC", "pack_frame"]
 
-MAGIC = b"\x00KV1"
-NEED_MORE = object()
-
-_LEN = struct.Struct(">I")
 _CHUNK_THRESHOLD = 1 << 16
-
-
-class FrameError(Exception):
-    """Malformed native stream (bad magic, oversized or undecodable frame)."""
 
 
 class FrameParser(InputBuffer):
@@ -113,8 +107,3 @@ class FrameParser(InputBuffer):
                 return out
             out.append(obj)
 
-
-def pack_frame(packer, obj):
-    """Length-prefixed msgpack encoding of ``obj`` (``packer`` reused)."""
-    body = packer.pack(obj)
-    return _LEN.pack(len(body)) + body

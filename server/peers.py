@@ -27,31 +27,13 @@ the loop, so a stopped replica cannot freeze the server.
 """
 
 import concurrent.futures
-import importlib
-import importlib.util
-import os
-import sys
 import threading
 import time
 
+from kvstore import client as kvclient
 from kvstore import errors
 
-__all__ = ["PeerSource", "load_client"]
-
-
-def load_client():
-    """``kvstore.client``, mapped from ``client/`` when running from a checkout."""
-    try:
-        return importlib.import_module("kvstore.client")
-    except ModuleNotFoundError:
-        pass
-    pkg_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "client")
-    spec = importlib.util.spec_from_file_location(
-        "kvstore.client", os.path.join(pkg_dir, "__init__.py"), submodule_search_locations=[pkg_dir])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kvstore.client"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+__all__ = ["PeerSource"]
 
 
 class PeerSource:
@@ -81,7 +63,7 @@ class PeerSource:
         self.keys_cached = 0
         self._clients = {}
         self._lock = threading.Lock()
-        self._client_mod = load_client()
+        self._client_mod = kvclient
         self.fetches = 0
         self.keys_fetched = 0
         self.bytes_fetched = 0

@@ -435,10 +435,8 @@ PONG = b"+PONG\r\n"
 QUEUED = b"+QUEUED\r\n"
 NULL2 = b"$-1\r\n"
 NULL3 = b"_\r\n"
-NULL_ARRAY2 = b"*-1\r\n"
 ZERO = b":0\r\n"
 ONE = b":1\r\n"
-EMPTY_ARRAY = b"*0\r\n"
 
 _INTS = [b":%d\r\n" % i for i in range(-2, 1025)]
 
@@ -451,10 +449,6 @@ def integer(n):
 
 def bulk(b):
     return b"$%d\r\n%b\r\n" % (len(b), b)
-
-
-def simple(s):
-    return b"+" + s.encode() + _CRLF
 
 
 def error(msg):
@@ -497,15 +491,4 @@ def encode(obj, resp3=False):
         parts = [b"*%d\r\n" % len(obj)]
         parts.extend(encode(x, resp3) for x in obj)
         return b"".join(parts)
-    if isinstance(obj, RespError):
-        return error(obj.msg)
     return bulk(str(obj).encode())
-
-
-class RespError:
-    """An error element inside an aggregate reply (encoded as ``-msg``)."""
-
-    __slots__ = ("msg",)
-
-    def __init__(self, msg):
-        self.msg = msg

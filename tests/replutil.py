@@ -7,17 +7,10 @@ test. ``digest(port)`` asks ``KV.DIGEST`` (xxh64 over sorted
 the primary's whole stream and both digests agree.
 """
 
-import time
-
 import redis
 
-from serverutil import ensure_importable, start_server
-
-ensure_importable()
-
-from kvstore.server.peers import load_client  # noqa: E402
-
-Client = load_client().Client
+from kvstore.client import Client
+from serverutil import start_server, wait_for
 
 BASE = ("--capacity", "96MiB", "--page-size", "4K", "--enable-fault-injection")
 
@@ -46,16 +39,6 @@ def info(srv):
 def digest(srv):
     keys, lost, dig = rc(srv).execute_command("KV.DIGEST")
     return int(keys), int(lost), dig
-
-
-def wait_for(pred, timeout=30.0, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def wait_link_up(replica, timeout=30.0):

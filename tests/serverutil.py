@@ -1,146 +1,39 @@
-"""Helpers for the server tests: start a real kvstore-server in a subprocess.
+"""Helpers for the server tests: real kvstore-server processes and raw RESP.
 
-``start_server(*flags)`` runs the server on a free port (``--port 0``), waits
-for its ``kvstore-server listening on HOST:PORT`` line and returns a
-:class:`ServerProc`; ``stop()`` sends SIGTERM and waits (SIGKILL after a
-timeout). Its stderr goes to a temp file so a failing test can show the logs.
-
-``kvstore.server`` lives in ``server/`` and is mapped to the package name by
-``pyproject.toml``; without an install, ``ensure_importable()`` maps it the
-same way so tests also run straight from a checkout.
+``start_server(*flags)`` is :func:`kvstore.server.spawn.start_server` (the
+helper tests, bench and the demo share): the server runs on a free port
+(``--port 0``) in a subprocess, its stderr in a temp file so a failing test
+can show the logs (``ServerProc.logs()``); ``stop()`` sends SIGTERM and
+waits (SIGKILL after a timeout).
 """
 
 import importlib.util
 import os
-import re
-import select
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 
+from kvstore.server.spawn import ServerProcess as ServerProc  # noqa: F401
+from kvstore.server.spawn import server_command, start_server  # noqa: F401
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-READY = re.compile(rb"kvstore-server listening on \[?([^\]\s]+?)\]?:(\d+)\s*$")
-
-
-def ensure_importable():
-    """Make ``import kvstore.server`` work from a plain checkout."""
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
-    import kvstore  # noqa: F401
-    if "kvstore.server" in sys.modules:
-        return
-    try:
-        importlib.import_module("kvstore.server")
-        return
-    except ModuleNotFoundError:
-        pass
-    pkg_dir = os.path.join(REPO, "server")
-    spec = importlib.util.spec_from_file_location(
-        "kvstore.server", os.path.join(pkg_dir, "__init__.py"),
-        submodule_search_locations=[pkg_dir])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kvstore.server"] = mod
-    spec.loader.exec_module(mod)
 
 
 def store_available():
-    ensure_importable()
-    import kvstore
-    return hasattr(kvstore, "Store")
+    """Is the C engine (and so kvstore.Store) built here?"""
+    return importlib.util.find_spec("kvstore._native") is not None
 
 
-class ServerProc:
-    def __init__(self, proc, host, port, errfile):
-        self.proc = proc
-        self.host = host
-        self.port = port
-        self.errfile = errfile
-        self._final_logs = None
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def logs(self):
-        if self._final_logs is not None:
-            return self._final_logs
-        self.errfile.flush()
-        with open(self.errfile.name, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def connect(self, timeout=5.0):
-        s = socket.create_connection((self.host, self.port), timeout=timeout)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return s
-
-    def stop(self, sig=signal.SIGTERM, timeout=10.0):
-        """Stop the server; returns its exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        if self._final_logs is None:
-            self._final_logs = self.logs()
-            self.errfile.close()
-            try:
-                os.unlink(self.errfile.name)
-            except OSError:
-                pass
-        return self.proc.returncode
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-def server_command(*flags):
-    return [sys.executable, os.path.abspath(__file__), "--run-server", *flags]
-
-
-def start_server(*flags, timeout=30.0, env=None):
-    """Start kvstore-server with ``flags`` on a free port and wait until ready."""
-    flags = list(flags)
-    if "--port" not in flags:
-        flags += ["--port", "0"]
-    errfile = tempfile.NamedTemporaryFile(prefix="kvstore-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(server_command(*flags), stdout=subprocess.PIPE, stderr=errfile,
-                            stdin=subprocess.DEVNULL, cwd=REPO, env=env)
+def wait_for(pred, timeout=30.0, interval=0.02, what="condition"):
+    """Poll ``pred()`` until it is true; AssertionError naming ``what`` after
+    ``timeout`` seconds. Returns pred's last value."""
     deadline = time.monotonic() + timeout
-    buf = b""
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if r:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            buf += chunk
-            for line in buf.splitlines():
-                m = READY.search(line)
-                if m:
-                    return ServerProc(proc, m.group(1).decode(), int(m.group(2)), errfile)
-        elif proc.poll() is not None:
-            break
-    proc.kill()
-    proc.wait()
-    with open(errfile.name, "rb") as f:
-        err = f.read().decode("utf-8", "replace")
-    errfile.close()
-    os.unlink(errfile.name)
-    raise RuntimeError(f"kvstore-server did not become ready (rc={proc.returncode}):\n"
-                       f"stdout: {buf.decode('utf-8', 'replace')}\nstderr: {err}")
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 def free_port():
@@ -192,9 +85,3 @@ def recv_until(sock, predicate, timeout=5.0):
 def recv_all(sock, timeout=5.0):
     """Read until the peer closes (or timeout)."""
     return recv_until(sock, lambda d: False, timeout)
-
-
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--run-server":
-    ensure_importable()
-    from kvstore.server.__main__ import main
-    sys.exit(main(sys.argv[2:]))

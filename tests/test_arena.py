@@ -628,6 +628,7 @@ def test_salvage_of_a_healthy_page_changes_no_byte(pools, arenas):
     assert_intact(a, ())
 
 
+@pytest.mark.slow
 def test_salvage_without_a_free_hugepage_degrades_to_4k_pages(pools, arenas):
     a = make_arena(pools, "2M", 4 * MIB, "mainline")
     arenas.append(a)
@@ -764,6 +765,7 @@ def test_survives_ten_thousand_faults(pools, arenas, backing, policy):
 
 # ============================================================ threads
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backing,policy", [("4K", "keep_ue"), ("2M", "keep_ue"), ("2M", "mainline")])
 def test_threads_read_while_faults_are_injected(pools, arenas, backing, policy):
     a = make_arena(pools, backing, 8 * MIB, policy)

@@ -8,19 +8,10 @@ import sys
 
 import pytest
 
-from test_client_fakeserver import REPO, FakeServer, fake  # noqa: F401
+from fakeserver import REPO, FakeServer
 
-# Runs kvstore.client.cli:main the way the console script does, also from a
-# source checkout where kvstore.client is not installed.
-_BOOT = (
-    "import importlib, sys, kvstore\n"
-    "try:\n"
-    "    importlib.import_module('kvstore.client')\n"
-    "except ModuleNotFoundError:\n"
-    f"    kvstore.__path__.append({REPO!r})\n"
-    "from kvstore.client.cli import main\n"
-    "sys.exit(main())\n"
-)
+# Runs kvstore.client.cli:main the way the console script does.
+_BOOT = "import sys\nfrom kvstore.client.cli import main\nsys.exit(main())\n"
 
 
 def cli(*args, stdin=b"", env=None, timeout=30):
@@ -82,6 +73,7 @@ def test_put_with_ttl(fake):  # noqa: F811
     assert code == 2 and "ttl" in err
 
 
+@pytest.mark.slow
 def test_absent_key_exit_1(fake):  # noqa: F811
     assert cli(*at(fake, "get", "nope"))[:2] == (1, b"")
     fake.data[b"a"] = (1, b"x")
@@ -92,6 +84,7 @@ def test_absent_key_exit_1(fake):  # noqa: F811
     assert b"a" not in fake.data
 
 
+@pytest.mark.slow
 def test_lost_key_exit_4(fake):  # noqa: F811
     fake.data[b"k"] = (3, b"v")
     fake.lose(b"k", times=1000)
@@ -105,6 +98,7 @@ def test_lost_key_exit_4(fake):  # noqa: F811
     assert code == 0 and out == b"k\t3\tunrecoverable\n"
 
 
+@pytest.mark.slow
 def test_connection_errors_exit_3(fake):  # noqa: F811
     port = fake.port
     fake.stop()
@@ -123,6 +117,7 @@ def test_server_errors_exit_5(fake):  # noqa: F811
     assert code == 5 and "DISABLED" in err
 
 
+@pytest.mark.slow
 def test_stats_ping_inject(fake):  # noqa: F811
     fake.data[b"a"] = (1, b"x")
     code, out, _ = cli(*at(fake, "stats"))
@@ -139,6 +134,7 @@ def test_stats_ping_inject(fake):  # noqa: F811
         assert code == 0 and server.requests[-1][2] == ["ao", "key", b"k"]
 
 
+@pytest.mark.slow
 def test_url_password_and_env():
     with FakeServer(password="pw") as server:
         url = f"kv://:pw@127.0.0.1:{server.port}"

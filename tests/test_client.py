@@ -13,7 +13,7 @@ import pytest
 
 import kvstore
 
-from test_client_fakeserver import FakeServer, fake, frame  # noqa: F401
+from fakeserver import FakeServer, frame
 
 import kvstore.client as kc
 from kvstore import errors
@@ -444,6 +444,7 @@ def test_pool_shared_between_threads(fake):  # noqa: F811
         assert c.connection_pool._created <= 4
 
 
+@pytest.mark.slow
 def test_pool_exhausted_times_out(fake):  # noqa: F811
     with Client(fake.host, fake.port, max_connections=1, pool_timeout=0.2) as c:
         held = c.connection_pool.get_connection()

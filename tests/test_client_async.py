@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from test_client_fakeserver import FakeServer, fake, frame  # noqa: F401
+from fakeserver import FakeServer, frame
 
 import kvstore.client as kc
 from kvstore import errors

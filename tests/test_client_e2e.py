@@ -1,17 +1,8 @@
 """kvstore.client and kvstore-cli end to end against a real kvstore-server
 (``python -m kvstore.server --port 0``) started in a subprocess.
-
-Skipped, with the reason, only while the server or the engine it serves
-(``kvstore.Store``) is not in the tree yet. ``KVSTORE_E2E_STORE=module:attr``
-runs the server with another Store class (e.g. to try the client/server pair
-before the engine lands); normally it is unset.
 """
 
-import importlib
-import importlib.util
 import os
-import re
-import select
 import signal
 import subprocess
 import sys
@@ -20,81 +11,16 @@ import time
 
 import pytest
 
-from test_client_fakeserver import REPO, ensure_client_importable
+from kvstore import errors
+from kvstore.client import LOST, AsyncClient, Client
+from kvstore.server.spawn import start_server
+from serverutil import REPO, store_available, wait_for
 
-ensure_client_importable()
-
-import kvstore  # noqa: E402
-from kvstore import errors  # noqa: E402
-from kvstore.client import LOST, AsyncClient, Client  # noqa: E402
-
-_SERVER_CMD = [sys.executable, "-m", "kvstore.server"]
+pytestmark = pytest.mark.skipif(not store_available(), reason="the C engine is not built")
 
 
-def _why_no_server():
-    try:
-        spec = importlib.util.find_spec("kvstore.server")
-    except ModuleNotFoundError:
-        spec = None
-    if spec is None:
-        return "kvstore.server is not importable yet (server/ has no package)"
-    if not os.environ.get("KVSTORE_E2E_STORE") and not hasattr(kvstore, "Store"):
-        return "kvstore.Store (the engine kvstore-server serves) is not in the tree yet"
-    return None
-
-
-_SKIP = _why_no_server()
-pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
-
-
-class ServerProcess:
-    def __init__(self, *args):
-        self.proc = subprocess.Popen(
-            [*_SERVER_CMD, "--port", "0", "--capacity", "64MiB",
-             "--page-size", "4K", *args],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        buf = b""
-        while True:
-            m = re.search(rb"kvstore-server listening on (\S+):(\d+)", buf)
-            if m:
-                self.host = m.group(1).decode().strip("[]")
-                self.port = int(m.group(2))
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                out, err = self.proc.communicate()
-                pytest.fail(f"kvstore-server did not start (rc={self.proc.returncode}):\n"
-                            f"{(buf + out).decode(errors='replace')}\n"
-                            f"{err.decode(errors='replace')[-3000:]}")
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                buf += os.read(self.proc.stdout.fileno(), 4096)
-        # keep draining the pipes so the server never blocks on a full pipe
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            threading.Thread(target=self._drain, args=(pipe,), daemon=True).start()
-
-    @staticmethod
-    def _drain(pipe):
-        try:
-            while os.read(pipe.fileno(), 65536):
-                pass
-        except OSError:
-            pass
-
-    def client(self, **kwargs):
-        kwargs.setdefault("socket_timeout", 10)
-        return Client(self.host, self.port, **kwargs)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def ServerProcess(*args):
+    return start_server("--capacity", "64MiB", "--page-size", "4K", *args)
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +55,7 @@ def test_commands_round_trip(kv):
     assert kv.persist(b"a") and kv.ttl(b"a") == -1
     kv.put(b"short", b"x", ttl=0.2)
     assert kv.get(b"short") == b"x"
-    time.sleep(0.5)
-    assert kv.get(b"short") is None
+    wait_for(lambda: kv.get(b"short") is None, timeout=5, what="the 0.2 s ttl to expire")
     assert sorted(kv.keys()) == [b"a", b"b", b"c"]
     assert kv.dbsize() == 3
     assert isinstance(kv.stats(), dict)
@@ -203,6 +128,7 @@ def test_async_client(server):
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+@pytest.mark.slow
 def test_injected_fault_gives_lost_never_missing(server, kv):
     kv.mput({b"victim": b"v" * 100, b"other": b"o"})
     try:
@@ -262,6 +188,7 @@ def test_password():
         srv.stop()
 
 
+@pytest.mark.slow
 def test_stopped_then_killed_server():
     """A frozen server gives TimeoutError; a server killed while a request
     waits (no timeout set) gives ConnectionError; neither hangs."""
@@ -292,17 +219,10 @@ def test_stopped_then_killed_server():
         srv.stop()
 
 
-_CLI_BOOT = (
-    "import importlib, sys, kvstore\n"
-    "try:\n"
-    "    importlib.import_module('kvstore.client')\n"
-    "except ModuleNotFoundError:\n"
-    f"    kvstore.__path__.append({REPO!r})\n"
-    "from kvstore.client.cli import main\n"
-    "sys.exit(main())\n"
-)
+_CLI_BOOT = "import sys\nfrom kvstore.client.cli import main\nsys.exit(main())\n"
 
 
+@pytest.mark.slow
 def test_cli_against_server(server, kv):
     def cli(*args, stdin=b""):
         proc = subprocess.run([sys.executable, "-c", _CLI_BOOT, "-p", str(server.port), *args],

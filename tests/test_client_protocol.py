@@ -7,14 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_client_fakeserver import ensure_client_importable
-
-ensure_client_importable()
-
-from kvstore import errors  # noqa: E402
-from kvstore.client import _protocol  # noqa: E402
-from kvstore.client._config import RetryPolicy, parse_url  # noqa: E402
-from kvstore.client._protocol import NEED_MORE, FrameParser  # noqa: E402
+from kvstore import errors
+from kvstore.client import _protocol
+from kvstore.client._config import RetryPolicy, parse_url
+from kvstore.client._protocol import NEED_MORE, FrameParser
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.binary(max_size=300)
@@ -30,6 +26,7 @@ def framed(obj):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(values, min_size=1, max_size=8), st.data())
+@pytest.mark.slow
 def test_parser_any_split(objs, data):
     stream = b"".join(framed(o) for o in objs)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))

@@ -17,8 +17,8 @@ import pytest
 
 from serverutil import REPO, store_available
 
-pytestmark = pytest.mark.skipif(not store_available(),
-                                reason="kvstore.Store is not in this checkout yet")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not store_available(), reason="the C engine is not built")]
 
 
 def run_demo(*flags, timeout=60, code=None):

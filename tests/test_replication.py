@@ -55,6 +55,7 @@ class Writer(threading.Thread):
         self.c.close()
 
 
+@pytest.mark.slow
 def test_two_replicas_converge_over_100k_keys():
     p = start()
     r1 = start_replica(p)          # synced before the load: gets it from the stream
@@ -103,6 +104,7 @@ def test_two_replicas_converge_over_100k_keys():
         p.stop()
 
 
+@pytest.mark.slow
 def test_link_cut_resumes_with_partial_sync():
     p = start()
     r = start_replica(p)
@@ -112,16 +114,23 @@ def test_link_cut_resumes_with_partial_sync():
         w.start()
         try:
             wait_for(lambda: w.n > 2000, 20, what="writes")
+            def resynced(n):
+                wait_for(lambda: info(r)["kv_partial_syncs"] >= n, 30, what=f"partial sync {n}")
+                wait_link_up(r)
+
+            n = info(r)["kv_partial_syncs"]
             for _ in range(3):
-                assert rc(p).execute_command("KV.REPL", "DROP") >= 1      # primary closes
-                time.sleep(0.2)
-                assert rc(r).execute_command("KV.REPL", "DROP") >= 0      # replica closes
-                time.sleep(0.2)
-            # SIGSTOP / SIGCONT: the link survives and catches up
+                assert rc(p).execute_command("KV.REPL", "DROP") == 1      # primary closes
+                n += 1
+                resynced(n)
+                assert rc(r).execute_command("KV.REPL", "DROP") == 1      # replica closes
+                n += 1
+                resynced(n)
+            # SIGSTOP / SIGCONT: the link survives a stopped replica (shorter
+            # than --repl-timeout) and catches up
             os.kill(r.pid, signal.SIGSTOP)
             time.sleep(1.5)
             os.kill(r.pid, signal.SIGCONT)
-            time.sleep(0.5)
         finally:
             w.stop()
         assert not w.errors
@@ -136,6 +145,7 @@ def test_link_cut_resumes_with_partial_sync():
         p.stop()
 
 
+@pytest.mark.slow
 def test_full_resync_when_backlog_does_not_cover():
     p = start("--repl-backlog-size", "64KiB")
     r = start_replica(p)
@@ -162,6 +172,7 @@ def test_full_resync_when_backlog_does_not_cover():
         p.stop()
 
 
+@pytest.mark.slow
 def test_kill9_replica_under_load_and_restart():
     """A replica killed with SIGKILL lost its memory: it comes back with a
     full sync (there is nothing to resume from) and converges."""
@@ -175,11 +186,13 @@ def test_kill9_replica_under_load_and_restart():
         r.proc.kill()
         r.proc.wait(5)
         wait_for(lambda: info(p)["connected_slaves"] == 0, 10, what="primary notices")
-        time.sleep(0.3)
+        n = w.n
+        wait_for(lambda: w.n > n + 500, 20, what="writes while no replica is connected")
         r.stop()
         r = start_replica(p)
         wait_link_up(r)
-        time.sleep(0.5)
+        n = w.n
+        wait_for(lambda: w.n > n + 500, 20, what="writes after the new replica synced")
         w.stop()
         assert not w.errors
         wait_synced(p, r)
@@ -192,6 +205,7 @@ def test_kill9_replica_under_load_and_restart():
         p.stop()
 
 
+@pytest.mark.slow
 def test_wait_and_min_replica_acks():
     p = start("--min-replica-acks", "1", "--min-replica-timeout", "0.5")
     try:
@@ -238,6 +252,7 @@ def test_wait_and_min_replica_acks():
         p.stop()
 
 
+@pytest.mark.slow
 def test_no_acknowledged_write_lost_on_promotion():
     p = start("--min-replica-acks", "1", "--min-replica-timeout", "2")
     r = start_replica(p)
@@ -273,6 +288,7 @@ def test_no_acknowledged_write_lost_on_promotion():
                 s.stop()
 
 
+@pytest.mark.slow
 def test_peers_authenticate_with_the_client_password():
     pw = "s3cret-pw"
     p = start("--requirepass", pw)
@@ -288,7 +304,8 @@ def test_peers_authenticate_with_the_client_password():
         wait_for(lambda: rr.get("k") == b"v", 10, what="replicated")
         assert rr.execute_command("KV.DIGEST") == rp.execute_command("KV.DIGEST")
         # the replica with the wrong password never gets in
-        time.sleep(0.5)
+        wait_for(lambda: rb.info("replication").get("kv_reconnects", 0) >= 2, 10,
+                 what="the replica with the wrong password to retry")
         assert rb.info("replication")["master_link_status"] == "down"
         assert rb.get("k") is None
         assert rp.info("replication")["connected_slaves"] == 1

@@ -19,7 +19,7 @@ import xxhash
 from replutil import client, digest, start, start_replica, wait_for, wait_link_up, wait_synced
 from serverutil import store_available
 
-pytestmark = [pytest.mark.timeout(120),
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow,
               pytest.mark.skipif(not store_available(), reason="kvstore.Store is not built")]
 
 NKEYS = 8000
@@ -92,6 +92,12 @@ class Load:
                 except AssertionError as e:
                     self.wrong.append(str(e))
             self.reads += len(ks)
+
+    def wait_progress(self, n=200, timeout=30):
+        """Return once the load did ``n`` more operations."""
+        start = self.reads + self.writes
+        wait_for(lambda: self.reads + self.writes >= start + n or self.errors, timeout,
+                 what="load progress")
 
     def __enter__(self):
         for t in self.threads:
@@ -169,9 +175,9 @@ def test_ues_on_primary_under_load(policy, kind):
         load_keys(p)
         wait_synced(p, r)
         with Load(p, [p]) as load:
-            time.sleep(0.3)
+            load.wait_progress()
             injected = inject_storm(p, kind, 30)
-            time.sleep(0.5)
+            load.wait_progress()
         assert injected == 30
         assert not load.errors, load.errors[:5]
         assert not load.wrong, load.wrong[:5]
@@ -201,9 +207,9 @@ def test_ues_on_replica_rebuilt_from_primary(policy):
         load_keys(p)
         wait_synced(p, r)
         with Load(p, [r]) as load:
-            time.sleep(0.3)
+            load.wait_progress()
             assert inject_storm(r, "ar", 20) == 20
-            time.sleep(0.5)
+            load.wait_progress()
         assert not load.errors, load.errors[:5]
         assert not load.wrong, load.wrong[:5]
         wait_no_lost(r)
@@ -230,8 +236,10 @@ def test_lagging_replica_never_gives_an_older_version():
         try:
             v_new = c.put(k, value(k, 99))        # the replica has not seen this
             c.inject("ao", key=k)
-            time.sleep(0.3)
-            lost = {kk: ver for kk, ver, _st in c.lost()}
+            def lost_now():
+                d = {kk: ver for kk, ver, _st in c.lost()}
+                return d if k in d else None
+            lost = wait_for(lost_now, 10, what="the injected key to be reported lost")
             assert lost.get(k) == v_new
             for _ in range(3):
                 try:

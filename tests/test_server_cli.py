@@ -116,6 +116,7 @@ def test_interactive_through_pty(server):
         os.close(fd)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="redis-benchmark not installed")
 def test_redis_benchmark_has_no_errors(server):
     p = subprocess.run(["redis-benchmark", "-h", server.host, "-p", str(server.port),

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from serverutil import num_fds, recv_all, resp_command, rss_kib, start_server, store_available
 
-pytestmark = pytest.mark.skipif(not store_available(),
-                                reason="kvstore.Store is not in this checkout yet")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not store_available(), reason="the C engine is not built")]
 
 MAGIC = b"\x00KV1"
 

@@ -11,15 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serverutil import ensure_importable, resp_command
-
-ensure_importable()
-
-from kvstore.server.framing import MAGIC, NEED_MORE, FrameError, FrameParser  # noqa: E402
-from kvstore.server.resp import (  # noqa: E402
-    RespParser, RespProtocolError, encode, integer,
-)
-from kvstore.server.config import parse_size  # noqa: E402
+from kvstore.server.config import parse_size
+from kvstore.server.framing import MAGIC, NEED_MORE, FrameError, FrameParser
+from kvstore.server.resp import RespParser, RespProtocolError, encode, integer
+from serverutil import resp_command
 
 
 def parse_chunks(chunks, **kw):

@@ -368,6 +368,7 @@ def test_context_manager_closes_on_error():
     assert s.closed
 
 
+@pytest.mark.slow
 def test_many_stores_open_and_close():
     for _ in range(20):
         s = kvstore.Store("256KiB", page_size="4K")

@@ -508,6 +508,7 @@ def test_scrubber_with_rate_in_thread_finds_corruption():
 
 # ---------------------------------------------------------------- threads
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES)
 def test_threads_with_faults_and_source(policy):
     rep = Replica()

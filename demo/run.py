@@ -27,19 +27,14 @@ and otherwise falls back to 4 KiB pages and says so.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import re
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import kvstore
 
-READY = re.compile(r"kvstore-server listening on \[?([^\]\s]+?)\]?:(\d+)\s*$")
 KINDS = ("ao", "ar", "hwpoison")
 
 
@@ -107,70 +102,13 @@ def _describe_backing(st, requested_page, requested_policy):
 
 # -- servers ----------------------------------------------------------------
 
-class ServerProcess:
-    """One ``kvstore-server`` subprocess: started with ``--port 0``, ready
-    when it prints its listening line; stderr (its log) goes to a temp file
-    shown if it fails."""
-
-    def __init__(self, name, flags, timeout=30.0):
-        self.name = name
-        self.log = tempfile.NamedTemporaryFile(prefix=f"kvstore-demo-{name}-", suffix=".log",
-                                               delete=False)
-        cmd = [sys.executable, "-m", "kvstore.server", "--port", "0", *flags]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, errors="replace")
-        self.host = self.port = None
-        ready = threading.Event()
-
-        def drain():     # read the ready line, then keep the pipe empty
-            for line in self.proc.stdout:
-                m = READY.search(line.strip())
-                if m and not ready.is_set():
-                    self.host, self.port = m.group(1), int(m.group(2))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=drain, name=f"{name}-stdout", daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not ready.wait(0.1):
-            if time.monotonic() > deadline:
-                break
-        if self.port is None:
-            self.stop()
-            raise RuntimeError(f"{name} server did not start (exit {self.proc.returncode}):\n"
-                               + self.log_tail())
-
-    @property
-    def address(self):
-        return f"{self.host}:{self.port}"
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def log_tail(self, lines=15):
-        try:
-            with open(self.log.name, encoding="utf-8", errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout=10.0):
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def remove_log(self):
-        self.log.close()
-        try:
-            os.unlink(self.log.name)
-        except OSError:
-            pass
+def ServerProcess(name, flags, timeout=30.0):
+    """One ``kvstore-server`` subprocess (:mod:`kvstore.server.spawn`): its log
+    (stderr) goes to a temp file, shown if it fails."""
+    from kvstore.server.spawn import start_server
+    srv = start_server(*flags, timeout=timeout, name=f"kvstore-demo-{name}")
+    srv.name = name
+    return srv
 
 
 def _wait(pred, timeout, what):
@@ -448,12 +386,9 @@ def run_servers(args) -> int:
         for c in clients:
             c.close()
         for srv in reversed(servers):
-            srv.stop()
+            srv.stop(keep_log=failed)
             if failed:
-                print(f"({srv.name} server log kept: {srv.log.name})", file=sys.stderr)
-                srv.log.close()
-            else:
-                srv.remove_log()
+                print(f"({srv.name} server log kept: {srv.logfile.name})", file=sys.stderr)
 
 
 # -- embedded mode (one process, no servers) ----------------------------------
@@ -652,7 +587,9 @@ def _interrupt(signum, frame):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not hasattr(kvstore, "Store"):
+    try:
+        import kvstore.store  # noqa: F401 - the C engine, for Store and the servers
+    except ImportError:
         print("kvstore-demo: the native extension kvstore._native is not built", file=sys.stderr)
         return 2
     old = {}

@@ -1,0 +1,211 @@
+"""Native adapters: check an op's msgpack arguments, call :mod:`.ops`, return
+the result msgpack encodes (PROTOCOL.md lists every op).
+
+A handler is ``fn(conn, args) -> result`` and fails by raising; the
+connection maps the exception with :func:`.errors.native_error`. Ops whose
+arguments fit the generic kinds (``persist``, ``dbsize``) have no handler
+here: :mod:`.adapters` builds theirs from the command row.
+"""
+
+import hmac
+
+from .adapters import native_args, native_key, native_number, native_value
+from .errors import native_only
+from .logs import event
+from .ops import keys as kops
+from .ops import server as sops
+
+__all__ = []
+
+_BIG = 1 << 16
+
+
+def ping(conn, args):
+    native_args(args, 0, 1, "ping")
+    return args[0] if args else "PONG"
+
+
+def auth(conn, args):
+    native_args(args, 1, 1, "auth")
+    want = conn.server.config.requirepass
+    if not want:
+        raise native_only("ERR", "no password is configured on this server")
+    pw = args[0]
+    if isinstance(pw, str):
+        pw = pw.encode()
+    if not isinstance(pw, bytes) or not hmac.compare_digest(pw, want.encode()):
+        event("warning", "auth_failed", id=conn.id, addr=conn.addr)
+        raise native_only("NOAUTH", "invalid password")
+    conn.authed = True
+    return True
+
+
+def get(conn, args):
+    native_args(args, 1, 1, "get")
+    v = kops.get(conn, native_key(args[0]))
+    if v is not None and len(v) >= _BIG:
+        conn.count_big(len(v))
+    return v
+
+
+def getv(conn, args):
+    native_args(args, 1, 1, "getv")
+    r = kops.get_versioned(conn, native_key(args[0]))
+    if r is None:
+        return None
+    if len(r[1]) >= _BIG:
+        conn.count_big(len(r[1]))
+    return [r[0], r[1]]
+
+
+def put(conn, args):
+    native_args(args, 2, 3, "put")
+    key = native_key(args[0])
+    value = native_value(args[1])
+    ttl = args[2] if len(args) == 3 else None
+    if ttl is None:
+        return kops.put(conn, key, value)
+    ttl = native_number(ttl, "ttl")
+    if ttl <= 0:
+        raise native_only("ERR", "ttl must be > 0 seconds")
+    return kops.put(conn, key, value, ttl)
+
+
+def delete(conn, args):
+    native_args(args, 1, 1, "delete")
+    return kops.delete(conn, native_key(args[0]))
+
+
+def exists(conn, args):
+    native_args(args, 1, 1, "exists")
+    return kops.exists(conn, native_key(args[0]))
+
+
+def mget(conn, args):
+    native_args(args, 1, 1, "mget")
+    keys = args[0]
+    if type(keys) is not list:
+        raise native_only("TYPE", "mget takes [[key, ...]]")
+    vals, total = kops.mget(conn, [native_key(k) for k in keys])
+    lost = []
+    for i, v in enumerate(vals):
+        if v is not None and type(v) is not bytes:    # still lost after read-repair
+            vals[i] = None
+            lost.append(i)
+    if total >= _BIG:
+        conn.count_big(total)
+    return [vals, lost]
+
+
+def mput(conn, args):
+    native_args(args, 1, 1, "mput")
+    flat = args[0]
+    if type(flat) is not list or len(flat) % 2:
+        raise native_only("TYPE", "mput takes [[key, value, key, value, ...]]")
+    pairs = [(native_key(flat[i]), native_value(flat[i + 1])) for i in range(0, len(flat), 2)]
+    return list(kops.mput(conn, pairs))
+
+
+def expire(conn, args):
+    native_args(args, 2, 2, "expire")
+    key = native_key(args[0])
+    return kops.expire(conn, key, native_number(args[1], "seconds"))
+
+
+def ttl(conn, args):
+    native_args(args, 1, 1, "ttl")
+    t = kops.ttl(conn, native_key(args[0]))
+    return t if t >= 0 else int(t)
+
+
+def keys(conn, args):
+    native_args(args, 0, 0, "keys")
+    return kops.keys(conn)
+
+
+def stats(conn, args):
+    native_args(args, 0, 0, "stats")
+    return sops.stats(conn)
+
+
+def lost(conn, args):
+    native_args(args, 0, 0, "lost")
+    return sops.lost(conn)
+
+
+def inject(conn, args):
+    native_args(args, 3, 3, "inject")
+    sops.require_injection(conn)
+    kind, where, what = args
+    if kind not in ("ao", "ar", "hwpoison"):
+        raise native_only("TYPE", "kind must be 'ao', 'ar' or 'hwpoison'")
+    if where == "offset":
+        if type(what) is not int or what < 0:
+            raise native_only("TYPE", "offset must be a non-negative int")
+        return sops.inject(conn, kind, offset=what)
+    if where == "key":
+        return sops.inject(conn, kind, key=native_key(what))
+    raise native_only("TYPE", "inject takes [kind, 'offset', n] or [kind, 'key', key]")
+
+
+def flushall(conn, args):
+    native_args(args, 0, 0, "flushall")
+    return sops.flushall(conn)
+
+
+def fetch(conn, args):
+    native_args(args, 1, 1, "fetch")
+    items = args[0]
+    if type(items) is not list:
+        raise native_only("TYPE", "fetch takes [[[key, min_version], ...]]")
+    pairs = []
+    for it in items:
+        if type(it) is not list or len(it) != 2 or type(it[1]) is not int:
+            raise native_only("TYPE", "fetch items are [key, min_version]")
+        pairs.append((native_key(it[0]), it[1]))
+    got = kops.fetch(conn, pairs)
+    total = 0
+    out = {}
+    for k, (ver, val) in got.items():
+        total += len(val)
+        out[k] = [ver, val]
+    if total >= _BIG:
+        conn.count_big(total)
+    return out
+
+
+# ---------------------------------------------------------------- replication
+
+def sync(conn, args):
+    if len(args) != 3:
+        raise native_only("ERR", "sync takes [replid or None, offset, listen_port]")
+    replid, offset, port = args
+    if replid is not None and type(replid) is not str:
+        raise native_only("TYPE", "replid must be a str or None")
+    if type(offset) is not int or type(port) is not int or not 0 <= port < 65536:
+        raise native_only("TYPE", "offset and listen_port must be ints")
+    return sops.sync(conn, replid, offset, port)
+
+
+def replicaof(conn, args):
+    sops.replication(conn)
+    if args == [] or args == [None]:
+        return sops.replicaof(conn)
+    if len(args) != 2 or type(args[0]) is not str or type(args[1]) is not int:
+        raise native_only("TYPE", "replicaof takes [] (promote) or [host, port]")
+    return sops.replicaof(conn, args[0], args[1])
+
+
+def wait(conn, args):
+    if (conn.server.repl is None or len(args) != 2 or type(args[0]) is not int
+            or not isinstance(args[1], (int, float))):
+        raise native_only("TYPE", "wait takes [numreplicas, timeout_seconds]")
+    return sops.wait(conn, args[0], sops.wait_deadline(float(args[1])))   # None: placeholder
+
+
+def digest(conn, args):
+    return sops.digest(conn)
+
+
+def role(conn, args):
+    return sops.role(conn)

@@ -1,0 +1,91 @@
+"""Reads and writes of keys (see the package docstring)."""
+
+from kvstore.errors import KeyLostError
+from kvstore.store import LOST
+
+__all__ = ["delete", "exists", "expire", "fetch", "get", "get_versioned", "keys", "dbsize",
+           "mget", "mput", "persist", "put", "strlen", "ttl"]
+
+
+def get(conn, key):
+    return conn.store.get(key)
+
+
+def get_versioned(conn, key):
+    return conn.store.get_versioned(key)
+
+
+def mget(conn, keys):
+    """Values of ``keys`` in order: bytes, None when absent, or the
+    KeyLostError of a key still lost after read-repair. Returns
+    ``(values, total_bytes)``."""
+    st = conn.store
+    vals = st.mget(keys, on_lost="mark")
+    total = 0
+    for i, v in enumerate(vals):
+        if v is None:
+            continue
+        if v is LOST:
+            try:
+                v = st.get(keys[i])     # read-repair from a peer, as GET does
+            except KeyLostError as e:
+                vals[i] = e
+                continue
+            vals[i] = v
+            if v is None:
+                continue
+        total += len(v)
+    return vals, total
+
+
+def put(conn, key, value, ttl=None):
+    """Write ``key``; returns the new version."""
+    return conn.writes.put(key, value, ttl)
+
+
+def mput(conn, pairs):
+    """Write ``[(key, value), ...]`` at once; returns the versions."""
+    return conn.writes.mput(pairs)
+
+
+def delete(conn, key):
+    return bool(conn.writes.delete(key))
+
+
+def exists(conn, key):
+    return bool(conn.store.exists(key))
+
+
+def expire(conn, key, seconds):
+    """Expire ``key`` in ``seconds`` (<= 0 deletes it). False if absent."""
+    if seconds <= 0:
+        return bool(conn.writes.delete(key))
+    return bool(conn.writes.expire(key, seconds))
+
+
+def ttl(conn, key):
+    """Seconds left (float), -1 without expiry, -2 if absent."""
+    return conn.store.ttl(key)
+
+
+def persist(conn, key):
+    return bool(conn.writes.persist(key))
+
+
+def keys(conn):
+    return list(conn.store.keys())
+
+
+def dbsize(conn):
+    return len(conn.store)
+
+
+def strlen(conn, key):
+    v = conn.store.get(key)
+    return 0 if v is None else len(v)
+
+
+def fetch(conn, pairs):
+    """For a peer's rebuild: ``{key: (version, value)}`` of each ``(key,
+    min_version)`` held here at ``version >= min_version``."""
+    return conn.store.fetch(pairs)

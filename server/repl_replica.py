@@ -1,0 +1,282 @@
+"""Replication, replica side: the link to the primary and applying its stream.
+
+:class:`ReplicaLink` connects to the primary, sends ``sync [replid, offset,
+listen_port]`` (partial resync when it has a replication id, full otherwise),
+applies the snapshot (``S``/``E`` frames) and the stream (``W`` frames), acks
+what it applied, and reconnects with backoff until stopped. Stream entries
+are applied straight to the Store (``put_versioned`` keeps the primary's
+versions and expiries); they do not pass through the server's write path,
+which refuses client writes on a replica.
+"""
+
+import asyncio
+import time
+
+import msgpack
+
+from kvstore.wire import MAGIC, NEED_MORE, FrameError, pack_frame
+
+from .framing import FrameParser
+from .logs import event
+
+__all__ = ["Replica", "ReplicaLink"]
+
+
+class Replica:
+    """The replica side of one server's replication: what was applied."""
+
+    def __init__(self, repl):
+        self.repl = repl
+        self.store = repl.store
+        self.stats = repl.stats
+        self.master = None             # (host, port)
+        self.link = None               # ReplicaLink
+        self.master_replid = None
+        self.applied = 0               # primary offset applied
+        self.max_version = 0           # highest version applied from the stream
+        self.ahead = {}                # key -> version rebuilt ahead of the stream
+
+    def start(self, host, port):
+        self.stop()
+        self.master = (host, port)
+        self.link = ReplicaLink(self, host, port)
+        self.link.start()
+
+    def stop(self):
+        if self.link is not None:
+            self.link.stop()
+            self.link = None
+
+    def forget(self):
+        """After a promotion: no primary, nothing applied."""
+        self.stop()
+        self.master = None
+        self.applied = 0
+        self.ahead.clear()
+
+    def on_install(self, key, version):
+        if version > self.max_version:
+            # fetched from the primary ahead of our stream: older writes of
+            # this key still in the stream must not go back in time
+            self.ahead[bytes(key)] = version
+
+    def full_sync_started(self, offset):
+        self.store.flush()
+        self.ahead.clear()
+        self.max_version = 0
+        self.applied = offset
+
+    def apply(self, blob, unpacker):
+        st = self.store
+        pv, dl, ex, fl = st.put_versioned, st.delete, st.expire_at_ms, st.flush
+        unpacker.feed(blob)
+        n = 0
+        ahead = self.ahead
+        maxv = self.max_version
+        for e in unpacker:
+            t = e[0]
+            try:
+                if ahead and t != "f" and e[1] in ahead:
+                    # a rebuild installed a newer version: skip the older history
+                    if t != "p" or e[2] < ahead[e[1]]:
+                        continue
+                    del ahead[e[1]]
+                if t == "p":
+                    pv(e[1], e[3], e[2], e[4])
+                    if e[2] > maxv:
+                        maxv = e[2]
+                elif t == "d":
+                    dl(e[1])
+                elif t == "e":
+                    ex(e[1], e[2])
+                elif t == "f":
+                    fl()
+                    ahead.clear()
+                n += 1
+            except Exception as exc:  # noqa: BLE001 - keep the link; count it
+                self.stats["apply_errors"] += 1
+                if self.stats["apply_errors"] <= 10:
+                    event("error", "replica_apply_failed", entry=t,
+                          error=f"{type(exc).__name__}: {exc}")
+        self.max_version = maxv
+        self.stats["applied_entries"] += n
+
+    def info(self):
+        link = self.link
+        now = time.monotonic()
+        d = dict(master_host=self.master[0], master_port=self.master[1],
+                 master_link_status="up" if link and link.up else "down",
+                 master_last_io_seconds_ago=int(now - link.last_io) if link and link.up else -1,
+                 master_sync_in_progress=int(bool(link and link.syncing)),
+                 slave_repl_offset=self.applied, slave_read_only=1,
+                 master_link_down_since_seconds=(
+                     int(now - link.down_since) if link and not link.up else 0),
+                 connected_slaves=0)
+        if link is not None:
+            d.update(kv_last_sync=link.last_mode or "none", kv_full_syncs=link.full_syncs,
+                     kv_partial_syncs=link.partial_syncs, kv_reconnects=link.reconnects)
+        return d
+
+
+class ReplicaLink:
+    """The replica's connection to its primary; reconnects until stopped."""
+
+    def __init__(self, replica, host, port):
+        self.replica = replica
+        self.repl = replica.repl
+        self.host = host
+        self.port = port
+        self.up = False
+        self.syncing = False
+        self.last_io = time.monotonic()
+        self.down_since = time.monotonic()
+        self.task = None
+        self.writer = None
+        self.stopped = False
+        self.full_syncs = 0
+        self.partial_syncs = 0
+        self.reconnects = 0
+        self.last_mode = None
+        self.packer = msgpack.Packer(use_bin_type=True)
+        self.timeout = self.repl.server.config.repl_timeout
+
+    def start(self):
+        self.task = self.repl.loop.create_task(self.run())
+
+    def stop(self):
+        self.stopped = True
+        if self.task is not None:
+            self.task.cancel()
+        self.transport_close()
+
+    def transport_close(self):
+        w = self.writer
+        if w is not None:
+            w.transport.abort()
+            return True
+        return False
+
+    def heartbeat(self):
+        if self.up and self.writer is not None:
+            self._ack()
+        if self.up and time.monotonic() - self.last_io > self.timeout:
+            event("warning", "primary_timeout", host=self.host, port=self.port)
+            self.transport_close()
+
+    def _ack(self):
+        w = self.writer
+        if w is not None and not w.transport.is_closing():
+            w.write(pack_frame(self.packer, ["ack", self.replica.applied]))
+
+    async def run(self):
+        delay = 0.05
+        while not self.stopped:
+            try:
+                await self._session()
+                delay = 0.05
+            except asyncio.CancelledError:
+                raise
+            except (OSError, EOFError, FrameError, _LinkError, asyncio.IncompleteReadError) as e:
+                if self.up or self.reconnects == 0 or delay <= 0.05:
+                    event("warning", "primary_link_down", host=self.host, port=self.port,
+                          error=f"{type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - keep retrying
+                event("error", "primary_link_failed", host=self.host, port=self.port,
+                      error=f"{type(e).__name__}: {e}")
+            finally:
+                if self.up:
+                    self.down_since = time.monotonic()
+                    delay = 0.05        # it was working: retry soon
+                self.up = False
+                self.syncing = False
+                if self.writer is not None:
+                    self.writer.transport.abort()
+                    self.writer = None
+                self.repl.refresh_peers()
+            if self.stopped:
+                break
+            self.reconnects += 1
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2) if not self.up else 0.05
+
+    async def _session(self):
+        repl = self.repl
+        rep = self.replica
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), timeout=5.0)
+        self.writer = writer
+        parser = FrameParser(max_frame=max(repl.server.config.max_frame, 1 << 30), expect_magic=False)
+        out = [MAGIC]
+        rid = 1
+        if repl.password:
+            out.append(pack_frame(self.packer, [rid, "auth", [repl.password.encode()]]))
+            rid += 1
+        sync_rid = rid
+        replid = rep.master_replid
+        out.append(pack_frame(self.packer, [sync_rid, "sync",
+                                            [replid, rep.applied if replid else -1,
+                                             repl.server.port or 0]]))
+        writer.write(b"".join(out))
+        unpacker = msgpack.Unpacker(raw=False, use_list=True, max_buffer_size=1 << 31)
+        mode = None
+        while True:
+            data = await asyncio.wait_for(reader.read(1 << 18), timeout=self.timeout)
+            if not data:
+                raise EOFError("primary closed the connection")
+            self.last_io = time.monotonic()
+            parser.feed(data)
+            applied = False
+            while True:
+                fr = parser.gets()
+                if fr is NEED_MORE:
+                    break
+                if not isinstance(fr, list) or not fr:
+                    raise _LinkError(f"unexpected frame {fr!r:.80}")
+                tag = fr[0]
+                if tag == "W":
+                    start, blob = fr[1], fr[2]
+                    if mode is None or self.syncing:
+                        # writes after the snapshot point before "E": cannot happen
+                        raise _LinkError("stream chunk before the sync finished")
+                    if start != rep.applied:
+                        raise _LinkError(f"stream gap: chunk at {start}, applied {rep.applied}")
+                    rep.apply(blob, unpacker)
+                    rep.applied = start + len(blob)
+                    applied = True
+                elif tag == "S":
+                    rep.apply(fr[1], unpacker)
+                elif tag == "E":
+                    rep.applied = fr[1]
+                    self.syncing = False
+                    applied = True
+                    event("info", "full_sync_done", host=self.host, port=self.port,
+                          offset=fr[1], keys=len(rep.store))
+                elif tag == "PING":
+                    pass
+                elif type(tag) is int:
+                    status, result = fr[1], fr[2]
+                    if status != 0:
+                        code = result[0] if isinstance(result, list) and result else "ERR"
+                        raise _LinkError(f"primary refused: {code} {result!r:.200}")
+                    if tag == sync_rid:
+                        mode = result["mode"]
+                        self.last_mode = mode
+                        rep.master_replid = result["replid"]
+                        if mode == "full":
+                            self.full_syncs += 1
+                            self.syncing = True
+                            rep.full_sync_started(result["offset"])
+                        else:
+                            self.partial_syncs += 1
+                        self.up = True
+                        repl.refresh_peers()
+                        event("info", "primary_link_up", host=self.host, port=self.port, mode=mode,
+                              offset=result["offset"])
+                else:
+                    raise _LinkError(f"unexpected frame tag {tag!r:.40}")
+            if applied:
+                self._ack()
+
+
+class _LinkError(Exception):
+    pass
