@@ -13,9 +13,7 @@ import tempfile
 import pytest
 
 from redisdiff import REDIS_SERVER, Raw, RedisProc
-from serverutil import ensure_importable
 
-ensure_importable()
 
 from kvstore.server.acl import (  # noqa: E402
     CATEGORIES, COMMAND_CATEGORIES, NATIVE_COMMANDS, AclError, AclStore, User, categories,

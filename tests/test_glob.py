@@ -8,9 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from redisdiff import REDIS_SERVER, Raw, RedisProc
-from serverutil import ensure_importable
 
-ensure_importable()
 
 from kvstore.server import glob  # noqa: E402
 from kvstore.server.glob import compile as gcompile, matches_all, stringmatch  # noqa: E402

@@ -8,9 +8,8 @@ import urllib.request
 
 import pytest
 
-from serverutil import ensure_importable, start_server, store_available
+from serverutil import start_server, store_available
 
-ensure_importable()
 
 prometheus_client = pytest.importorskip(
     "prometheus_client", reason="prometheus_client is in the server and test extras")

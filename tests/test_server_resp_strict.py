@@ -16,9 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from redisdiff import REDIS_SERVER, RedisProc
-from serverutil import ensure_importable, recv_all, resp_command, start_server, store_available
+from serverutil import recv_all, resp_command, start_server, store_available
 
-ensure_importable()
 
 from kvstore.server.resp import RespParser  # noqa: E402
 
