@@ -58,7 +58,9 @@ DEFAULT_TIMEOUT = 2.0
 MAX_REPLY = 64 << 20
 
 # gRPC status codes etcd uses in its error replies.
+_DEADLINE_EXCEEDED = 4
 _NOT_FOUND = 5
+_UNAVAILABLE = 14
 
 
 class EtcdError(errors.Error):
@@ -304,7 +306,11 @@ class EtcdClient:
             if "error" in err and isinstance(err["error"], dict):    # stream error form
                 err = err["error"]
             msg = err.get("message") or err.get("error") or body[:200].decode("latin-1").strip()
-            code = err.get("code")
+            code = err.get("code", err.get("grpc_code"))
+            if code == _UNAVAILABLE:
+                raise EtcdUnavailableError(f"etcd at http://{host}:{port} is unavailable: {msg}")
+            if code == _DEADLINE_EXCEEDED:
+                raise EtcdTimeoutError(f"etcd at http://{host}:{port} timed out on /v3/{path}: {msg}")
             cls = LeaseNotFoundError if (code == _NOT_FOUND and "lease not found" in msg) \
                 else EtcdResponseError
             raise cls(f"etcd refused /v3/{path}: {msg}", code=code, http_status=status)
@@ -511,9 +517,14 @@ class Watch:
                 await self._open()
             obj = await self._next_object()
             if "error" in obj:
-                e = obj["error"]
-                raise EtcdResponseError(f"etcd ended the watch: {e.get('message', e)}",
-                                        code=e.get("code"))
+                e = obj["error"] if isinstance(obj["error"], dict) else obj
+                host, port = self.endpoint
+                self.close()
+                msg = f"etcd at http://{host}:{port} ended the watch: {e.get('message', e)}"
+                code = e.get("code", e.get("grpc_code"))     # stream errors say grpc_code
+                if code == _UNAVAILABLE:
+                    raise EtcdUnavailableError(msg)
+                raise EtcdResponseError(msg, code=code)
             r = obj.get("result", obj)
             if r.get("canceled"):
                 crev = _int(r.get("compact_revision"))
