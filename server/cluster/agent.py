@@ -127,7 +127,7 @@ class NodeAgent:
         self.refresh_interval = refresh_interval
         self.start_timeout = start_timeout
         self.pid = os.getpid() if pid is None else pid
-        self.log = log or (lambda level, what, **kw: None)
+        self.log = log if log is not None else (lambda level, name, /, **kw: None)
         self.controller = Controller(self.topo, self.node_id, host, port,
                                      interval=reconcile_interval, log=self.log) if controller else None
 
@@ -189,11 +189,8 @@ class NodeAgent:
         self._fence("node stopping")
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)    # never swallows our own cancel
         self._tasks = []
         if self._fence_timer is not None:
             self._fence_timer.cancel()
@@ -333,7 +330,9 @@ class NodeAgent:
     async def _refresh_loop(self):
         while True:
             try:
-                await asyncio.wait_for(self._refresh_wanted.wait(), self.refresh_interval)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation
+                async with asyncio.timeout(self.refresh_interval):
+                    await self._refresh_wanted.wait()
             except TimeoutError:
                 pass
             self._refresh_wanted.clear()

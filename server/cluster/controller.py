@@ -302,7 +302,7 @@ class Controller:
         self.port = port
         self.interval = interval
         self.handover_timeout = handover_timeout
-        self.log = log or (lambda level, what, **kw: None)
+        self.log = log if log is not None else (lambda level, name, /, **kw: None)
         self.lease = 0
         self.election_revision = 0
         self.changes = 0
@@ -367,7 +367,9 @@ class Controller:
                 self.last_error = e
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
@@ -397,11 +399,11 @@ class Controller:
                 await self.topo.cas_map(new, st.map_revision, st.map.epoch if st.map else 0,
                                         guard=self._guard() + extra_guard)
             except (CasConflictError, StaleEpochError) as e:
-                self.log("info", "controller_cas_retry", what=what, error=str(e))
+                self.log("info", "controller_cas_retry", change=what, error=str(e))
                 continue
             n += 1
             self.changes += 1
-            self.log("warning", "topology_change", what=what, epoch=new.epoch)
+            self.log("warning", "topology_change", change=what, epoch=new.epoch)
             if request is not None:
                 rid, rev = request
                 await self.topo.finish_request(rid, rev, "done", f"epoch {new.epoch}")
