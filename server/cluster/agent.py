@@ -293,6 +293,8 @@ class NodeAgent:
         started = time.monotonic()
         st = await self.topo.state()
         self.stats["refreshes"] += 1
+        if self.controller is not None:
+            self.controller.observe(st)
         if st.meta is None:
             raise TopologyError(f"cluster {self.cluster!r} vanished from etcd")
         if st.map is not None:

@@ -324,6 +324,16 @@ class Controller:
             self.lease = lease
             self.election_revision = 0      # the old key went with the old lease
 
+    def observe(self, st):
+        """Remember each primary's replication id (to rank replicas once it is gone).
+
+        Called on every state read, by the agent too, so a controller elected
+        after a primary died still knows which stream its replicas count in.
+        """
+        for mem in st.members.values():
+            if mem.role == "primary" and mem.replid:
+                self._replids[mem.id] = mem.replid
+
     def _guard(self):
         return [cmp_create(self.topo.key_controller, "==", self.election_revision)]
 
@@ -384,9 +394,7 @@ class Controller:
                 return n
             if st.meta is None:
                 return n
-            for mem in st.members.values():
-                if mem.role == "primary" and mem.replid:
-                    self._replids[mem.id] = mem.replid
+            self.observe(st)
             step = self._plan(st)
             if step is None:
                 return n
@@ -395,18 +403,21 @@ class Controller:
                 await self.topo.finish_request(step.rid, step.rev, "error", step.reason)
                 continue
             new, extra_guard, what, request = step
+            also = []
+            if request is not None:     # the request's outcome goes in the same txn
+                rid, req, rev = request
+                cmp, op = self.topo.request_outcome(rid, req, rev, "done", f"epoch {new.epoch}")
+                extra_guard = extra_guard + [cmp]
+                also = [op]
             try:
                 await self.topo.cas_map(new, st.map_revision, st.map.epoch if st.map else 0,
-                                        guard=self._guard() + extra_guard)
+                                        guard=self._guard() + extra_guard, also=also)
             except (CasConflictError, StaleEpochError) as e:
                 self.log("info", "controller_cas_retry", change=what, error=str(e))
                 continue
             n += 1
             self.changes += 1
             self.log("warning", "topology_change", change=what, epoch=new.epoch)
-            if request is not None:
-                rid, rev = request
-                await self.topo.finish_request(rid, rev, "done", f"epoch {new.epoch}")
         return n
 
     def _plan(self, st):
@@ -445,7 +456,7 @@ class Controller:
                 new = apply_request(m, req.get("op"), req.get("args") or {}, members)
             except (TopologyError, KeyError, TypeError, ValueError) as e:
                 return _Refusal(rid, rev, str(e))
-            return new, [], f"request {req.get('op')}", (rid, rev)
+            return new, [], f"request {req.get('op')}", (rid, req, rev)
         return None
 
 

@@ -486,7 +486,7 @@ class Topology:
 
     # -- writes
 
-    async def cas_map(self, new, prev_revision, prev_epoch, guard=()):
+    async def cas_map(self, new, prev_revision, prev_epoch, guard=(), also=()):
         """Store ``new`` iff the slot map is still at ``prev_revision``.
 
         ``new.epoch`` must be ``prev_epoch + 1`` (``prev_epoch`` is -1 for the
@@ -503,7 +503,7 @@ class Topology:
                                   new.epoch, prev_epoch)
         raw = new.encode()
         r = await self.etcd.txn([cmp_mod(self.key_map, "==", prev_revision), *guard],
-                                [op_put(self.key_map, raw)], [op_get(self.key_map)])
+                                [op_put(self.key_map, raw), *also], [op_get(self.key_map)])
         if r.succeeded:
             return r.revision
         kvs = r.responses[0] if r.responses else []
@@ -540,6 +540,12 @@ class Topology:
     async def request_status(self, rid):
         kv, _ = await self.etcd.get(self.key_requests + rid.encode())
         return None if kv is None else _loads(kv.value, "request")
+
+    def request_outcome(self, rid, request, mod_revision, status, detail=""):
+        """``(compare, op)`` recording a request's outcome, for a txn."""
+        key = self.key_requests + rid.encode()
+        body = dict(request, status=status, detail=detail)
+        return cmp_mod(key, "==", mod_revision), op_put(key, _dumps(body))
 
     async def finish_request(self, rid, mod_revision, status, detail=""):
         """Record a request's outcome (only if nobody changed it meanwhile)."""
