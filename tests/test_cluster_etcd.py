@@ -6,7 +6,7 @@ import time
 import pytest
 
 from serverutil import ensure_importable
-from etcdutil import EtcdProc, etcd, free_port, needs_etcd  # noqa: F401
+from etcdutil import etcd, free_port, needs_etcd  # noqa: F401  (etcd: a fixture)
 
 ensure_importable()
 

@@ -149,6 +149,26 @@ def test_slot_migration_states():
     assert back.assigned() == 16384
 
 
+def test_rebalance_plan_moves_the_fewest_slots_to_a_new_shard():
+    m, _ = three_by_two()
+    assert C.rebalance_plan(m) == []                   # already even
+    m4 = C.add_shard(m, "g", "127.0.0.1", 7100)
+    plan = C.rebalance_plan(m4)
+    assert {dst for _, dst, _ in plan} == {3}
+    moved = sum(slots.count(r) for _, _, r in plan)
+    assert moved == 4096                               # exactly the new shard's share
+    cur = m4
+    for src, dst, ranges in plan:
+        cur = C.finish_migration(C.begin_migration(cur, ranges, dst), ranges)
+    counts = sorted(slots.count(s.slots) for s in cur.shards)
+    assert counts == [4096] * 4 and cur.assigned() == 16384
+    assert C.rebalance_plan(cur) == []
+    # draining a shard: its slots go to the others
+    plan = C.rebalance_plan(cur, [0, 1, 2])
+    assert all(src == 3 for src, _, _ in plan)
+    assert sum(slots.count(r) for _, _, r in plan) == 4096
+
+
 @needs_etcd
 def test_cas_map_refuses_stale_epochs_and_conflicts(etcd):
     async def main():

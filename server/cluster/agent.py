@@ -171,7 +171,16 @@ class NodeAgent:
         await self.etcd.wait_ready(self.start_timeout, on_retry=retry)
         await self.topo.meta()          # ClusterNotFoundError / ClusterNameError
         await self._new_lease()
-        await self.refresh()
+        try:
+            await self.refresh()
+        except BaseException:
+            if self._fence_timer is not None:
+                self._fence_timer.cancel()
+            try:
+                await self.etcd.revoke(self.lease, timeout=1.0)     # leave no member behind
+            except EtcdError:
+                pass
+            raise
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._keepalive_loop(), name="cluster-keepalive"),
                        loop.create_task(self._watch_loop(), name="cluster-watch"),
@@ -223,9 +232,15 @@ class NodeAgent:
 
     def _deadline_passed(self):
         self._fence_timer = None
-        if time.monotonic() >= self._deadline and not self.stopped:
-            self._lease_trouble = True
-            self._fence(f"lease not renewed for {self.fence_after:g} s")
+        if self.stopped:
+            return
+        left = self._deadline - time.monotonic()
+        if left > 0:        # the loop may run a timer a clock tick early
+            loop = asyncio.get_running_loop()
+            self._fence_timer = loop.call_at(loop.time() + left, self._deadline_passed)
+            return
+        self._lease_trouble = True
+        self._fence(f"lease not renewed for {self.fence_after:g} s")
 
     async def _keepalive_loop(self):
         while True:

@@ -59,7 +59,8 @@ from .topology import (CasConflictError, SlotMap, StaleEpochError, Shard, Topolo
 
 __all__ = ["Controller", "bootstrap", "failover", "pick_successor", "begin_handover",
            "abort_handover", "add_node", "add_shard", "remove_node", "begin_migration",
-           "finish_migration", "abort_migration", "update_addresses"]
+           "finish_migration", "abort_migration", "update_addresses", "rebalance_plan",
+           "apply_request"]
 
 
 # -- pure operations on the slot map (each returns a new map, epoch + 1, or None)
@@ -264,6 +265,44 @@ def abort_migration(m, slot_ranges):
         if new.migrations.pop(s, None) is None:
             raise TopologyError(f"slot {s} is not migrating")
     return new
+
+
+def rebalance_plan(m, shard_ids=None):
+    """Slot moves that even out the shards: ``[(from, to, [(lo, hi), ...]), ...]``.
+
+    ``shard_ids``: the shards to spread the slots over (default: every shard
+    with a primary). Each ends with 16384/n slots, give or take one; a shard
+    keeps the slots it has where it can, so the fewest slots move. Each move
+    is then run as ``migrate`` (keys move) and ``migrate-done``.
+    """
+    if shard_ids is None:
+        shard_ids = [s.id for s in m.shards if s.primary]
+    shard_ids = sorted(shard_ids)
+    if not shard_ids:
+        raise TopologyError("no shard to place slots on")
+    for sid in shard_ids:
+        if m.shard(sid) is None:
+            raise TopologyError(f"no shard {sid}")
+    n = len(shard_ids)
+    have = {s.id: sorted(_slots.from_ranges(s.slots)) for s in m.shards}
+    # the one extra slot some shards get goes to those that hold more already
+    by_size = sorted(shard_ids, key=lambda sid: (-len(have[sid]), sid))
+    target = {sid: _slots.SLOTS // n + (1 if i < _slots.SLOTS % n else 0)
+              for i, sid in enumerate(by_size)}
+    give = []                       # (slot, from) beyond each donor's target
+    for s in m.shards:
+        keep = target.get(s.id, 0)
+        give.extend((slot, s.id) for slot in have[s.id][keep:])
+    give.extend((slot, None) for slot, owner in enumerate(m.slot_table()) if owner is None)
+    moves = {}
+    for sid in shard_ids:
+        need = target[sid] - min(len(have[sid]), target[sid])
+        while need > 0 and give:
+            slot, src = give.pop(0)
+            moves.setdefault((src, sid), []).append(slot)
+            need -= 1
+    return [(src, dst, _slots.to_ranges(ss)) for (src, dst), ss in sorted(
+        moves.items(), key=lambda kv: (kv[0][0] is None, kv[0]))]
 
 
 def apply_request(m, op, args, members):

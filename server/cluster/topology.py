@@ -192,9 +192,9 @@ class SlotMap:
 
     def validate(self):
         check_name(self.cluster)
-        owner = {}
         ids = set()
         seen_nodes = set()
+        ranges = []
         for s in self.shards:
             if s.id in ids:
                 raise TopologyError(f"shard {s.id} appears twice")
@@ -210,12 +210,12 @@ class SlotMap:
                                         f"shard {self.nodes[n].get('shard')}")
             if s.handover is not None and s.handover not in s.replicas:
                 raise TopologyError(f"shard {s.id}: handover to {s.handover}, not a replica")
-            for lo, hi in s.slots:
-                for other_lo, other_hi, other in owner.get("ranges", []):
-                    if lo <= other_hi and other_lo <= hi:
-                        raise TopologyError(f"slots {max(lo, other_lo)}-{min(hi, other_hi)} "
-                                            f"are owned by shards {other} and {s.id}")
-                owner.setdefault("ranges", []).append((lo, hi, s.id))
+            ranges.extend((lo, hi, s.id) for lo, hi in s.slots)
+        ranges.sort()
+        for (lo1, hi1, a), (lo2, hi2, b) in zip(ranges, ranges[1:]):
+            if lo2 <= hi1:
+                raise TopologyError(f"slots {lo2}-{min(hi1, hi2)} are owned by shards "
+                                    f"{min(a, b)} and {max(a, b)}")
         for n, info in self.nodes.items():
             if n not in seen_nodes:
                 raise TopologyError(f"node {n} is in no shard")
