@@ -264,8 +264,13 @@ def test_fenced_before_lease_expiry_then_rejoins_as_replica(etcd):
             assert pn.view.role == "replica" and pn.view.primary_id == rn.name
             await wait_until(lambda: pa.stats["leases_lost"] >= 1 and pa.lease != lease0,
                              what="a new lease")
-            st = await pa.topo.state()
-            assert st.members[pn.name].lease == pa.lease and st.members[pn.name].role == "replica"
+            for _ in range(100):        # its record follows within the publish interval
+                st = await pa.topo.state()
+                rec = st.members.get(pn.name)
+                if rec and rec.lease == pa.lease and rec.role == "replica":
+                    break
+                await asyncio.sleep(0.05)
+            assert rec.lease == pa.lease and rec.role == "replica" and rec.epoch == epoch0 + 1
             await asyncio.sleep(0.5)
             assert pn.fenced and not pa.can_ack() and ra.can_ack()
         finally:
