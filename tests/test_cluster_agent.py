@@ -422,3 +422,38 @@ def test_resharding_requests_move_slots_through_migrating_state(etcd):
         finally:
             await stop_all(pairs)
     run(main())
+
+
+def test_can_ack_follows_the_clock_even_when_the_loop_was_stalled(etcd):
+    async def main():
+        pairs = await cluster(etcd.url, ["a"], 1)
+        try:
+            (pn, pa), = pairs
+            await wait_until(lambda: pa.can_ack(), what="primary acknowledging")
+            partition(pa)
+            # the loop stalls (a SIGSTOP, a long pause) past the deadline: the
+            # fence timer has not had its turn, yet no acknowledgement is allowed
+            time.sleep(FENCE_AFTER + 0.2)
+            assert not pa.can_ack()
+            await wait_until(lambda: pn.fenced, 2, "the timer fences too")
+            heal(pa, etcd.url)
+            await wait_until(lambda: pa.can_ack() and not pn.fenced, 10, "unfenced once renewed")
+        finally:
+            await stop_all(pairs)
+    run(main())
+
+
+def test_graceful_stop_hands_the_shard_over_at_once(etcd):
+    async def main():
+        pairs = await cluster(etcd.url, ["a", "b"], 1)
+        try:
+            (pn, pa), = [(n, a) for n, a in pairs if n.view.role == "primary"]
+            rn = next(n for n, _ in pairs if n is not pn)
+            t0 = time.monotonic()
+            await pa.stop()             # revokes its lease: no waiting for expiry
+            assert pn.fenced and not pa.can_ack()
+            await wait_until(lambda: rn.view.role == "primary" and not rn.fenced, TTL, "takeover")
+            assert time.monotonic() - t0 < TTL
+        finally:
+            await stop_all(pairs)
+    run(main())
