@@ -1,0 +1,152 @@
+"""Hash slots exactly as Redis Cluster computes them.
+
+A key maps to one of :data:`SLOTS` (16384) slots: CRC16 (the XMODEM variant:
+polynomial 0x1021, initial value 0, no reflection, no final xor) of the key,
+modulo 16384. When the key holds a ``{`` followed later by a ``}`` with at
+least one byte between them, only the bytes between the *first* ``{`` and the
+first ``}`` after it are hashed (the hash tag), so ``{user1}.a`` and
+``{user1}.b`` share a slot. An empty tag (``{}``) or a ``{`` with no ``}``
+after it means the whole key is hashed. This is Redis's ``keyHashSlot()``;
+the tests compare against a real cluster-enabled redis-server's
+``CLUSTER KEYSLOT``.
+
+Slot sets are written as sorted, disjoint, inclusive ``(lo, hi)`` ranges, the
+form ``CLUSTER SLOTS`` and the slot map in etcd use.
+"""
+
+__all__ = ["SLOTS", "crc16", "key_slot", "hash_tag", "to_ranges", "from_ranges",
+           "normalize", "even_split", "count", "contains", "SlotRangeError"]
+
+#: Number of hash slots, as in Redis Cluster.
+SLOTS = 16384
+
+
+class SlotRangeError(ValueError):
+    """A slot or slot range outside 0..16383, or an inverted range."""
+
+
+def _table():
+    t = []
+    for i in range(256):
+        c = i << 8
+        for _ in range(8):
+            c = ((c << 1) ^ 0x1021) if c & 0x8000 else (c << 1)
+        t.append(c & 0xFFFF)
+    return tuple(t)
+
+
+_TABLE = _table()
+
+
+def crc16(data):
+    """CRC16/XMODEM of ``data`` (bytes-like): ``crc16(b"123456789") == 0x31C3``."""
+    crc = 0
+    t = _TABLE
+    for b in bytes(data):
+        crc = ((crc << 8) & 0xFF00) ^ t[((crc >> 8) ^ b) & 0xFF]
+    return crc
+
+
+def _as_bytes(key):
+    if isinstance(key, str):
+        raise TypeError("keys are bytes; encode the str first (e.g. key.encode())")
+    return bytes(key)
+
+
+def hash_tag(key):
+    """The bytes that are hashed for ``key``: its hash tag, or the whole key."""
+    key = _as_bytes(key)
+    s = key.find(b"{")
+    if s >= 0:
+        e = key.find(b"}", s + 1)
+        if e > s + 1:
+            return key[s + 1:e]
+    return key
+
+
+def key_slot(key):
+    """The hash slot (0..16383) of ``key`` (bytes-like), as Redis Cluster."""
+    return crc16(hash_tag(key)) & (SLOTS - 1)
+
+
+def _check_slot(s):
+    if type(s) is not int or not 0 <= s < SLOTS:
+        raise SlotRangeError(f"slot {s!r} is not an integer in 0..{SLOTS - 1}")
+
+
+def normalize(ranges):
+    """Sorted, merged, validated list of ``(lo, hi)`` ranges (inclusive)."""
+    rs = []
+    for r in ranges:
+        try:
+            lo, hi = r
+        except (TypeError, ValueError):
+            raise SlotRangeError(f"slot range {r!r} is not a (lo, hi) pair") from None
+        _check_slot(lo)
+        _check_slot(hi)
+        if lo > hi:
+            raise SlotRangeError(f"slot range {lo}-{hi} is inverted")
+        rs.append((lo, hi))
+    rs.sort()
+    out = []
+    for lo, hi in rs:
+        if out and lo <= out[-1][1] + 1:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def to_ranges(slots):
+    """Ranges covering exactly the given slots (any iterable of ints)."""
+    ss = sorted(set(slots))
+    for s in ss:
+        _check_slot(s)
+    out = []
+    for s in ss:
+        if out and s == out[-1][1] + 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
+
+
+def from_ranges(ranges):
+    """The set of slots the ranges cover."""
+    out = set()
+    for lo, hi in normalize(ranges):
+        out.update(range(lo, hi + 1))
+    return out
+
+
+def count(ranges):
+    """Number of slots the ranges cover."""
+    return sum(hi - lo + 1 for lo, hi in normalize(ranges))
+
+
+def contains(ranges, slot):
+    """True when ``slot`` lies in one of the (normalized) ranges."""
+    return any(lo <= slot <= hi for lo, hi in ranges)
+
+
+def even_split(n):
+    """All 16384 slots in ``n`` contiguous ranges whose sizes differ by at most one.
+
+    Same arithmetic as ``redis-cli --cluster create``: for ``n == 3`` this is
+    ``[(0, 5460), (5461, 10922), (10923, 16383)]``.
+    """
+    if type(n) is not int or not 1 <= n <= SLOTS:
+        raise SlotRangeError(f"cannot split {SLOTS} slots into {n!r} shards")
+    per = SLOTS / n
+    out = []
+    first, cursor = 0, 0.0
+    for i in range(n):
+        last = int(cursor + per - 1 + 0.5)      # lround: halves away from zero
+        if last > SLOTS - 1 or i == n - 1:
+            last = SLOTS - 1
+        last = max(last, first)
+        out.append((first, last))
+        first = last + 1
+        cursor += per
+    return out
