@@ -13,10 +13,8 @@ import time
 
 import pytest
 
-from serverutil import ensure_importable
 from etcdutil import EtcdProc, etcd, free_port, needs_etcd  # noqa: F401
 
-ensure_importable()
 
 from kvstore.server.cluster import (ClusterNode, ClusterNotFoundError,  # noqa: E402
                                     EtcdUnavailableError, NodeAgent, Topology)

@@ -5,10 +5,8 @@ import time
 
 import pytest
 
-from serverutil import ensure_importable
 from etcdutil import etcd, free_port, needs_etcd  # noqa: F401  (etcd: a fixture)
 
-ensure_importable()
 
 from kvstore.server.cluster import etcd as E  # noqa: E402
 

@@ -10,9 +10,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serverutil import ensure_importable
 
-ensure_importable()
 
 from kvstore.server.cluster import slots  # noqa: E402
 from etcdutil import free_port  # noqa: E402

@@ -4,10 +4,8 @@ import asyncio
 
 import pytest
 
-from serverutil import ensure_importable
 from etcdutil import etcd, needs_etcd  # noqa: F401
 
-ensure_importable()
 
 from kvstore.server.cluster import controller as C  # noqa: E402
 from kvstore.server.cluster import slots  # noqa: E402
