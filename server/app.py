@@ -12,12 +12,14 @@ listeners, stop reading from clients, let queued replies flush (bounded by
 """
 
 import asyncio
+import contextlib
 import signal
 import sys
 import time
 
 import kvstore
 
+from .access import Access
 from .commands import build_table
 from .handshake import Handshake
 from .info import info_sections
@@ -29,6 +31,9 @@ __all__ = ["Server", "run"]
 
 #: Seconds between calls of store.maintain() on the loop.
 MAINTENANCE_INTERVAL = 0.05
+
+#: File descriptors kept back from clients (Redis's CONFIG_MIN_RESERVED_FDS).
+RESERVED_FDS = 32
 
 
 class Server:
@@ -49,6 +54,11 @@ class Server:
         self._maint_handle = None
         self.loop_name = "asyncio"
         self.table = build_table()  # commands.py: every command of both protocols
+        self.access = Access(config)   # users (access.py); AclError for a bad --aclfile
+        self.access.install(self.table)
+        self.metrics = None       # the /metrics endpoint (metrics.py) with --metrics-port
+        self.latency = {}         # LATENCY LATEST events: name -> [time, latest_ms, max_ms]
+        self.lost_at = {}         # key -> monotonic time of its loss (rebuild histogram)
         self.writes = None        # writes.WritePath, set by start()
         self.repl = None          # replication.Replication, set by start()
         self.reply_gate = None    # set by replication while replies may wait for acks
@@ -56,6 +66,10 @@ class Server:
         self.reset_stats()
         self.stats_connections = 0
         self.stats_rejected = 0
+        self.stats_protected = 0
+        # client drops by reason (INFO stats; Redis's names where it has them)
+        self.dropped = {"output_buffer_limit": 0, "query_buffer_limit": 0,
+                        "maxmemory_clients": 0}
 
     # ---------------------------------------------------------------- registry
 
@@ -102,6 +116,7 @@ class Server:
         self.writes.reply_index = self._reply_index
         self.repl = Replication(self)     # subscribes to the write path
 
+        self._apply_fd_limit()
         port = self.config.port
         for host in self.config.hosts:
             srv = await loop.create_server(lambda: Handshake(self), host, port,
@@ -122,7 +137,71 @@ class Server:
             shown = f"[{host}]" if ":" in host else host
             print(f"kvstore-server listening on {shown}:{p}", flush=True)
             event("info", "listening", host=host, port=p, loop=self.loop_name, pid=_pid())
+        self._warn_exposed()
+        self._start_metrics()
         return self.addresses
+
+    def _apply_fd_limit(self):
+        """Redis's adjustOpenFilesLimit: maxclients needs maxclients + 32 fds;
+        raise the soft RLIMIT_NOFILE as far as the hard limit allows, and
+        lower maxclients to (limit - 32) when that is not enough."""
+        import resource
+        c = self.config
+        want = c.max_clients + RESERVED_FDS
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (OSError, ValueError):
+            return
+        if soft != resource.RLIM_INFINITY and soft < want:
+            target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            if target > soft:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                    soft = target
+                except (OSError, ValueError):
+                    pass
+        if soft != resource.RLIM_INFINITY and soft < want:
+            reduced = max(1, soft - RESERVED_FDS)
+            event("warning", "maxclients_reduced", requested=c.max_clients, maxclients=reduced,
+                  fd_limit=soft,
+                  detail=f"You requested maxclients of {c.max_clients} requiring at least "
+                         f"{want} max file descriptors; the open files limit is {soft}, so "
+                         f"maxclients has been reduced to {reduced}. If you need higher "
+                         f"maxclients increase 'ulimit -n'.")
+            c.max_clients = reduced
+        event("info", "maxclients", maxclients=c.max_clients,
+              fd_limit=-1 if soft == resource.RLIM_INFINITY else soft)
+
+    def _warn_exposed(self):
+        """Log when clients beyond loopback can reach a server with no password."""
+        from .access import is_loopback
+        if not self.access.default_user().nopass:
+            return
+        wide = [h for h, _ in self.addresses if not is_loopback(h)]
+        if not wide:
+            return
+        if self.config.protected_mode:
+            event("warning", "protected_mode", bind=",".join(wide),
+                  detail="no password is set for the default user: clients from beyond the "
+                         "loopback interface will be refused (set a password with "
+                         "--requirepass-file / KVSTORE_REQUIREPASS / --aclfile, or "
+                         "--protected-mode no)")
+        else:
+            event("warning", "no_password_exposed", bind=",".join(wide),
+                  detail="protected mode is off and the default user has no password: "
+                         "anyone who can reach these addresses may run any command")
+
+    def _start_metrics(self):
+        c = self.config
+        if c.metrics_port < 0:
+            return
+        from .metrics import loop_stats_provider, start_metrics_server
+        self.metrics = start_metrics_server(
+            c.metrics_bind, c.metrics_port,
+            loop_stats_provider(asyncio.get_running_loop(), self.stats_map))
+        self.writes.subscribe(_RebuildTimer(self))
+        event("info", "metrics_listening", host=c.metrics_bind, port=self.metrics.port)
+        print(f"kvstore-server metrics on {c.metrics_bind}:{self.metrics.port}", flush=True)
 
     def _reply_index(self):
         out = self.batch_out
@@ -177,6 +256,9 @@ class Server:
         self._unwatch_losses()
         if self.writes is not None:
             self.writes.close()
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self._own_store and self.store is not None:
             try:
                 self.store.close()
@@ -235,6 +317,12 @@ class Server:
 
     def _on_keys_lost(self, keys):
         keys = list(keys)
+        if self.metrics is not None:        # rebuild latency: from loss to install
+            now = time.monotonic()
+            for k in keys:
+                k = k[0] if isinstance(k, tuple) else k
+                if isinstance(k, (bytes, bytearray)) and len(self.lost_at) < 1_000_000:
+                    self.lost_at.setdefault(bytes(k), now)
         sample = [k[0] if isinstance(k, tuple) else k for k in keys[:8]]
         event("warning", "keys_lost", count=len(keys),
               keys=",".join(repr(bytes(k))[2:-1] if isinstance(k, (bytes, bytearray)) else str(k)
@@ -248,6 +336,10 @@ class Server:
             event("error", "recovery_failed", error=f"{type(e).__name__}: {e}")
             return
         self.stats_recoveries += 1
+        elapsed = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.observe_recovery(elapsed)
+        self._latency_event("recovery", elapsed)
         fields = {}
         if isinstance(counts, dict):
             for k, v in counts.items():
@@ -255,6 +347,17 @@ class Server:
                     fields[k] = v
         event("warning", "recovery", duration_ms=round((time.perf_counter() - t0) * 1e3, 3),
               **fields)
+
+    def _latency_event(self, name, seconds):
+        """Record a latency event for LATENCY LATEST (Redis's form: unix time
+        of the latest, latest and all-time max in ms)."""
+        ms = int(seconds * 1000)
+        now = int(time.time())
+        ev = self.latency.get(name)
+        if ev is None:
+            self.latency[name] = [now, ms, ms]
+        else:
+            ev[0], ev[1], ev[2] = now, ms, max(ev[2], ms)
 
     def inject(self, kind, offset=None, key=None):
         faults = self.store.faults
@@ -271,7 +374,7 @@ class Server:
 
     def hello_info(self):
         return {"proto": 1, "server": "kvstore", "version": kvstore.__version__,
-                "auth": bool(self.config.requirepass)}
+                "auth": self.access.requires_auth()}
 
     def stats_map(self):
         try:
@@ -315,6 +418,27 @@ class Server:
                 f"proto={conn.kind} resp={3 if getattr(conn, 'resp3', False) else 2} "
                 f"lib-name={conn.lib_name.decode('latin-1')} "
                 f"lib-ver={conn.lib_ver.decode('latin-1')}\n")
+
+
+class _RebuildTimer:
+    """Write-path subscriber feeding the rebuild histogram of /metrics: a
+    key's time from its loss (on_loss) to its reinstall (rebuild or
+    read-repair)."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def on_writes(self, entries, reply_index):
+        pass
+
+    def on_install(self, key, value, version, status):
+        t = self.server.lost_at.pop(bytes(key), None)
+        m = self.server.metrics
+        if t is not None and m is not None:
+            m.observe_rebuild(time.monotonic() - t)
+
+    def read_repair(self, key, version):
+        return contextlib.nullcontext()
 
 
 def _capacity_bytes(server):

@@ -11,9 +11,11 @@ a hand-written RESP handler in :mod:`.resp_keys` / :mod:`.resp_server` /
 """
 
 from . import native_ops as nops
+from . import resp_admin as ra
 from . import resp_keys as rk
 from . import resp_multi as rm
 from . import resp_server as rs
+from .acl import CATEGORIES, COMMAND_CATEGORIES
 from .adapters import arity_error, build_native, build_resp
 from .ops import keys as kops
 from .registry import Command, CommandTable
@@ -222,6 +224,14 @@ def resp_rows():
                 group='kvstore',
                 resp=rs.cmd_kv_digest,
                 summary='xxh64 digest over sorted (key, version, value): [keys, lost, digest]'),
+        Command('ACL', -2, ('noscript', 'loading', 'stale'), (0, 0, 0),
+                group='server',
+                resp=ra.cmd_acl,
+                summary='ACL CAT|GETUSER|LIST|LOAD|LOG|USERS|WHOAMI|HELP'),
+        Command('LATENCY', -2, (), (0, 0, 0),
+                group='server',
+                resp=ra.cmd_latency,
+                summary='LATENCY LATEST|HISTOGRAM|RESET|HELP'),
         Command('KV.REPL', 2, ('admin',), (0, 0, 0),
                 group='kvstore',
                 resp=rs.cmd_kv_repl,
@@ -258,10 +268,22 @@ def native_rows():
     ]
 
 
+def acl_categories(name):
+    """A command's ACL categories as COMMAND INFO shows them (``"@read"``,
+    ...), in Redis's order, from :data:`.acl.COMMAND_CATEGORIES`: the ACL
+    rules and COMMAND read one table. A command missing from it is refused
+    by ``acl.py`` to every user but ``+@all`` ones, so each row must be there
+    (tests/test_acl_server.py checks)."""
+    cats = COMMAND_CATEGORIES.get(name.lower(), ())
+    return tuple("@" + c for c in CATEGORIES if c in cats)
+
+
 def build_table():
     """A new :class:`.registry.CommandTable` holding every row."""
     table = CommandTable(arity_error, build_resp, build_native)
     for row in resp_rows() + native_rows():
+        if row.name is not None and row.name.lower() in COMMAND_CATEGORIES:
+            row.acl = acl_categories(row.name)
         table.add(row)
     table.resp_multi = rm.MultiTable(table)
     return table

@@ -7,6 +7,7 @@ an unknown key is an error, so a typo never silently does nothing.
 
 import argparse
 import dataclasses
+import os
 import re
 import tomllib
 
@@ -41,7 +42,13 @@ class ServerConfig:
     kernel_policy: str = "auto"
     enable_fault_injection: bool = False
     allow_flushall: bool = True
-    requirepass: str = ""
+    requirepass: str = ""              # the default user's password (see resolve_password)
+    requirepass_file: str = ""         # read the password from this file (first line)
+    aclfile: str = ""                  # users in Redis's ACL file format (server/acl.py)
+    protected_mode: bool = True        # no password: refuse clients beyond loopback
+    maxmemory_clients: int = 0         # total client buffers; 0 = no cap (Redis 7's default)
+    metrics_port: int = -1             # Prometheus /metrics port; -1 = off, 0 = pick one
+    metrics_bind: str = "127.0.0.1"
     log_level: str = "info"
     max_clients: int = 10000
     max_key: int = 65536
@@ -65,9 +72,15 @@ class ServerConfig:
     repl_timeout: float = 10.0         # seconds without traffic before a link is dropped
 
     _SIZES = ("max_key", "max_value", "max_frame", "max_multibulk", "max_bulk",
-              "max_inline", "max_query_buffer", "max_output_buffer", "repl_backlog_size")
+              "max_inline", "max_query_buffer", "max_output_buffer", "repl_backlog_size",
+              "maxmemory_clients")
 
     def validate(self):
+        self.resolve_password()
+        self.protected_mode = _yes_no(self.protected_mode, "protected_mode")
+        self.metrics_port = int(self.metrics_port)
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port out of range: {self.metrics_port}")
         for name in self._SIZES:
             setattr(self, name, parse_size(getattr(self, name)))
         if not (0 <= int(self.port) <= 65535):
@@ -97,9 +110,38 @@ class ServerConfig:
             raise ValueError("repl_backlog_size must be >= 1 byte")
         return self
 
+    def resolve_password(self):
+        """The default user's password: ``--requirepass``, else the first line
+        of ``--requirepass-file``, else the ``KVSTORE_REQUIREPASS``
+        environment variable (the last two keep it out of /proc/PID/cmdline)."""
+        if not self.requirepass and self.requirepass_file:
+            try:
+                with open(self.requirepass_file, encoding="utf-8") as f:
+                    line = f.readline().rstrip("\r\n")
+            except OSError as e:
+                raise ValueError(f"requirepass file {self.requirepass_file}: "
+                                 f"{e.strerror}") from None
+            if not line:
+                raise ValueError(f"requirepass file {self.requirepass_file} is empty")
+            self.requirepass = line
+        if not self.requirepass:
+            self.requirepass = os.environ.get("KVSTORE_REQUIREPASS", "")
+        return self.requirepass
+
     @property
     def hosts(self):
         return [h for h in re.split(r"[\s,]+", self.bind.strip()) if h]
+
+
+def _yes_no(v, name):
+    if isinstance(v, bool):
+        return v
+    low = str(v).strip().lower()
+    if low in ("yes", "true", "on", "1"):
+        return True
+    if low in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{name} must be yes or no, not {v!r}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
@@ -119,9 +161,25 @@ def build_parser():
                    help="allow KV.INJECT / native inject (testing only)")
     p.add_argument("--disable-flushall", dest="allow_flushall", action="store_false",
                    default=None, help="refuse FLUSHALL/FLUSHDB")
-    p.add_argument("--requirepass", help="password clients must AUTH with")
+    p.add_argument("--requirepass", help="the default user's password (visible in the process "
+                   "list: prefer --requirepass-file or KVSTORE_REQUIREPASS)")
+    p.add_argument("--requirepass-file", metavar="FILE",
+                   help="read the default user's password from the first line of FILE")
+    p.add_argument("--aclfile", metavar="FILE", help="users and permissions, Redis's ACL file format")
+    p.add_argument("--protected-mode", metavar="yes|no",
+                   help="without a password, refuse clients beyond loopback (default yes)")
+    p.add_argument("--maxmemory-clients", metavar="SIZE",
+                   help="cap on all clients' buffers; the biggest clients are dropped first "
+                        "(default 0: no cap)")
+    p.add_argument("--client-query-buffer-limit", dest="max_query_buffer", metavar="SIZE",
+                   help="per-client query buffer limit (default 1GiB; same as --max-query-buffer)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port (0 = pick one; default off)")
+    p.add_argument("--metrics-bind", help="address of the metrics endpoint (default 127.0.0.1)")
     p.add_argument("--log-level", help="debug, info, warning, error")
-    p.add_argument("--max-clients", type=int, help="max concurrent connections (default 10000)")
+    p.add_argument("--max-clients", "--maxclients", dest="max_clients", type=int,
+                   help="max concurrent connections (default 10000, lowered to the fd "
+                        "limit - 32 as Redis does)")
     for name in ("max_key", "max_value", "max_frame", "max_multibulk", "max_bulk",
                  "max_inline", "max_query_buffer", "max_output_buffer"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, metavar="SIZE")

@@ -39,6 +39,16 @@ class BaseConnection(asyncio.Protocol):
         self.lib_name = b""
         self.lib_ver = b""
         self.big = 0          # bytes of large replies queued in this batch
+        self.user = None      # acl.User once authenticated (see .access)
+        self.user_full = False
+        self.authed = False
+
+    def set_user(self, user):
+        """Authenticate as ``user`` (None: not authenticated)."""
+        from .access import unrestricted
+        self.user = user
+        self.user_full = unrestricted(user)
+        self.authed = user is not None
 
     # -- asyncio.Protocol
 

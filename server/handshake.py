@@ -9,6 +9,7 @@ bytes it got.
 
 import asyncio
 
+from .access import DENIED, protected_refusal
 from .conn import BaseConnection
 from .logs import event
 from .native import NativeConnection, rejection_frame
@@ -22,20 +23,28 @@ class Handshake(BaseConnection):
 
     def __init__(self, server):
         super().__init__(server)
-        self.rejected = False
+        self.rejected = False     # False, "max_clients" or "protected_mode"
         self._timer = None
 
     def connection_made(self, transport):
         super().connection_made(transport)
         srv = self.server
         srv.stats_connections += 1
-        if len(srv.clients) >= srv.config.max_clients:
-            # Answer in the client's own protocol once we see its first byte.
-            self.rejected = True
+        # A refused client is answered in its own protocol once we see its
+        # first byte (a native client sends its magic at once).
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) else None
+        if protected_refusal(srv.config.protected_mode, srv.access.default_user(), host):
+            self.rejected = "protected_mode"
+            srv.stats_protected += 1
+            event("warning", "client_rejected", addr=self.addr, reason="protected_mode")
+        elif len(srv.clients) >= srv.config.max_clients:
+            self.rejected = "max_clients"
             srv.stats_rejected += 1
-            self._timer = asyncio.get_running_loop().call_later(1.0, self._give_up)
             event("warning", "client_rejected", addr=self.addr, reason="max_clients",
                   max_clients=srv.config.max_clients)
+        if self.rejected:
+            self._timer = asyncio.get_running_loop().call_later(1.0, self._give_up)
             return
         srv.register(self)
 
@@ -58,7 +67,12 @@ class Handshake(BaseConnection):
         if self.rejected:
             if self._timer is not None:
                 self._timer.cancel()
-            if native:
+            if self.rejected == "protected_mode":
+                if native:
+                    self.transport.write(rejection_frame(DENIED.split(" ", 1)[1], "DENIED"))
+                else:
+                    self.transport.write(b"-" + DENIED.encode() + b"\r\n")
+            elif native:
                 self.transport.write(rejection_frame("max number of clients reached"))
             else:
                 self.transport.write(b"-ERR max number of clients reached\r\n")

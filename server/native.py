@@ -37,9 +37,10 @@ def _default(obj):
     return str(obj)
 
 
-def rejection_frame(msg):
-    """What a native client over max_clients receives (hello is skipped)."""
-    return pack_frame(_packer(), [0, 1, ["BUSY", msg, {}]])
+def rejection_frame(msg, code="BUSY"):
+    """What a refused native client receives (hello is skipped): BUSY over
+    max_clients, DENIED in protected mode."""
+    return pack_frame(_packer(), [0, 1, [code, msg, {}]])
 
 
 class NativeConnection(BaseConnection):
@@ -52,7 +53,7 @@ class NativeConnection(BaseConnection):
                                   max_array=max(2 * cfg.max_multibulk, 16),
                                   max_map=max(cfg.max_multibulk, 16))
         self.packer = _packer()
-        self.authed = not cfg.requirepass
+        self.set_user(server.access.initial_user())
         self.store = server.store
         self.writes = server.writes
         self.ops = server.table.native

@@ -7,11 +7,8 @@ arguments fit the generic kinds (``persist``, ``dbsize``) have no handler
 here: :mod:`.adapters` builds theirs from the command row.
 """
 
-import hmac
-
 from .adapters import native_args, native_key, native_number, native_value
 from .errors import native_only
-from .logs import event
 from .ops import keys as kops
 from .ops import server as sops
 
@@ -26,17 +23,16 @@ def ping(conn, args):
 
 
 def auth(conn, args):
-    native_args(args, 1, 1, "auth")
-    want = conn.server.config.requirepass
-    if not want:
-        raise native_only("ERR", "no password is configured on this server")
-    pw = args[0]
-    if isinstance(pw, str):
-        pw = pw.encode()
-    if not isinstance(pw, bytes) or not hmac.compare_digest(pw, want.encode()):
-        event("warning", "auth_failed", id=conn.id, addr=conn.addr)
-        raise native_only("NOAUTH", "invalid password")
-    conn.authed = True
+    """``[password]`` (the default user) or ``[user, password]``."""
+    native_args(args, 1, 2, "auth")
+    access = conn.server.access
+    if len(args) == 1 and access.default_user().nopass:
+        raise native_only("ERR", "no password is configured for the default user")
+    for a in args:
+        if not isinstance(a, (str, bytes)):
+            raise native_only("TYPE", "auth takes [password] or [user, password] (str or bin)")
+    pw = args[-1].encode() if isinstance(args[-1], str) else args[-1]
+    access.authenticate(conn, args[0] if len(args) == 2 else None, pw)
     return True
 
 

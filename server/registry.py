@@ -80,6 +80,7 @@ class CommandTable:
         self.native = {}        # "op" -> handler(conn, args)
         self.native_rows = {}   # "op" -> Command
         self.hooks = []
+        self._fast_gates = []   # per hook: fast_ok(conn) or None (see add_hook)
 
     # -- building
 
@@ -100,13 +101,20 @@ class CommandTable:
         self._install(cmd)
         return cmd
 
-    def add_hook(self, hook):
+    def add_hook(self, hook, fast_ok=None):
         """Run ``hook(conn, cmd, args)`` before every command of both
         protocols; ``cmd`` is the row, ``args`` the RESP words (name first)
         or the native op's argument list (``conn.kind`` says which). The
         hook refuses a command by raising (a CommandError: its reply goes
-        back). While a hook is installed the C fast path does not run."""
+        back).
+
+        The C fast path (plain GET/SET) bypasses hooks, so it runs for a
+        connection only when every hook says, through its ``fast_ok(conn)``,
+        that it would let any GET/SET of that connection pass (the ACL hook
+        does for a ``+@all ~*`` user). A hook without ``fast_ok`` turns the
+        fast path off for every connection."""
         self.hooks.append(hook)
+        self._fast_gates.append(fast_ok)
         rows = list(self.commands.values()) + list(self.native_rows.values())
         for cmd in {id(c): c for c in rows}.values():
             self._install(cmd)
@@ -159,6 +167,13 @@ class CommandTable:
                 h(conn, cmd, args)
             return fn(conn, args)
         return hooked
+
+    def fast_ok(self, conn):
+        """May the C fast path run for ``conn`` (see :meth:`add_hook`)?"""
+        for gate in self._fast_gates:
+            if gate is None or not gate(conn):
+                return False
+        return True
 
     # -- reading
 

@@ -51,8 +51,6 @@ class RespConnection(BaseConnection):
         self.resp3 = False
         self.null = NULL2
         self.commands = server.table
-        self.authed = not cfg.requirepass
-        self.table = self.commands.resp if self.authed else self.commands.resp_noauth
         self.quitting = False
         self.multi = None         # queued commands between MULTI and EXEC
         self.multi_error = False
@@ -63,6 +61,13 @@ class RespConnection(BaseConnection):
         self.sget = st.get
         self.sput = server.writes.put
         self._fast = getattr(st, "resp_fast", None) if cfg.resp_fast else None
+        self.set_user(server.access.initial_user())
+
+    def set_user(self, user):
+        super().set_user(user)
+        self.parser.unauthenticated = user is None     # Redis's pre-auth request limits
+        if self.multi is None or user is None:
+            self.table = self.commands.resp if self.authed else self.commands.resp_noauth
 
     def set_resp3(self, on):
         self.resp3 = on
@@ -87,13 +92,15 @@ class RespConnection(BaseConnection):
         This is the one place that decides. The C path runs the leading plain
         GET/SET of a batch and stops at anything else, so it may run only
         when plain GET/SET have no Python-side effect: an authenticated
-        client outside MULTI, no pre-dispatch hook, no replies held for
+        client outside MULTI, every pre-dispatch hook content to let this
+        connection's GET/SET pass (:meth:`.registry.CommandTable.fast_ok`:
+        the ACL hook is, for a ``+@all ~*`` user), no replies held for
         replica acks; and SET only when the write path needs nothing
         (:meth:`.writes.WritePath.fast_set_allowed`).
         """
         srv = self.server
-        if (self._fast is None or self.table is not self.commands.resp or self.commands.hooks
-                or srv.reply_gate is not None):
+        if (self._fast is None or self.table is not self.commands.resp
+                or srv.reply_gate is not None or not self.commands.fast_ok(self)):
             return -1
         flags = _RESP3_FLAG if self.resp3 else 0
         if self.writes.fast_set_allowed():

@@ -40,6 +40,12 @@ def _queue(conn, args):
     if not cmd.arity_ok(len(args)):
         conn.multi_error = True
         return arity_error(up.decode("latin-1").lower())
+    try:
+        for hook in conn.commands.hooks:     # ACL: refused at queue time, as Redis
+            hook(conn, cmd, args)
+    except CommandError as e:
+        conn.multi_error = True
+        return e.reply
     conn.multi.append(args)
     return QUEUED
 
@@ -110,7 +116,5 @@ def cmd_reset(conn, args):
     _end_multi(conn)
     conn.set_resp3(False)
     conn.name = b""
-    if conn.server.config.requirepass:
-        conn.authed = False
-        conn.table = conn.commands.resp_noauth
+    conn.set_user(conn.server.access.initial_user())
     return b"+RESET\r\n"

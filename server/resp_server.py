@@ -5,7 +5,6 @@ Semantics shared with the native protocol are in :mod:`.ops.server`.
 """
 
 import fnmatch
-import hmac
 import re
 
 from .adapters import E_SYNTAX, arity_error, parse_int, show
@@ -123,15 +122,11 @@ def cmd_client(conn, args):
 
 
 def _check_password(conn, user, password):
-    want = conn.server.config.requirepass
-    if not want:
+    access = conn.server.access
+    if user is None and access.default_user().nopass:
         raise CommandError("ERR AUTH <password> called without any password configured for the "
-                   "default user. Are you sure your configuration is correct?")
-    if user not in (None, b"default") or not hmac.compare_digest(password, want.encode()):
-        event("warning", "auth_failed", id=conn.id, addr=conn.addr)
-        raise CommandError("WRONGPASS invalid username-password pair or user is disabled.")
-    conn.authed = True
-    conn.table = conn.commands.resp
+                           "default user. Are you sure your configuration is correct?")
+    access.authenticate(conn, user, password)
 
 
 def cmd_auth(conn, args):
