@@ -186,7 +186,7 @@ class Access:
             keys = ()
             first, last, step = cmd.keys
             if first and len(args) > first:
-                stop = len(args) + last if last < 0 else last + 1
+                stop = len(args) + last + 1 if last < 0 else last + 1
                 keys = args[first:stop:step or 1]
             access = None
             if name == "set" and any(a.upper() == b"GET" for a in args[3:]):

@@ -70,6 +70,7 @@ class Server:
         # client drops by reason (INFO stats; Redis's names where it has them)
         self.dropped = {"output_buffer_limit": 0, "query_buffer_limit": 0,
                         "maxmemory_clients": 0}
+        self.last_dropped = None  # (id, addr, reason, bytes held) of the latest drop
 
     # ---------------------------------------------------------------- registry
 
@@ -90,6 +91,28 @@ class Server:
 
     def all_clients(self):
         return list(self.clients.values())
+
+    def clients_memory(self):
+        """[(bytes held, conn)] of every client (input buffered + output queued)."""
+        return [(c.memory(), c) for c in list(self.clients.values()) if not c.closed]
+
+    def check_client_memory(self):
+        """maxmemory-clients (Redis 7's model): while all clients together hold
+        more than the cap, drop the client holding the most."""
+        cap = self.config.maxmemory_clients
+        if not cap:
+            return
+        mem = self.clients_memory()
+        total = sum(m for m, _ in mem)
+        if total <= cap:
+            return
+        for m, conn in sorted(mem, key=lambda mc: mc[0], reverse=True):
+            if total <= cap or m == 0:
+                break
+            if self.repl is not None and getattr(conn, "is_replica_link", False):
+                continue
+            conn.drop("maxmemory clients")
+            total -= m
 
     def reset_stats(self):
         self.stats_commands = 0
@@ -293,6 +316,8 @@ class Server:
             self.store.maintain()
         except Exception as e:  # noqa: BLE001 - keep serving
             event("error", "maintenance_failed", error=f"{type(e).__name__}: {e}")
+        if self.config.maxmemory_clients:
+            self.check_client_memory()        # queued output of clients not reading
         if not self.stopping:
             self._maint_handle = asyncio.get_running_loop().call_later(
                 MAINTENANCE_INTERVAL, self._maintain)

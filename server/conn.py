@@ -14,6 +14,10 @@ from .logs import event
 __all__ = ["BaseConnection", "OutputLimitExceeded"]
 
 
+#: A client holding this much input triggers the check of the total client memory.
+_MEM_CHECK = 1 << 20
+
+
 class OutputLimitExceeded(Exception):
     """The replies queued for one client went over max_output_buffer."""
 
@@ -99,11 +103,47 @@ class BaseConnection(asyncio.Protocol):
             self.drop("output buffer limit")
 
     def drop(self, reason):
-        """Close at once, discarding queued output (limits, idle)."""
+        """Close at once, discarding queued output (limits, idle). Drops for
+        a limit are counted by reason (INFO stats) and logged as warnings."""
         if not self.closed:
-            event("info", "client_closed", id=self.id, addr=self.addr, reason=reason)
+            srv = self.server
+            key = reason.replace(" ", "_")
+            counted = key in srv.dropped
+            if counted:
+                srv.dropped[key] += 1
+                srv.last_dropped = (self.id, self.addr, key, self.memory())
+            event("warning" if counted else "info", "client_closed", id=self.id,
+                  addr=self.addr, reason=reason, memory=self.memory())
             self.closed = True
             self.transport.abort()
+
+    def memory(self):
+        """Bytes this client holds: unparsed input plus queued output."""
+        n = 0
+        p = getattr(self, "parser", None)
+        if p is not None:
+            n += p.buffered()
+        t = self.transport
+        if t is not None:
+            try:
+                n += t.get_write_buffer_size()
+            except (AttributeError, RuntimeError):
+                pass
+        return n
+
+    def check_input(self):
+        """After input was buffered: the per-client query buffer limit
+        (closed without a reply, as Redis does), then the total cap on
+        client memory. True when this client was dropped."""
+        held = self.parser.buffered()
+        cfg = self.server.config
+        if cfg.max_query_buffer and held > cfg.max_query_buffer:
+            self.drop("query buffer limit")
+            return True
+        if cfg.maxmemory_clients and held >= _MEM_CHECK:
+            self.server.check_client_memory()
+            return self.closed
+        return False
 
     def close_after_write(self):
         """Close once queued replies are flushed."""

@@ -27,6 +27,17 @@ def info_sections(server, wanted):
     if nkeys is None:
         nkeys = len(st)
     used = stats.get("used", 0) or 0
+    mem_clients = sum(m for m, _ in server.clients_memory())
+    arena_used = int(stats.get("allocator_bytes", used) or 0)
+    index = int(stats.get("index_bytes", 0) or 0)
+    # As Redis's used_memory: what the store really holds (the arena's
+    # allocated records, dead ones included until compaction, and the
+    # index) plus the clients' buffers.
+    used_memory = arena_used + index + mem_clients
+    server.used_memory_peak = max(getattr(server, "used_memory_peak", 0), used_memory)
+    rss = _rss()
+    d = server.dropped
+    last = server.last_dropped
     sections = {
         "server": {
             "redis_version": REDIS_VERSION, "kvstore_version": kvstore.__version__,
@@ -39,17 +50,38 @@ def info_sections(server, wanted):
         "clients": {
             "connected_clients": len(server.clients), "maxclients": server.config.max_clients,
             "blocked_clients": 0,
+            "client_query_buffer_limit": server.config.max_query_buffer,
+            "client_output_buffer_limit": server.config.max_output_buffer,
+            "kvstore_last_dropped_client": (
+                f"id={last[0]},addr={last[1]},reason={last[2]},bytes={last[3]}"
+                if last else "none"),
         },
         "memory": {
-            "used_memory": used, "used_memory_human": _human(used),
-            "maxmemory": stats.get("capacity", 0), "maxmemory_policy": "noeviction",
-            "used_memory_rss": _rss(),
+            "used_memory": used_memory, "used_memory_human": _human(used_memory),
+            "used_memory_rss": rss, "used_memory_rss_human": _human(rss),
+            "used_memory_peak": server.used_memory_peak,
+            "used_memory_peak_human": _human(server.used_memory_peak),
+            "used_memory_overhead": index + mem_clients,
+            "used_memory_dataset": used, "used_memory_lua": 0, "used_memory_scripts": 0,
+            "mem_clients_normal": mem_clients, "mem_clients_slaves": 0,
+            "kvstore_arena_used": arena_used, "kvstore_index_bytes": index,
+            "kvstore_dead_bytes": stats.get("dead_bytes", 0),
+            "maxmemory": stats.get("capacity", 0),
+            "maxmemory_human": _human(int(stats.get("capacity", 0) or 0)),
+            "maxmemory_policy": "noeviction",
+            "maxmemory_clients": server.config.maxmemory_clients,
+            "mem_fragmentation_ratio": round(rss / used_memory, 2) if used_memory else 0,
+            "total_system_memory": _total_memory(),
         },
         "persistence": {"loading": 0, "rdb_bgsave_in_progress": 0, "aof_enabled": 0},
         "stats": {
             "total_connections_received": server.stats_connections,
             "total_commands_processed": server.stats_commands,
             "rejected_connections": server.stats_rejected,
+            "kvstore_protected_mode_rejections": server.stats_protected,
+            "client_query_buffer_limit_disconnections": d["query_buffer_limit"],
+            "client_output_buffer_limit_disconnections": d["output_buffer_limit"],
+            "evicted_clients": d["maxmemory_clients"],
         },
         "replication": (server.repl.info() if getattr(server, "repl", None) is not None
                         else {"role": "master", "connected_slaves": 0}),
@@ -84,6 +116,13 @@ def _human(n):
             return f"{n:.2f}{unit}" if unit != "B" else f"{n}B"
         n /= 1024
     return str(n)
+
+
+def _total_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 def _rss():

@@ -66,6 +66,8 @@ class NativeConnection(BaseConnection):
         pack = self.packer.pack
         n = 0
         self.server.batch_out = out
+        if p.buffered() >= (1 << 20) and self.check_input():
+            return
         try:
             if p.magic_pending:
                 if not p.read_magic():

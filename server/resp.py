@@ -131,6 +131,7 @@ class RespParser(InputBuffer):
         self._buf = b""
         self._pos = 0
         self._chunks = None
+        self._chunked = 0
         self._args = None
         self._left = 0
         self._held = 0

@@ -114,8 +114,14 @@ class RespConnection(BaseConnection):
         if not p.pending and self._fast is not None:
             flags = self.fast_flags()
             if flags >= 0:
+                # The output limit holds while replies are built: the C path
+                # stops once its replies reach what is left of the budget.
+                limit = self.server.config.max_output_buffer
+                budget = 0
+                if limit:
+                    budget = max(1, limit - self.big - self.transport.get_write_buffer_size())
                 try:
-                    used, replies, n = self._fast(data, flags)
+                    used, replies, n = self._fast(data, flags, budget)
                 except Exception as e:  # noqa: BLE001 - e.g. a closed store: Python reports it
                     used = n = 0
                     event("debug", "resp_fast_failed", error=f"{type(e).__name__}: {e}")
@@ -136,6 +142,8 @@ class RespConnection(BaseConnection):
                     data = data[used:]
         p.feed(data)
         cmds = p.gets_all()
+        if p.pending and self.check_input():
+            return
         if head is not None and not cmds:
             self.transport.write(head)
             head = None

@@ -1313,12 +1313,14 @@ static PyObject *Engine__corrupt(EngineObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* resp_fast(buffer, flags) -> (consumed, replies, ncommands) */
+/* resp_fast(buffer, flags, max_out=0) -> (consumed, replies, ncommands) */
 static PyObject *Engine_resp_fast(EngineObject *self, PyObject *args)
 {
     Py_buffer b;
     int flags = 0;
-    if (!PyArg_ParseTuple(args, "y*|i:resp_fast", &b, &flags)) return NULL;
+    Py_ssize_t max_out = 0;
+    if (!PyArg_ParseTuple(args, "y*|in:resp_fast", &b, &flags, &max_out)) return NULL;
+    if (max_out < 0) max_out = 0;
     if ((!self->ready || self->gen != g_fork_gen) && engine_unusable(self)) {
         PyBuffer_Release(&b);
         return NULL;
@@ -1326,7 +1328,7 @@ static PyObject *Engine_resp_fast(EngineObject *self, PyObject *args)
     char *out = NULL;
     size_t outlen = 0, n = 0;
     size_t used = kv_resp_fast(&self->e, b.buf, (size_t)b.len, flags, (size_t)self->max_key,
-                               (size_t)self->max_value, &out, &outlen, &n);
+                               (size_t)self->max_value, (size_t)max_out, &out, &outlen, &n);
     PyBuffer_Release(&b);
     PyObject *r = Py_BuildValue("(ny#n)", (Py_ssize_t)used, out ? out : "", (Py_ssize_t)outlen, (Py_ssize_t)n);
     free(out);
@@ -1402,7 +1404,8 @@ static PyMethodDef Engine_methods[] = {
     {"engine_stats", (PyCFunction)Engine_engine_stats, METH_NOARGS, "Counters of the engine and its arena."},
     {"_corrupt", (PyCFunction)Engine__corrupt, METH_VARARGS, "Test hook: flip one byte of a key's record."},
     {"resp_fast", (PyCFunction)Engine_resp_fast, METH_VARARGS,
-     "resp_fast(buffer, flags=0) -> (consumed, replies, n): run leading plain RESP GET/SET in C."},
+     "resp_fast(buffer, flags=0, max_out=0) -> (consumed, replies, n): run leading plain RESP "
+     "GET/SET in C, stopping once the replies hold max_out bytes (0: no limit)."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Free the index and unmap the arena (idempotent)."},
     {NULL}};
 

@@ -86,13 +86,14 @@ static int is_cmd(const char *s, size_t n, const char *name)
 }
 
 size_t kv_resp_fast(kv_engine *e, const char *b, size_t len, int flags, size_t max_key, size_t max_value,
-                    char **out, size_t *outlen, size_t *ncmds)
+                    size_t max_out, char **out, size_t *outlen, size_t *ncmds)
 {
     obuf o = {0};
     size_t pos = 0, done = 0;
     *ncmds = 0;
     uint64_t now = 0;
     while (pos < len && b[pos] == '*') {
+        if (max_out && o.n >= max_out) break;   /* output budget spent: the caller decides */
         size_t i = pos + 1, argc;
         if (parse_len(b, len, &i, &argc, 16) != 1 || argc < 2 || argc > 3) break;
         const char *cmd, *key, *val = NULL;

@@ -11,8 +11,10 @@
 
 /* Run the leading plain GET/SET commands of b[0..len). Returns the bytes
  * consumed (whole commands only); *out (malloc'd, caller frees; may be NULL
- * when nothing ran) holds their replies, *ncmds how many ran. */
+ * when nothing ran) holds their replies, *ncmds how many ran. With max_out
+ * > 0 it stops before the next command once the replies hold max_out bytes
+ * (the client's output-buffer budget: the rest is left to the caller). */
 size_t kv_resp_fast(kv_engine *e, const char *b, size_t len, int flags, size_t max_key, size_t max_value,
-                    char **out, size_t *outlen, size_t *ncmds);
+                    size_t max_out, char **out, size_t *outlen, size_t *ncmds);
 
 #endif

@@ -15,13 +15,47 @@ def get_versioned(conn, key):
     return conn.store.get_versioned(key)
 
 
+#: MGET reads keys in slices this large at first (doubling while the values
+#: are small), so a client's output limit is checked while the reply grows.
+_MGET_FIRST = 8
+_MGET_MAX = 4096
+_MGET_BIG = 1 << 20
+
+
 def mget(conn, keys):
     """Values of ``keys`` in order: bytes, None when absent, or the
     KeyLostError of a key still lost after read-repair. Returns
-    ``(values, total_bytes)``."""
+    ``(values, total_bytes)``.
+
+    Large values are counted against the client's output limit as they are
+    read (``conn.count_big`` raises OutputLimitExceeded), a slice of keys at
+    a time, so MGET of many big values stops near the limit instead of
+    building the whole reply first."""
     st = conn.store
-    vals = st.mget(keys, on_lost="mark")
+    n = len(keys)
+    if n <= _MGET_FIRST:
+        vals = st.mget(keys, on_lost="mark")
+        return vals, _settle(conn, keys, vals, 0)
+    vals = []
     total = 0
+    i = 0
+    step = _MGET_FIRST
+    while i < n:
+        part_keys = keys[i:i + step]
+        part = st.mget(part_keys, on_lost="mark")
+        size = _settle(conn, part_keys, part, total)
+        total += size
+        vals.extend(part)
+        i += step
+        step = min(step * 2, _MGET_MAX) if size < _MGET_BIG else max(1, step // 2)
+    return vals, total
+
+
+def _settle(conn, keys, vals, before):
+    """Read-repair LOST marks in ``vals`` (in place); count the bytes against
+    the output limit when large; return the bytes."""
+    st = conn.store
+    size = 0
     for i, v in enumerate(vals):
         if v is None:
             continue
@@ -34,8 +68,13 @@ def mget(conn, keys):
             vals[i] = v
             if v is None:
                 continue
-        total += len(v)
-    return vals, total
+        size += len(v)
+    if before + size >= _BIG_REPLY:
+        conn.count_big(size)
+    return size
+
+
+_BIG_REPLY = 1 << 16
 
 
 def put(conn, key, value, ttl=None):
