@@ -28,11 +28,16 @@ def info_sections(server, wanted):
         nkeys = len(st)
     used = stats.get("used", 0) or 0
     mem_clients = sum(m for m, _ in server.clients_memory())
-    arena_used = int(stats.get("allocator_bytes", used) or 0)
-    index = int(stats.get("index_bytes", 0) or 0)
+    cap = int(stats.get("capacity", 0) or 0)
+    if "free_subpages" in stats and cap:
+        # subpages holding records (live or dead until compaction)
+        arena_used = max(0, cap - int(stats["free_subpages"]) * 4096)
+    else:
+        arena_used = used + int(stats.get("dead_bytes", 0) or 0)
+    index = int(stats.get("index_bytes", 0) or 0) + int(stats.get("allocator_bytes", 0) or 0)
     # As Redis's used_memory: what the store really holds (the arena's
-    # allocated records, dead ones included until compaction, and the
-    # index) plus the clients' buffers.
+    # subpages in use, the index and the allocator's tables) plus the
+    # clients' buffers.
     used_memory = arena_used + index + mem_clients
     server.used_memory_peak = max(getattr(server, "used_memory_peak", 0), used_memory)
     rss = _rss()
