@@ -13,6 +13,7 @@ RESP reply kinds (``Command.reply``): "int" (``:n``), "bool" (``:1``/``:0``),
 the Python value). The native reply is the op's result as msgpack encodes it.
 """
 
+import math
 import re
 
 from .errors import CommandError, native_only
@@ -130,6 +131,8 @@ def native_value(v):
 def native_number(x, what):
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise native_only("TYPE", f"{what} must be a number")
+    if type(x) is float and not math.isfinite(x):
+        raise native_only("ERR", f"{what} must be a finite number")
     return x
 
 

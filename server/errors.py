@@ -90,9 +90,14 @@ ERRORS = [
     (NoReplicasError, lambda e: e.resp_reply, lambda e: [e.code, str(e), {}]),
     (FaultInjectionError, lambda e: _resp_line(f"ERR fault injection failed: {e}"),
      lambda e: ["ERR", f"fault injection failed: {e}", {}]),
-    (TypeError, lambda e: _resp_line(f"ERR {e}"), lambda e: ["TYPE", str(e), {}]),
+    (OverflowError, lambda e: b"-ERR value is out of range\r\n",
+     lambda e: ["ERR", "value is out of range", {}]),
     (ValueError, lambda e: _resp_line(f"ERR {e}"), lambda e: ["ERR", str(e), {}]),
 ]
+
+#: Any other exception is a bug: logged with its class and message, and the
+#: client gets this, which names no Python exception.
+_INTERNAL = "internal error (logged by the server)"
 
 
 def resp_error(e, conn=None, name=b"?"):
@@ -101,7 +106,7 @@ def resp_error(e, conn=None, name=b"?"):
         if isinstance(e, cls):
             return resp(e)
     _internal(e, "command_failed", {"id": getattr(conn, "id", 0), "cmd": bytes(name[:64])})
-    return _resp_line(f"ERR internal error: {type(e).__name__}")
+    return _resp_line(f"ERR {_INTERNAL}")
 
 
 def native_error(e, conn=None, name="?"):
@@ -110,4 +115,4 @@ def native_error(e, conn=None, name="?"):
         if isinstance(e, cls):
             return native(e)
     _internal(e, "op_failed", {"id": getattr(conn, "id", 0), "op": str(name)[:64]})
-    return ["ERR", f"internal error: {type(e).__name__}", {}]
+    return ["ERR", _INTERNAL, {}]

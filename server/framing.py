@@ -24,6 +24,18 @@ __all__ = ["FrameParser", "FrameError", "NEED_MORE", "MAGIC", "pack_frame"]
 _CHUNK_THRESHOLD = 1 << 16
 
 
+def _why(exc):
+    """What was wrong with a frame msgpack refused, in words (no class names)."""
+    if isinstance(exc, msgpack.StackError):
+        return "nested too deeply"
+    if isinstance(exc, msgpack.FormatError):
+        return "not valid msgpack"
+    text = str(exc)
+    if "exceeds" in text or "max_" in text:
+        return "a string, array or map is over the server's limits"
+    return "not valid msgpack"
+
+
 class FrameParser(InputBuffer):
     """Incremental reader of native frames, magic first."""
 
@@ -93,7 +105,7 @@ class FrameParser(InputBuffer):
         except msgpack.OutOfData:
             raise FrameError("undecodable frame: truncated msgpack object") from None
         except Exception as exc:  # FormatError, StackError, ValueError (limits)...
-            raise FrameError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
+            raise FrameError(f"undecodable frame: {_why(exc)}") from None
         if u.tell() - start != n:
             raise FrameError("undecodable frame: extra data after the msgpack object")
         return obj
