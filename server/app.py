@@ -109,8 +109,8 @@ class Server:
         for m, conn in sorted(mem, key=lambda mc: mc[0], reverse=True):
             if total <= cap or m == 0:
                 break
-            if self.repl is not None and getattr(conn, "is_replica_link", False):
-                continue
+            if conn.kind == "replica":
+                continue          # replicas are not evicted (Redis: normal clients only)
             conn.drop("maxmemory clients")
             total -= m
 
@@ -428,6 +428,9 @@ class Server:
             "maxmemory-policy": "noeviction", "port": str(self.port), "bind": c.bind,
             "timeout": str(int(c.idle_timeout)), "proto-max-bulk-len": str(c.max_bulk),
             "client-query-buffer-limit": str(c.max_query_buffer),
+            "maxmemory-clients": str(c.maxmemory_clients),
+            "protected-mode": "yes" if c.protected_mode else "no",
+            "aclfile": c.aclfile,
             "client-output-buffer-limit": f"normal {c.max_output_buffer} {c.max_output_buffer} 0",
             "kvstore-max-key": str(c.max_key), "kvstore-max-value": str(c.max_value),
             "kvstore-max-frame": str(c.max_frame), "kvstore-max-multibulk": str(c.max_multibulk),
@@ -439,7 +442,12 @@ class Server:
     def client_line(self, conn):
         age = int(time.time() - conn.created)
         name = conn.name.decode("latin-1")
+        p = getattr(conn, "parser", None)
+        qbuf = p.buffered() if p is not None else 0
+        omem = max(0, conn.memory() - qbuf)
+        user = conn.user.name if getattr(conn, "user", None) is not None else ""
         return (f"id={conn.id} addr={conn.addr} name={name} age={age} db=0 "
+                f"qbuf={qbuf} omem={omem} tot-mem={qbuf + omem} user={user} "
                 f"proto={conn.kind} resp={3 if getattr(conn, 'resp3', False) else 2} "
                 f"lib-name={conn.lib_name.decode('latin-1')} "
                 f"lib-ver={conn.lib_ver.decode('latin-1')}\n")
