@@ -27,7 +27,11 @@ def info_sections(server, wanted):
     if nkeys is None:
         nkeys = len(st)
     used = stats.get("used", 0) or 0
-    mem_clients = sum(m for m, _ in server.clients_memory())
+    cmem = server.clients_memory()
+    mem_clients = sum(m for m, _ in cmem)
+    max_in = max((c.parser.buffered() for _, c in cmem if getattr(c, "parser", None) is not None),
+                 default=0)
+    max_out = max((m for m, c in cmem), default=0)
     cap = int(stats.get("capacity", 0) or 0)
     if "free_subpages" in stats and cap:
         # subpages holding records (live or dead until compaction)
@@ -55,6 +59,8 @@ def info_sections(server, wanted):
         "clients": {
             "connected_clients": len(server.clients), "maxclients": server.config.max_clients,
             "blocked_clients": 0,
+            "client_recent_max_input_buffer": max_in,
+            "client_recent_max_output_buffer": max(0, max_out - max_in),
             "client_query_buffer_limit": server.config.max_query_buffer,
             "client_output_buffer_limit": server.config.max_output_buffer,
             "kvstore_last_dropped_client": (

@@ -31,8 +31,7 @@ def cmd_acl(conn, args):
         if sub in (b"SETUSER", b"DELUSER", b"SAVE", b"DRYRUN", b"GENPASS"):
             raise CommandError(f"ERR ACL {sub.decode()} is not supported by kvstore: edit the "
                                f"ACL file and run ACL LOAD")
-        raise CommandError(f"ERR unknown subcommand or wrong number of arguments for "
-                           f"'{show(args[1])}'. Try ACL HELP.")
+        raise CommandError(f"ERR unknown subcommand '{show(args[1])}'. Try ACL HELP.")
     if not lim[0] <= len(args) <= lim[1]:
         return arity_error("acl|" + sub.decode().lower())
     access = conn.server.access
@@ -115,5 +114,4 @@ def cmd_latency(conn, args):
         return encode(_LATENCY_HELP, conn.resp3)
     if sub in (b"HISTORY", b"GRAPH", b"DOCTOR"):
         raise CommandError(f"ERR LATENCY {sub.decode()} is not supported by kvstore")
-    raise CommandError(f"ERR unknown subcommand or wrong number of arguments for "
-                       f"'{show(args[1])}'. Try LATENCY HELP.")
+    raise CommandError(f"ERR unknown subcommand '{show(args[1])}'. Try LATENCY HELP.")

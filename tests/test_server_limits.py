@@ -14,6 +14,7 @@ peak memory is read from /proc/PID/status (VmHWM, reset through
   INFO, and the next client gets Redis's "max number of clients reached".
 """
 
+import re
 import resource
 import socket
 import threading
@@ -205,3 +206,21 @@ def test_maxclients_follows_the_fd_limit():
             for s in socks:
                 s.close()
         wait_for(lambda: info(srv, "stats")["rejected_connections"] >= 2, what="rejections")
+
+
+def test_client_list_and_info_show_client_memory():
+    with start_server("--capacity", "16MiB", "--maxmemory-clients", "1GiB") as srv:
+        s = socket.create_connection((srv.host, srv.port))
+        s.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3000000\r\n" + b"z" * 2_000_000)
+        c = redis.Redis(host=srv.host, port=srv.port, decode_responses=True)
+        wait_for(lambda: c.info("clients")["client_recent_max_input_buffer"] >= 1_000_000,
+                 what="the partial bulk to be buffered")
+        lines = c.execute_command("CLIENT", "LIST")
+        lines = lines if isinstance(lines, str) else "\n".join(
+            " ".join(f"{k}={v}" for k, v in d.items()) for d in lines)
+        assert re.search(r"qbuf=\d{7}", lines), lines
+        assert "user=default" in lines
+        assert c.info("memory")["mem_clients_normal"] >= 1_000_000
+        assert c.config_get("maxmemory-clients") == {"maxmemory-clients": str(1 << 30)}
+        c.close()
+        s.close()
