@@ -10,7 +10,6 @@ import re
 from .adapters import E_SYNTAX, arity_error, parse_int, show
 from .errors import CommandError
 from .info import REDIS_VERSION
-from .logs import event
 from .ops import server as srv_ops
 from .resp import OK, PONG, bulk, encode, integer
 

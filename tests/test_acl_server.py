@@ -310,33 +310,28 @@ def test_requirepass_from_file_and_environment(tmp_path):
         assert _raw(srv, "AUTH", "other").startswith(b"-WRONGPASS")
 
 
-def test_full_users_keep_the_c_fast_path(kv):
-    """A +@all ~* user's plain GET/SET run in C even with the ACL hook
-    installed; a restricted user's go through the check."""
-    import kvstore.server.app as app
-    from kvstore.server.access import Access
+def test_full_users_keep_the_c_fast_path(aclfile):
+    """With restricted users the ACL hook is installed, yet a +@all ~* user's
+    connection may still take the C GET/SET path; a restricted user's may
+    not (the end-to-end proof that restricted users never bypass the check
+    is the differential test above: keyed's GET other is refused)."""
+    from kvstore.server import app
+    from kvstore.server.conn import BaseConnection
     from kvstore.server.config import ServerConfig
 
-    cfg = ServerConfig(capacity="8MiB")
-    cfg.aclfile = kv_aclfile = tempfile.mktemp(suffix=".acl")
-    with open(kv_aclfile, "w") as f:
-        f.write(ACL_TEXT)
-    cfg.validate()
-    srv = app.Server(cfg, store=_FakeStore())
-    assert srv.table.hooks            # restricted users exist: the hook is installed
-
-    class C:
-        kind = "resp"
-        user_full = False
-    full, limited = C(), C()
-    access = srv.access
-    full.user_full = True
-    assert srv.table.fast_ok(full) and not srv.table.fast_ok(limited)
-    os.unlink(kv_aclfile)
-    # no restricted user: no hook at all
-    cfg2 = ServerConfig(capacity="8MiB").validate()
-    assert not app.Server(cfg2, store=_FakeStore()).table.hooks
-    assert access.fast_ok(full)
+    srv = app.Server(ServerConfig(capacity="8MiB", aclfile=aclfile).validate(),
+                     store=_FakeStore())
+    assert srv.table.hooks
+    conn = BaseConnection(srv)
+    acl = srv.access.acl
+    for name, fast in (("full", True), ("default", True), ("keyed", False), ("rokeys", False),
+                       ("no_dangerous", False), ("only_read", False), ("cmds", False)):
+        conn.set_user(acl.get(name))
+        assert srv.table.fast_ok(conn) is fast, name
+    # no restricted user: no hook, nothing to pay
+    plain = app.Server(ServerConfig(capacity="8MiB").validate(), store=_FakeStore())
+    assert not plain.table.hooks
+    assert plain.table.fast_ok(BaseConnection(plain))
 
 
 class _FakeStore:

@@ -6,7 +6,6 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 import urllib.request
 
 import pytest
