@@ -9,6 +9,8 @@ one write and without reading, each abuse: ``count`` pipelined GETs, one
 MGET naming the key ``count`` times, and (kvstore only) the native ``mget``.
 The peak is VmHWM from /proc/PID/status, reset through /proc/PID/clear_refs
 before each abuse; the figure is the growth over the RSS at the reset.
+Then the input abuse: four clients each send most of a 200 MiB bulk at once,
+without and with ``maxmemory-clients`` (same value on both servers).
 Measures; asserts nothing, except that each server stayed up.
 """
 
@@ -80,10 +82,64 @@ def setup(port):
     s.close()
 
 
+def _partial_bulk(port, size, sent):
+    s = socket.create_connection(("127.0.0.1", port))
+    try:
+        s.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n" % (size + 1000))
+        chunk = b"y" * MiB
+        for _ in range(size // MiB):
+            s.sendall(chunk)
+            sent.append(MiB)
+        time.sleep(0.5)
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
+def input_abuse(pid, port, clients=4, size=200 * MiB):
+    """``clients`` connections each sending most of a ``size`` bulk at once;
+    returns (peak growth MiB, MiB the clients got to send)."""
+    import threading
+    before = reset_peak(pid)
+    sent = []
+    ts = [threading.Thread(target=_partial_bulk, args=(port, size, sent)) for _ in range(clients)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(300)
+    return (hwm_kib(pid) - before) / 1024, sum(sent) / MiB
+
+
+def input_rows(cap_mib):
+    rows = []
+    for cap in (0, cap_mib):
+        kv, kport = start_kvstore(["--capacity", "64MiB", "--maxmemory-clients", f"{cap}MiB"])
+        port = free_port()
+        rd = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no",
+                               "--maxmemory-clients", f"{cap}mb"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(port, rd)
+            kg, ksent = input_abuse(kv.pid, kport)
+            rg, rsent = input_abuse(rd.pid, port)
+            rows.append([f"{cap} MiB" if cap else "none", f"{kg:.0f}", f"{rg:.0f}",
+                         f"{ksent:.0f}", f"{rsent:.0f}"])
+            assert kv.alive() and rd.poll() is None
+        finally:
+            kv.stop()
+            rd.terminate()
+            rd.wait()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit-mib", type=int, default=8)
     ap.add_argument("--count", type=int, default=400)
+    ap.add_argument("--input-cap-mib", type=int, default=64,
+                    help="maxmemory-clients of the input abuse (4 x 200 MiB partial bulks)")
     a = ap.parse_args(argv)
     lim = a.limit_mib * MiB
     gets = resp("GET", "big") * a.count
@@ -122,6 +178,12 @@ def main(argv=None):
                  f"1 MiB value)", "bench.output_limit"))
     print(table(["abuse", "kvstore peak growth MiB", "redis peak growth MiB",
                  "kvstore MiB delivered", "redis MiB delivered"], rows))
+    rows = input_rows(a.input_cap_mib)
+    print()
+    print("### 4 clients each sending 200 MiB of a partial bulk (peak growth, MiB)")
+    print()
+    print(table(["maxmemory-clients", "kvstore peak growth MiB", "redis peak growth MiB",
+                 "kvstore MiB sent", "redis MiB sent"], rows))
     return 0
 
 
