@@ -109,8 +109,8 @@ class Server:
         for m, conn in sorted(mem, key=lambda mc: mc[0], reverse=True):
             if total <= cap or m == 0:
                 break
-            if conn.kind == "replica":
-                continue          # replicas are not evicted (Redis: normal clients only)
+            if conn.kind == "replica" or getattr(conn, "no_evict", False):
+                continue          # replicas and CLIENT NO-EVICT ON clients are never evicted
             conn.drop("maxmemory clients")
             total -= m
 

@@ -111,7 +111,12 @@ def cmd_client(conn, args):
         return bulk(conn.server.client_line(conn).encode())
     if sub == b"LIST":
         return bulk("".join(conn.server.client_line(c) for c in conn.server.all_clients()).encode())
-    if sub in (b"NO-EVICT", b"NO-TOUCH", b"REPLY"):
+    if sub == b"NO-EVICT":       # exempt this client from maxmemory-clients
+        if len(args) != 3 or args[2].upper() not in (b"ON", b"OFF"):
+            raise CommandError(E_SYNTAX)
+        conn.no_evict = args[2].upper() == b"ON"
+        return OK
+    if sub in (b"NO-TOUCH", b"REPLY"):
         return OK
     if sub == b"HELP":
         return encode(["CLIENT ID", "CLIENT GETNAME", "CLIENT SETNAME <name>",

@@ -224,3 +224,27 @@ def test_client_list_and_info_show_client_memory():
         assert c.config_get("maxmemory-clients") == {"maxmemory-clients": str(1 << 30)}
         c.close()
         s.close()
+
+
+def test_client_no_evict_exempts_a_client_from_maxmemory_clients():
+    with start_server("--maxmemory-clients", "8MiB", "--capacity", "64MiB") as srv:
+        keep = socket.create_connection((srv.host, srv.port))
+        keep.sendall(resp_command("CLIENT", "NO-EVICT", "ON"))
+        assert keep.recv(100) == b"+OK\r\n"
+        keep.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$30000000\r\n" + b"z" * 12 * MiB)
+        other = socket.create_connection((srv.host, srv.port))
+        other.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nj\r\n$30000000\r\n" + b"z" * 2 * MiB)
+        wait_for(lambda: info(srv, "stats")["evicted_clients"] >= 1, what="an eviction")
+        try:
+            got = recv_all(other, timeout=5)
+        except ConnectionResetError:              # dropped with its input unread: RST
+            got = b""
+        assert got == b""                         # the other client was dropped
+        keep.sendall(b"z" * (30000000 - 12 * MiB) + b"\r\n")
+        assert keep.recv(100) == b"+OK\r\n"                # the exempt one was not
+        keep.close()
+        other.close()
+        s = socket.create_connection((srv.host, srv.port))
+        s.sendall(resp_command("CLIENT", "NO-EVICT", "maybe"))
+        assert s.recv(100) == b"-ERR syntax error\r\n"
+        s.close()
