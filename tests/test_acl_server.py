@@ -433,3 +433,19 @@ def test_protected_mode_off_with_password_serves_everyone(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_every_command_and_native_op_has_acl_rules():
+    """Each row's categories come from acl.py's table (COMMAND INFO shows
+    them); a command missing there would be refused to every restricted
+    user, and a native op missing from NATIVE_COMMANDS would follow no
+    command's rules."""
+    from kvstore.server.acl import COMMAND_CATEGORIES
+    from kvstore.server.commands import build_table
+    table = build_table()
+    missing = [n for n in table.commands if n.lower() not in COMMAND_CATEGORIES]
+    assert not missing, f"add these to acl.py's _TABLE: {missing}"
+    for name, row in table.commands.items():
+        assert row.acl and all(c.startswith("@") for c in row.acl), name
+    unmapped = [op for op in table.native if op not in NATIVE_COMMANDS]
+    assert not unmapped, f"add these to acl.NATIVE_COMMANDS: {unmapped}"
