@@ -134,6 +134,9 @@ class Server:
         if self.store is None:
             self.store = self._make_store()
             event("info", "store_opened", **_store_fields(self.store))
+        if getattr(self.config, "maxmemory_clients_percent", 0):
+            self.config.maxmemory_clients = int(
+                _capacity_bytes(self) * self.config.maxmemory_clients_percent / 100)
         self._watch_losses(loop)
         self.writes = WritePath(self.store)
         self.writes.reply_index = self._reply_index

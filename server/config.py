@@ -46,7 +46,7 @@ class ServerConfig:
     requirepass_file: str = ""         # read the password from this file (first line)
     aclfile: str = ""                  # users in Redis's ACL file format (server/acl.py)
     protected_mode: bool = True        # no password: refuse clients beyond loopback
-    maxmemory_clients: int = 0         # total client buffers; 0 = no cap (Redis 7's default)
+    maxmemory_clients: int = 0         # total client buffers ("N%": of capacity); 0 = no cap
     metrics_port: int = -1             # Prometheus /metrics port; -1 = off, 0 = pick one
     metrics_bind: str = "127.0.0.1"
     log_level: str = "info"
@@ -81,6 +81,17 @@ class ServerConfig:
         self.metrics_port = int(self.metrics_port)
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port out of range: {self.metrics_port}")
+        self.maxmemory_clients_percent = 0.0
+        mc = self.maxmemory_clients
+        if isinstance(mc, str) and mc.strip().endswith("%"):
+            try:
+                pct = float(mc.strip()[:-1])
+            except ValueError:
+                raise ValueError(f"not a percentage: {mc!r}") from None
+            if not 0 <= pct <= 100:
+                raise ValueError(f"maxmemory-clients percentage out of range: {mc!r}")
+            self.maxmemory_clients_percent = pct       # of the capacity, set at start
+            self.maxmemory_clients = 0
         for name in self._SIZES:
             setattr(self, name, parse_size(getattr(self, name)))
         if not (0 <= int(self.port) <= 65535):
@@ -169,8 +180,8 @@ def build_parser():
     p.add_argument("--protected-mode", metavar="yes|no",
                    help="without a password, refuse clients beyond loopback (default yes)")
     p.add_argument("--maxmemory-clients", metavar="SIZE",
-                   help="cap on all clients' buffers; the biggest clients are dropped first "
-                        "(default 0: no cap)")
+                   help="cap on all clients' buffers, a size or a percentage of --capacity "
+                        "(10%%); the biggest clients are dropped first (default 0: no cap)")
     p.add_argument("--client-query-buffer-limit", dest="max_query_buffer", metavar="SIZE",
                    help="per-client query buffer limit (default 1GiB; same as --max-query-buffer)")
     p.add_argument("--metrics-port", type=int,

@@ -248,3 +248,8 @@ def test_client_no_evict_exempts_a_client_from_maxmemory_clients():
         s.sendall(resp_command("CLIENT", "NO-EVICT", "maybe"))
         assert s.recv(100) == b"-ERR syntax error\r\n"
         s.close()
+
+
+def test_maxmemory_clients_as_a_percentage_of_capacity():
+    with start_server("--capacity", "16MiB", "--maxmemory-clients", "25%") as srv:
+        assert info(srv, "memory")["maxmemory_clients"] == 4 * MiB
