@@ -120,3 +120,26 @@ def test_metrics_port_serves_kvstore_metrics():
         latest = c.execute_command("LATENCY", "LATEST")
         assert latest and latest[0][0] == b"recovery"
         c.close()
+
+
+def test_metrics_rebuild_histogram_counts_keys_rebuilt_from_a_replica():
+    """A key lost on the primary and rebuilt from its replica is one
+    observation of kvstore_rebuild_seconds (loss to reinstall)."""
+    pytest.importorskip("prometheus_client")
+    import replutil
+    with replutil.start("--metrics-port", "0") as primary, \
+            replutil.start_replica(primary) as replica:
+        c = redis.Redis(host=primary.host, port=primary.port)
+        for i in range(20):
+            c.set(f"k{i}", f"v{i}")
+        replutil.wait_synced(primary, replica)
+        port = int(wait_for(lambda: re.search(r"metrics_listening.*port=(\d+)", primary.logs()),
+                            what="the metrics endpoint").group(1))
+        c.execute_command("KV.INJECT", "ao", "KEY", "k7")
+        wait_for(lambda: c.info("kvstore")["rebuilt_keys"] >= 1, timeout=30,
+                 what="the key rebuilt from the replica")
+        text = scrape(f"http://127.0.0.1:{port}/metrics")
+        assert metric(text, "kvstore_rebuild_seconds_count") >= 1
+        assert metric(text, "kvstore_recovery_seconds_count") >= 1
+        assert c.get("k7") == b"v7"
+        c.close()
