@@ -70,7 +70,7 @@ def _abuse_and_peak(srv, payload, read_hello=False):
     s = socket.create_connection((srv.host, srv.port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.sendall(payload)
-    time.sleep(1.0)
+    time.sleep(0.5)
     got = recv_all(s, timeout=10)
     s.close()
     peak = status_kib(srv.pid, "VmHWM")
