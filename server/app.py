@@ -408,7 +408,8 @@ class Server:
         try:
             d = dict(self.store.stats())
         except Exception as e:  # noqa: BLE001
-            d = {"error": f"{type(e).__name__}: {e}"}
+            event("error", "stats_failed", error=f"{type(e).__name__}: {e}")
+            d = {"error": "the store's stats are unavailable (see the server log)"}
         d.update(server_version=kvstore.__version__, server_uptime_s=round(time.time() - self.started, 3),
                  server_connected_clients=len(self.clients),
                  server_total_connections=self.stats_connections,

@@ -22,7 +22,9 @@ def info_sections(server, wanted):
     try:
         stats = dict(st.stats())
     except Exception as e:  # noqa: BLE001 - INFO must answer even then
-        stats = {"error": f"{type(e).__name__}: {e}"}
+        from .logs import event
+        event("error", "stats_failed", error=f"{type(e).__name__}: {e}")
+        stats = {"error": "the store's stats are unavailable (see the server log)"}
     nkeys = stats.get("keys")
     if nkeys is None:
         nkeys = len(st)
