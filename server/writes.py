@@ -26,8 +26,16 @@ when :meth:`fast_set_allowed` says a SET needs nothing from this path.
 
 import contextlib
 import time
+import weakref
+
+from kvstore.errors import KeyLostError, StoreFullError
+
+from .logs import event
 
 __all__ = ["WritePath"]
+
+_SUB = 4096          # the allocator's subpage
+_REC_HDR = 8         # record header: checksum + value length
 
 
 class WritePath:
@@ -48,6 +56,10 @@ class WritePath:
         #: Index the reply of the running command will have in its batch
         #: (set by the server; used when entries must go out mid-command).
         self.reply_index = lambda: 0
+        #: WATCH: key -> WeakSet of connections watching it. Every write
+        #: of a watched key marks those connections dirty (Redis's
+        #: touchWatchedKey); see :meth:`watch`.
+        self.watchers = {}
         store.write_observer = self
 
     def subscribe(self, sub):
@@ -59,13 +71,105 @@ class WritePath:
 
     def fast_set_allowed(self):
         """May a plain SET run without this path (the C RESP fast path)?"""
-        return self.guard is None and not self.recording
+        return self.guard is None and not self.recording and not self.watchers
+
+    # -- WATCH
+
+    def watch(self, conn, key):
+        """Mark ``conn.watch_dirty`` when ``key`` is next written."""
+        ws = self.watchers.get(key)
+        if ws is None:
+            ws = self.watchers[key] = weakref.WeakSet()
+        ws.add(conn)
+
+    def unwatch(self, conn, keys):
+        for k in keys:
+            ws = self.watchers.get(k)
+            if ws is not None:
+                ws.discard(conn)
+                if not ws:
+                    del self.watchers[k]
+
+    def touch(self, key):
+        """A write-like change of ``key``: every connection watching it is
+        dirty (its EXEC will abort)."""
+        ws = self.watchers.pop(key, None)
+        if ws:
+            for c in ws:
+                c.watch_dirty = True
+
+    def _touch_all(self):
+        for k in list(self.watchers):
+            if self.store.exists(k):
+                self.touch(k)
+
+    # -- space
+
+    def fits(self, sizes):
+        """True when values of ``sizes`` bytes surely fit now: each record
+        counted as if it needed subpages of its own, above the allocator's
+        reserve. False means "maybe not" (the caller snapshots and undoes)."""
+        try:
+            s = self.store.engine_stats()
+            free = s["free_subpages"]
+            reserve = 2 + (s["capacity"] // _SUB) // 256
+        except Exception:  # noqa: BLE001 - an engine without these stats: be careful
+            return False
+        need = 0
+        for n in sizes:
+            need += (n + _REC_HDR + _SUB - 1) // _SUB
+        return free - reserve - 1 >= need
+
+    def snapshot(self, keys):
+        """What :meth:`rollback` needs to put ``keys`` back as they are now."""
+        st = self.store
+        out = {}
+        for k in keys:
+            if k in out:
+                continue
+            try:
+                v = st.get(k)
+            except KeyLostError:
+                out[k] = ("lost",)
+                continue
+            out[k] = None if v is None else (v, st.expire_at(k))
+        return out
+
+    def rollback(self, snap, mark):
+        """Undo the writes since ``mark`` (``len(self.entries)`` then): keys
+        absent in ``snap`` are deleted first (freeing space), then the old
+        values are put back with their expiry. Replication hears only the
+        end state. A key that was LOST cannot be put back as LOST: it keeps
+        the new value and is logged."""
+        st = self.store
+        del self.entries[mark:]
+        for k, old in snap.items():
+            if old is None and st.delete(k) and self.recording:
+                self.entries.append(("d", k))
+        for k, old in snap.items():
+            if old is None:
+                continue
+            if old[0] == "lost":
+                event("warning", "rollback_lost_key", key=k[:64])
+                continue
+            val, exp = old
+            try:
+                v = st.put(k, val)
+                if exp:
+                    st.expire_at_ms(k, exp)
+            except Exception as e:  # noqa: BLE001 - report, keep undoing the rest
+                event("error", "rollback_failed", key=k[:64], error=f"{type(e).__name__}: {e}")
+                continue
+            if self.recording:
+                self.entries.append(("p", k, v, val, exp))
 
     # -- client writes
 
     def put(self, key, value, ttl=None):
         if self.guard is not None:
             self.guard()
+        if self.watchers:
+            self.touch(key)
         if ttl is None:
             v = self._put(key, value)
             if self.recording:
@@ -76,22 +180,61 @@ class WritePath:
                 self.entries.append(("p", key, v, value, self.store.expire_at(key)))
         return v
 
-    def mput(self, pairs):
+    def put_at(self, key, value, at_ms=0):
+        """Write ``key`` expiring at ``at_ms`` (ms since the epoch, already
+        validated by the caller; 0: no expiry). An expiry in the past
+        deletes the key, as Redis does once a key's time has come."""
         if self.guard is not None:
             self.guard()
-        if not self.recording:
-            return self.store.mput(pairs)
+        if at_ms and at_ms <= time.time_ns() // 1_000_000:
+            return self.delete(key)
+        if self.watchers:
+            self.touch(key)
+        v = self._put(key, value)
+        if at_ms:
+            self.store.expire_at_ms(key, at_ms)
+        if self.recording:
+            self.entries.append(("p", key, v, value, at_ms))
+        return v
+
+    def put_keepttl(self, key, value):
+        """Write ``key`` keeping its expiry (INCR, APPEND, SETRANGE)."""
+        return self.put_at(key, value, self.store.expire_at(key))
+
+    def mput(self, pairs):
+        """Write every pair or none: when the space is not surely there,
+        the old values are kept aside and put back if the store fills up
+        midway (the StoreFullError is raised after the undo)."""
+        if self.guard is not None:
+            self.guard()
         items = list(pairs.items()) if hasattr(pairs, "items") else list(pairs)
-        vers = self.store.mput(items)
-        self.entries.extend(("p", k, v, val, 0) for (k, val), v in zip(items, vers))
+        if self.watchers:
+            for k, _ in items:
+                self.touch(k)
+        st = self.store
+        if self.fits(len(v) for _, v in items):
+            vers = st.mput(items)
+        else:
+            snap = self.snapshot([k for k, _ in items])
+            mark = len(self.entries)
+            try:
+                vers = st.mput(items)
+            except StoreFullError:
+                self.rollback(snap, mark)
+                raise
+        if self.recording:
+            self.entries.extend(("p", k, v, val, 0) for (k, val), v in zip(items, vers))
         return vers
 
     def delete(self, key):
         if self.guard is not None:
             self.guard()
         r = self.store.delete(key)
-        if r and self.recording:
-            self.entries.append(("d", key))
+        if r:
+            if self.watchers:
+                self.touch(key)
+            if self.recording:
+                self.entries.append(("d", key))
         return r
 
     def expire_at_ms(self, key, ms):
@@ -99,8 +242,11 @@ class WritePath:
         if self.guard is not None:
             self.guard()
         r = self.store.expire_at_ms(key, ms)
-        if r and self.recording:
-            self.entries.append(("e", key, ms))
+        if r:
+            if self.watchers:
+                self.touch(key)
+            if self.recording:
+                self.entries.append(("e", key, ms))
         return r
 
     def expire(self, key, seconds):
@@ -115,6 +261,8 @@ class WritePath:
     def flush(self):
         if self.guard is not None:
             self.guard()
+        if self.watchers:
+            self._touch_all()
         r = self.store.flush()
         if self.recording:
             self.entries.append(("f",))
