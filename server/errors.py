@@ -101,7 +101,7 @@ def resp_error(e, conn=None, name=b"?"):
         if isinstance(e, cls):
             return resp(e)
     _internal(e, "command_failed", {"id": getattr(conn, "id", 0), "cmd": bytes(name[:64])})
-    return _resp_line(f"ERR internal error: {type(e).__name__}")
+    return _resp_line("ERR internal error (the server log has the details)")
 
 
 def native_error(e, conn=None, name="?"):
@@ -110,4 +110,4 @@ def native_error(e, conn=None, name="?"):
         if isinstance(e, cls):
             return native(e)
     _internal(e, "op_failed", {"id": getattr(conn, "id", 0), "op": str(name)[:64]})
-    return ["ERR", f"internal error: {type(e).__name__}", {}]
+    return ["ERR", "internal error (the server log has the details)", {}]

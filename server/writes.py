@@ -30,9 +30,20 @@ import weakref
 
 from kvstore.errors import KeyLostError, StoreFullError
 
+from .errors import CommandError
 from .logs import event
 
-__all__ = ["WritePath"]
+__all__ = ["ValueLargerThanStoreError", "WritePath"]
+
+
+class ValueLargerThanStoreError(CommandError):
+    """A value that cannot fit even in an empty store: no retry helps."""
+
+    def __init__(self, n, capacity):
+        super().__init__(f"ERR value is larger than the whole store ({n} bytes; the store "
+                         f"holds {capacity} bytes); nothing was written", "TOOLARGE",
+                         f"value is larger than the whole store ({n} bytes; capacity "
+                         f"{capacity} bytes); nothing was written")
 
 _SUB = 4096          # the allocator's subpage
 _REC_HDR = 8         # record header: checksum + value length
@@ -105,6 +116,16 @@ class WritePath:
 
     # -- space
 
+    def _too_large(self, n):
+        """Raise ValueLargerThanStoreError when a value of ``n`` bytes could
+        never fit, even in an empty store (a different answer from "full")."""
+        try:
+            cap = self.store.engine_stats()["capacity"]
+        except Exception:  # noqa: BLE001 - no stats: keep the original error
+            return
+        if n + _REC_HDR > cap:
+            raise ValueLargerThanStoreError(n, cap)
+
     def fits(self, sizes):
         """True when values of ``sizes`` bytes surely fit now: each record
         counted as if it needed subpages of its own, above the allocator's
@@ -171,11 +192,19 @@ class WritePath:
         if self.watchers:
             self.touch(key)
         if ttl is None:
-            v = self._put(key, value)
+            try:
+                v = self._put(key, value)
+            except StoreFullError:
+                self._too_large(len(value))
+                raise
             if self.recording:
                 self.entries.append(("p", key, v, value, 0))
         else:
-            v = self._put(key, value, ttl=ttl)
+            try:
+                v = self._put(key, value, ttl=ttl)
+            except StoreFullError:
+                self._too_large(len(value))
+                raise
             if self.recording:
                 self.entries.append(("p", key, v, value, self.store.expire_at(key)))
         return v
@@ -190,7 +219,11 @@ class WritePath:
             return self.delete(key)
         if self.watchers:
             self.touch(key)
-        v = self._put(key, value)
+        try:
+            v = self._put(key, value)
+        except StoreFullError:
+            self._too_large(len(value))
+            raise
         if at_ms:
             self.store.expire_at_ms(key, at_ms)
         if self.recording:
@@ -221,6 +254,7 @@ class WritePath:
                 vers = st.mput(items)
             except StoreFullError:
                 self.rollback(snap, mark)
+                self._too_large(max((len(v) for _, v in items), default=0))
                 raise
         if self.recording:
             self.entries.extend(("p", k, v, val, 0) for (k, val), v in zip(items, vers))
