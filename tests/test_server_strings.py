@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from kvstore.errors import ResponseError
+from kvstore.errors import ResponseError, ValueTooLargeError
 from redisdiff import Raw
 from serverutil import resp_command, start_server, store_available
 
@@ -25,6 +25,13 @@ LLONG_MAX = (1 << 63) - 1
 @pytest.fixture(scope="module")
 def server():
     s = start_server("--capacity", "64MiB")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture
+def small():
+    s = start_server("--capacity", "4MiB")
     yield s
     assert s.stop() == 0
 
@@ -135,12 +142,20 @@ def test_append_getrange_setrange(r):
         err("ERR string exceeds maximum allowed size (proto-max-bulk-len)")
 
 
-def test_value_larger_than_the_store_is_not_full(r):
+def test_value_larger_than_the_store_is_not_full(small):
     """Issue 14: a value larger than the whole store was reported as full."""
-    big = b"x" * (65 << 20)
-    reply = r.call("SET", "big", big)
+    r = Raw(small.connect(timeout=10))
+    reply = r.call("SET", "big", b"x" * (5 << 20))
     assert reply[0] == "-" and b"larger than the whole store" in reply[1], reply
     assert r.call("EXISTS", "big") == 0
+    reply = r.call("MSET", "a", "1", "big", b"x" * (5 << 20))
+    assert reply[0] == "-" and b"larger than the whole store" in reply[1], reply
+    assert r.call("EXISTS", "a", "big") == 0
+    r.close()
+    with small.client() as c:
+        with pytest.raises(ValueTooLargeError) as ei:
+            c.put(b"big", b"x" * (5 << 20))
+        assert "larger than the whole store" in str(ei.value)
 
 
 def test_over_long_key_reads_answer_nil_and_zero(r):
@@ -291,13 +306,6 @@ def _fill(c, prefix, value, limit=100000):
             return keys
         keys.append(k)
     raise AssertionError("the store never filled up")
-
-
-@pytest.fixture
-def small():
-    s = start_server("--capacity", "4MiB")
-    yield s
-    assert s.stop() == 0
 
 
 def test_mset_into_a_nearly_full_store_leaves_no_partial_writes(small):
