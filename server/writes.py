@@ -109,7 +109,7 @@ class WritePath:
             for c in ws:
                 c.watch_dirty = True
 
-    def _touch_all(self):
+    def touch_all(self):
         for k in list(self.watchers):
             if self.store.exists(k):
                 self.touch(k)
@@ -296,7 +296,7 @@ class WritePath:
         if self.guard is not None:
             self.guard()
         if self.watchers:
-            self._touch_all()
+            self.touch_all()
         r = self.store.flush()
         if self.recording:
             self.entries.append(("f",))

@@ -474,3 +474,29 @@ def test_socket_is_quiet_after_kill(server):
         pass
     b.close()
     a.close()
+
+
+def test_watch_on_a_replica_sees_replicated_writes():
+    from replutil import start, start_replica, wait_link_up, wait_synced
+    primary = start("--capacity", "16MiB")
+    replica = None
+    try:
+        replica = start_replica(primary, "--capacity", "16MiB")
+        wait_link_up(replica)
+        p = Raw(primary.connect(timeout=10))
+        r = Raw(replica.connect(timeout=10))
+        p.call("SET", "k", "v")
+        wait_synced(primary, replica)
+        assert r.call("WATCH", "k") == ("+", b"OK")
+        p.call("EXPIRE", "k", "100")        # no new version: only the touch can tell
+        wait_synced(primary, replica)
+        r.call("MULTI")
+        r.call("GET", "k")
+        assert r.call("EXEC") is None
+        assert r.call("ROLE")[0] == b"slave"
+        p.close()
+        r.close()
+    finally:
+        if replica is not None:
+            replica.stop()
+        primary.stop()
