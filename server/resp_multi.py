@@ -111,7 +111,9 @@ def cmd_exec(conn, args):
     w = conn.writes
     snap = None
     sizes = [len(x) for a in queued for x in a[2:]]
-    if not w.fits(sizes):
+    # APPEND, SETRANGE, COPY, RENAME... write more than their arguments:
+    # only blocks of plain writes are sized from their arguments
+    if any(_grows(conn, a[0]) for a in queued) or not w.fits(sizes):
         snap = w.snapshot(_block_keys(conn, queued))
     mark = len(w.entries)
     parts = [b"*%d\r\n" % len(queued)]
@@ -123,6 +125,22 @@ def cmd_exec(conn, args):
                    b"transaction was applied)\r\n"
         parts.append(r)
     return b"".join(parts)
+
+
+#: Commands whose writes are no larger than their arguments (or write nothing).
+_SIZED = frozenset({b"SET", b"SETNX", b"SETEX", b"PSETEX", b"MSET", b"MSETNX", b"GETSET", b"INCR",
+                    b"DECR", b"INCRBY", b"DECRBY", b"GET", b"MGET", b"EXISTS", b"TTL", b"PTTL",
+                    b"DEL", b"UNLINK", b"EXPIRE", b"PEXPIRE", b"EXPIREAT", b"PEXPIREAT",
+                    b"PERSIST", b"GETDEL", b"STRLEN", b"TYPE", b"PING", b"ECHO", b"TOUCH"})
+
+
+def _grows(conn, name):
+    """A write whose size is not bounded by its arguments (APPEND, COPY...)."""
+    up = name.upper()
+    if up in _SIZED:
+        return False
+    cmd = conn.commands.get(up)
+    return cmd is not None and "write" in cmd.flags
 
 
 def _block_keys(conn, queued):

@@ -28,7 +28,7 @@ import contextlib
 import time
 import weakref
 
-from kvstore.errors import KeyLostError, StoreFullError
+from kvstore.errors import KeyLostError, KeyTooLargeError, StoreFullError
 
 from .errors import CommandError
 from .logs import event
@@ -153,6 +153,8 @@ class WritePath:
             except KeyLostError:
                 out[k] = ("lost",)
                 continue
+            except KeyTooLargeError:
+                continue            # a key that long cannot be written either
             out[k] = None if v is None else (v, st.expire_at(k))
         return out
 
@@ -241,9 +243,6 @@ class WritePath:
         if self.guard is not None:
             self.guard()
         items = list(pairs.items()) if hasattr(pairs, "items") else list(pairs)
-        if self.watchers:
-            for k, _ in items:
-                self.touch(k)
         st = self.store
         if self.fits(len(v) for _, v in items):
             vers = st.mput(items)
@@ -256,6 +255,9 @@ class WritePath:
                 self.rollback(snap, mark)
                 self._too_large(max((len(v) for _, v in items), default=0))
                 raise
+        if self.watchers:
+            for k, _ in items:
+                self.touch(k)
         if self.recording:
             self.entries.extend(("p", k, v, val, 0) for (k, val), v in zip(items, vers))
         return vers

@@ -333,6 +333,13 @@ def test_mset_into_a_nearly_full_store_leaves_no_partial_writes(small):
     assert isinstance(reply, tuple) and reply[1].startswith(b"OOM"), reply
     assert c.call("EXISTS", *keys[:-1]) == 0
     assert c.call("GET", b"old") == b"kept"
+    # a block whose writes outgrow their arguments (SETRANGE) is undone too
+    assert c.call("MULTI") == ("+", b"OK")
+    c.call("SET", b"m:0", b"small")
+    c.call("SETRANGE", b"m:1", b"3000000", b"x")
+    reply = c.call("EXEC")
+    assert isinstance(reply, tuple) and reply[1].startswith(b"OOM"), reply
+    assert c.call("EXISTS", b"m:0", b"m:1") == 0
     # a batch that fits is written whole
     assert c.call("MSET", b"m:0", b"a", b"m:1", b"b") == ("+", b"OK")
     assert c.call("MGET", b"m:0", b"m:1") == [b"a", b"b"]
