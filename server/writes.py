@@ -286,10 +286,17 @@ class WritePath:
         return r
 
     def expire(self, key, seconds):
-        """Expire ``key`` in ``seconds`` (<= 0 deletes it); as Store.expire."""
+        """Expire ``key`` in ``seconds`` (<= 0 deletes it); as Store.expire.
+        A time that is not finite or passes 2**63-1 ms is refused with
+        Redis's text, and the key is kept."""
+        if seconds != seconds or seconds in (float("inf"), float("-inf")):
+            raise CommandError("ERR invalid expire time in 'expire' command")
         if seconds <= 0:
             return self.delete(key)
-        return self.expire_at_ms(key, time.time_ns() // 1_000_000 + max(1, round(seconds * 1000)))
+        at = time.time_ns() // 1_000_000 + max(1, round(seconds * 1000))
+        if at >= 1 << 63:
+            raise CommandError("ERR invalid expire time in 'expire' command")
+        return self.expire_at_ms(key, at)
 
     def persist(self, key):
         return self.expire_at_ms(key, 0)
