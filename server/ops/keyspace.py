@@ -13,7 +13,8 @@ depends only on the keys, never on insertion, table size or compaction.
 
 The keys are read from a server-wide sorted snapshot (:class:`ScanIndex`).
 A call with cursor 0 takes a new snapshot unless no key was added since the
-last one (the store's version counter is unchanged); later calls read the
+last one (the store's version counter and key count are unchanged, and the
+snapshot is younger than a second); later calls read the
 newest snapshot there is, which was taken after their iteration began. So a
 key present for the whole iteration is in the snapshot every call of that
 iteration reads, and is returned when the cursor passes its hash. Keys in
@@ -55,13 +56,21 @@ class ScanIndex:
     def __init__(self):
         self.version = None
         self.count = -1
+        self.taken = 0.0
         self.hashes = []
         self.keys = []
 
+    #: A snapshot older than this is retaken at cursor 0 even when the
+    #: version counter and key count did not move (writes applied with their
+    #: own versions, by replication or rebuild, may not move the counter).
+    MAX_AGE = 1.0
+
     def refresh(self, store):
         ver, n = store.version, len(store)
-        if ver == self.version and n == self.count:
+        now = time.monotonic()
+        if ver == self.version and n == self.count and now - self.taken < self.MAX_AGE:
             return
+        self.taken = now
         pairs = sorted((scan_hash(k), k) for k in store.keys())
         self.hashes = [h for h, _ in pairs]
         self.keys = [k for _, k in pairs]
