@@ -1,10 +1,15 @@
 """Differential test: the same random command sequences on a kvstore-server
 and a redis-server (tests/redisdiff.py), replies compared one by one.
 
-The generators cover the string and generic commands the server has today,
-with edge-case arguments (zero, negative, float, malformed and large TTLs,
-SET option combinations, binary and empty keys and values, glob patterns,
-MULTI/EXEC/DISCARD blocks). Adding a command is one line in ``GENERATORS``.
+The generators cover the string and generic commands (the INCR family,
+INCRBYFLOAT, APPEND, GETRANGE/SETRANGE, GETEX, SCAN, RENAME, COPY, EXPIREAT,
+EXPIRETIME, OBJECT, TIME...) with edge-case arguments (zero, negative, float,
+malformed TTLs and TTLs at and past int64 milliseconds, integers and floats
+at their limits, SET option combinations, binary and empty keys and values,
+reads of keys over --max-key, glob patterns with classes, negation, ranges
+and escapes, MULTI/EXEC/DISCARD blocks), and WATCH/MULTI interleavings from
+two clients with every kind of write to the watched keys. Adding a command
+is one line in ``GENERATORS``.
 
 Left out on purpose, because kvstore answers differently (each is listed in
 the module's ``NOT_YET`` so it is visible; the documented differences are
