@@ -32,8 +32,6 @@ import time
 
 import xxhash
 
-from kvstore.errors import KeyLostError
-
 from .. import glob
 from ..errors import CommandError
 
