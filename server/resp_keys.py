@@ -127,7 +127,7 @@ def cmd_setnx(conn, args):
 
 
 def cmd_getdel(conn, args):
-    v = conn.store.get(args[1])
+    v = ops.read(conn, args[1])
     if v is None:
         return conn.null
     conn.writes.delete(args[1])
@@ -135,7 +135,7 @@ def cmd_getdel(conn, args):
 
 
 def cmd_strlen(conn, args):
-    v = conn.store.get(args[1])
+    v = ops.read(conn, args[1])
     return integer(0 if v is None else len(v))
 
 
@@ -272,7 +272,7 @@ def cmd_type(conn, args):
 def cmd_getex(conn, args):
     flags, unit, arg = parse_string_options(args, 2, False)
     key = args[1]
-    if conn.store.get(key) is None:
+    if ops.read(conn, key) is None:
         return conn.null
     at = sops.set_expiry_ms("getex", unit, arg) if unit is not None else None
     v = sops.getex(conn, key, at, b"PERSIST" in flags)

@@ -165,6 +165,11 @@ def test_over_long_key_reads_answer_nil_and_zero(r):
     assert r.call("EXISTS", long_key, "nope") == 0
     assert r.call("TTL", long_key) == -2
     assert r.call("TYPE", long_key) == ("+", b"none")
+    r.call("SET", "k", "v")
+    assert r.call("MGET", "k", long_key) == [b"v", None]
+    assert r.call("STRLEN", long_key) == 0
+    assert r.call("GETRANGE", long_key, "0", "-1") == b""
+    assert r.call("GETDEL", long_key) is None
 
 
 # ------------------------------------------------------------------ key space

@@ -1,14 +1,23 @@
 """Reads and writes of keys (see the package docstring)."""
 
-from kvstore.errors import KeyLostError
+from kvstore.errors import KeyLostError, KeyTooLargeError
 from kvstore.store import LOST
 
 __all__ = ["delete", "exists", "expire", "fetch", "get", "get_versioned", "keys", "dbsize",
-           "mget", "mput", "persist", "put", "strlen", "ttl"]
+           "mget", "mput", "persist", "put", "read", "strlen", "ttl"]
 
 
 def get(conn, key):
     return conn.store.get(key)
+
+
+def read(conn, key):
+    """The value of ``key`` for a read, None when absent: a key over the key
+    limit cannot exist, so it reads as absent (Redis answers nil there)."""
+    try:
+        return conn.store.get(key)
+    except KeyTooLargeError:
+        return None
 
 
 def get_versioned(conn, key):
@@ -20,7 +29,14 @@ def mget(conn, keys):
     KeyLostError of a key still lost after read-repair. Returns
     ``(values, total_bytes)``."""
     st = conn.store
-    vals = st.mget(keys, on_lost="mark")
+    try:
+        vals = st.mget(keys, on_lost="mark")
+    except KeyTooLargeError:
+        # one key over the limit: it reads as absent, the others as usual
+        limit = st.engine_stats().get("max_key", 65536)
+        short = [k for k in keys if len(k) <= limit]
+        got = iter(st.mget(short, on_lost="mark"))
+        vals = [next(got) if len(k) <= limit else None for k in keys]
     total = 0
     for i, v in enumerate(vals):
         if v is None:
@@ -81,7 +97,7 @@ def dbsize(conn):
 
 
 def strlen(conn, key):
-    v = conn.store.get(key)
+    v = read(conn, key)
     return 0 if v is None else len(v)
 
 

@@ -25,6 +25,7 @@ import time
 from fractions import Fraction
 
 from ..errors import CommandError
+from . import keys
 
 __all__ = ["E_INT", "E_NOT_FLOAT", "LLONG_MAX", "LLONG_MIN", "append", "decr", "decrby", "expire_ms", "incr", "getex",
            "getrange", "getset", "incrby", "incrbyfloat", "ld_format", "ld_parse", "now_ms",
@@ -234,7 +235,7 @@ def append(conn, key, value):
 
 
 def getrange(conn, key, start, end):
-    v = conn.store.get(key)
+    v = keys.read(conn, key)
     if v is None:
         return b""
     n = len(v)
@@ -282,7 +283,7 @@ def getset(conn, key, value):
 def getex(conn, key, at_ms=None, persist=False):
     """GETEX: the value (None if absent); ``at_ms`` a new absolute expiry
     (validated; at or before now deletes the key), ``persist`` removes it."""
-    v = conn.store.get(key)
+    v = keys.read(conn, key)
     if v is None:
         return None
     if at_ms is not None:
