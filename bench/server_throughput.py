@@ -5,8 +5,10 @@
 Starts redis-server (``--save '' --appendonly no``) and kvstore-server on free
 127.0.0.1 ports, then for pipeline depths 1 and 16 runs
 
-    redis-benchmark -t set|get -c 50 -d 64 -r 1000000 -n N -P depth --csv
+    redis-benchmark -t set|get|incr|mset -c 50 -d 64 -r 1000000 -n N -P depth --csv
 
+(``--tests`` picks the tests; MSET is redis-benchmark's 10-key MSET, INCR
+one counter key per random key)
 against each, interleaved, and reads each server's CPU time (utime + stime
 from /proc/PID/stat) around every run. Prints a markdown table: requests/s,
 server CPU microseconds per request, and both as ratios to Redis. Measures;
@@ -76,7 +78,8 @@ def run_benchmark(port, test, n, pipeline, clients, size, keyspace):
     out = p.stdout.decode()
     for line in out.splitlines():
         cols = [c.strip('"') for c in line.split(",")]
-        if cols and cols[0].upper() == test.upper():
+        # MSET's row is named "MSET (10 keys)"
+        if cols and cols[0].upper().split(" ")[0] == test.upper():
             return float(cols[1])
     raise RuntimeError(f"redis-benchmark failed (rc={p.returncode}): {out} {p.stderr.decode()}")
 
@@ -89,6 +92,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--keyspace", type=int, default=1000000)
     ap.add_argument("--pipelines", default="1,16")
+    ap.add_argument("--tests", default="set,get,incr,mset",
+                    help="redis-benchmark tests, comma-separated (default set,get,incr,mset)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra kvstore-server flag (repeatable), e.g. --server-arg=--page-size=4K")
     args = ap.parse_args(argv)
@@ -103,7 +108,7 @@ def main(argv=None):
         procs["kvstore"] = start_kvstore(["--capacity", "1GiB", *args.server_arg])
         rows = []
         for depth in [int(x) for x in args.pipelines.split(",")]:
-            for test in ("set", "get"):
+            for test in args.tests.split(","):
                 res = {}
                 for name in ("redis", "kvstore"):
                     proc, port = procs[name]
@@ -127,7 +132,7 @@ def main(argv=None):
     print(f"### kvstore-server vs redis-server ({platform.python_implementation()} "
           f"{platform.python_version()}, {os.cpu_count()} CPUs, kvstore {kvstore.__version__})")
     print()
-    print(f"`redis-benchmark -t set|get -c {args.clients} -d {args.size} -r {args.keyspace} "
+    print(f"`redis-benchmark -t {args.tests.replace(',', '|')} -c {args.clients} -d {args.size} -r {args.keyspace} "
           f"-n {n} -P <depth>`; server CPU from /proc/PID/stat (resolution {1000 // _CLK} ms).")
     print()
     print("| -P | test | redis rps | kvstore rps | rps ratio | redis CPU us/op | "

@@ -180,6 +180,35 @@ class CommandsMixin:
         """Number of keys."""
         return self._execute_command(Command("dbsize", [], None, True))
 
+    def incr(self, key, delta=1):
+        """Add the int ``delta`` to the integer stored at ``key`` (absent
+        counts as 0; the expiry is kept); returns the new value. A value
+        that is not an integer, or an overflow, raises ResponseError."""
+        key = as_bytes(key)
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+        return self._execute_command(Command("incr", [key, delta], None, False, key))
+
+    def incrbyfloat(self, key, delta):
+        """INCRBYFLOAT: add ``delta`` (a number, or its decimal text as
+        bytes/str) with Redis's long double arithmetic; returns the new value
+        as stored (bytes, e.g. ``b"10.5"``)."""
+        key = as_bytes(key)
+        if isinstance(delta, str):
+            delta = delta.encode()
+        if isinstance(delta, bool) or not isinstance(delta, (int, float, bytes)):
+            raise TypeError(f"delta must be a number, not {type(delta).__name__}")
+        return self._execute_command(Command("incrbyfloat", [key, delta], None, False, key))
+
+    def scan(self, cursor=0, count=10, match=None):
+        """One SCAN step: ``(next_cursor, keys)``; 0 starts and ends an
+        iteration. A key present for the whole iteration is returned at
+        least once."""
+        args = [int(cursor), int(count)]
+        if match is not None:
+            args.append(as_bytes(match))
+        return self._execute_command(Command("scan", args, tuple, True))
+
     def stats(self):
         """The server's store statistics (a dict)."""
         return self._execute_command(Command("stats", [], None, True))

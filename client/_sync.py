@@ -356,6 +356,15 @@ class Client(CommandsMixin):
     idempotent and the client is a context manager.
     """
 
+    def scan_iter(self, match=None, count=100):
+        """Every key (SCAN until the cursor is 0 again); a key may come twice."""
+        cursor = 0
+        while True:
+            cursor, keys = self.scan(cursor, count, match)
+            yield from keys
+            if cursor == 0:
+                return
+
     def __init__(self, host="127.0.0.1", port=DEFAULT_PORT, password=None,
                  socket_timeout=None, socket_connect_timeout=None, retries=3,
                  retry_backoff=0.05, max_connections=64, *, retry_backoff_max=1.0,

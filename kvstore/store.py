@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import os
 import re
 import select
@@ -215,9 +216,14 @@ class Store(_native.Engine):
 
     def expire(self, key, seconds: float) -> bool:
         """Expire ``key`` in ``seconds`` (<= 0 deletes it). False if absent."""
+        if not math.isfinite(seconds):
+            raise ValueError("invalid expire time: not a finite number of seconds")
         if seconds <= 0:
             return self.delete(key)
-        return self.expire_at_ms(key, time.time_ns() // 1_000_000 + max(1, round(seconds * 1000)))
+        at = time.time_ns() // 1_000_000 + max(1, round(seconds * 1000))
+        if at >= 1 << 63:
+            raise ValueError("invalid expire time: past 2**63-1 ms since the epoch")
+        return self.expire_at_ms(key, at)
 
     def ttl(self, key):
         """Seconds left (float), -1 without expiry, -2 if absent."""

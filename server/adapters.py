@@ -25,7 +25,7 @@ __all__ = ["E_INT", "E_SYNTAX", "arity_error", "build_native", "build_resp", "na
 
 E_SYNTAX = "ERR syntax error"
 E_INT = "ERR value is not an integer or out of range"
-_INT_RE = re.compile(rb"-?(0|[1-9][0-9]{0,18})\Z")
+_INT_RE = re.compile(rb"(0|-?[1-9][0-9]{0,18})\Z")     # Redis's string2ll: no "-0"
 
 
 # ---------------------------------------------------------------- RESP side

@@ -10,7 +10,9 @@ here: :mod:`.adapters` builds theirs from the command row.
 from .adapters import native_args, native_key, native_number, native_value
 from .errors import native_only
 from .ops import keys as kops
+from .ops import keyspace as kso
 from .ops import server as sops
+from .ops import strings as strops
 
 __all__ = []
 
@@ -62,9 +64,9 @@ def put(conn, args):
     if ttl is None:
         return kops.put(conn, key, value)
     ttl = native_number(ttl, "ttl")
-    if ttl <= 0:
+    if not ttl > 0:
         raise native_only("ERR", "ttl must be > 0 seconds")
-    return kops.put(conn, key, value, ttl)
+    return conn.writes.put_at(key, value, _at_ms(ttl, "put"))
 
 
 def delete(conn, args):
@@ -103,7 +105,12 @@ def mput(conn, args):
 def expire(conn, args):
     native_args(args, 2, 2, "expire")
     key = native_key(args[0])
-    return kops.expire(conn, key, native_number(args[1], "seconds"))
+    seconds = native_number(args[1], "seconds")
+    if seconds != seconds:
+        raise native_only("ERR", "invalid expire time in 'expire' command")
+    if seconds <= 0:
+        return kops.delete(conn, key)
+    return kso.expire_generic(conn, key, _at_ms(seconds, "expire")) == 1
 
 
 def ttl(conn, args):
@@ -203,3 +210,58 @@ def digest(conn, args):
 
 def role(conn, args):
     return sops.role(conn)
+
+
+def _at_ms(seconds, name):
+    """Absolute expiry (ms) of a positive ttl in seconds (int or float),
+    refused with Redis's text when it is not finite or passes int64 ms."""
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise native_only("ERR", f"invalid expire time in '{name}' command")
+    if isinstance(seconds, float):
+        ms = max(1, round(seconds * 1000)) if seconds < 1e16 else strops.LLONG_MAX + 1
+    else:
+        ms = seconds * 1000
+    at = strops.now_ms() + ms
+    if at > strops.LLONG_MAX:
+        raise native_only("ERR", f"invalid expire time in '{name}' command")
+    return at
+
+
+def incr(conn, args):
+    """``incr [key]`` or ``[key, delta]``: the new integer value."""
+    native_args(args, 1, 2, "incr")
+    key = native_key(args[0])
+    delta = args[1] if len(args) == 2 else 1
+    if type(delta) is not int:
+        raise native_only("TYPE", "delta must be an int")
+    if not strops.LLONG_MIN <= delta <= strops.LLONG_MAX:
+        raise native_only("ERR", "value is not an integer or out of range")
+    return strops.incrby(conn, key, delta)
+
+
+def incrbyfloat(conn, args):
+    """``incrbyfloat [key, delta]``: the new value as stored (bin)."""
+    native_args(args, 2, 2, "incrbyfloat")
+    key = native_key(args[0])
+    d = args[1]
+    if isinstance(d, bool) or not isinstance(d, (int, float, bytes)):
+        raise native_only("TYPE", "delta must be a number or its decimal text (bin)")
+    text = d if isinstance(d, bytes) else repr(d).encode()
+    return strops.incrbyfloat(conn, key, strops.ld_parse(text))
+
+
+def scan(conn, args):
+    """``scan [cursor]``, ``[cursor, count]`` or ``[cursor, count, match]``:
+    ``[next_cursor, keys]`` (SCAN's cursor and guarantee)."""
+    native_args(args, 1, 3, "scan")
+    cursor = args[0]
+    if type(cursor) is not int or not 0 <= cursor < 1 << 64:
+        raise native_only("ERR", "invalid cursor")
+    count = args[1] if len(args) > 1 and args[1] is not None else 10
+    if type(count) is not int or count < 1:
+        raise native_only("ERR", "count must be an int >= 1")
+    match = args[2] if len(args) > 2 else None
+    if match is not None:
+        match = native_key(match)
+    nxt, keys = kso.scan(conn, cursor, count, match)
+    return [nxt, keys]

@@ -73,8 +73,14 @@ class Replica:
         n = 0
         ahead = self.ahead
         maxv = self.max_version
+        watchers = self.repl.writes.watchers     # WATCH sees replicated writes too
         for e in unpacker:
             t = e[0]
+            if watchers:
+                if t == "f":
+                    self.repl.writes.touch_all()
+                else:
+                    self.repl.writes.touch(e[1])
             try:
                 if ahead and t != "f" and e[1] in ahead:
                     # a rebuild installed a newer version: skip the older history

@@ -55,6 +55,8 @@ class RespConnection(BaseConnection):
         self.multi = None         # queued commands between MULTI and EXEC
         self.multi_error = False
         self.watched = None       # {key: version or None} from WATCH
+        self.watch_dirty = False  # a watched key was written (WritePath.touch)
+        self.mute = 0             # CLIENT REPLY: 0 on, 1 off, 2 skip this and the next
         st = server.store
         self.store = st
         self.writes = server.writes
@@ -100,7 +102,8 @@ class RespConnection(BaseConnection):
         """
         srv = self.server
         if (self._fast is None or self.table is not self.commands.resp
-                or srv.reply_gate is not None or not self.commands.fast_ok(self)):
+                or srv.reply_gate is not None or not self.commands.fast_ok(self)
+                or self.mute):
             return -1
         flags = _RESP3_FLAG if self.resp3 else 0
         if self.writes.fast_set_allowed():
@@ -171,16 +174,24 @@ class RespConnection(BaseConnection):
                     reply = resp_error(e, self, args[0])
                 if writes.entries:
                     writes.propagate(len(out))
+                if self.mute:
+                    # CLIENT REPLY OFF/SKIP: 2 mutes this command and the next
+                    if self.mute == 2:
+                        self.mute = 3
+                    elif self.mute == 3:
+                        self.mute = 0
+                    continue
                 append(reply)
             self.server.stats_commands += len(cmds)
             if self.closed:
                 return
-            gate = self.server.reply_gate      # replication: replies waiting for replica acks
-            if gate is not None and gate(self, out):
-                return
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-            if self.big:
-                self.check_output()
+            if out:
+                gate = self.server.reply_gate      # replication: replies waiting for replica acks
+                if gate is not None and gate(self, out):
+                    return
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                if self.big:
+                    self.check_output()
             if self.quitting:
                 self.close_after_write()
                 return
@@ -189,6 +200,12 @@ class RespConnection(BaseConnection):
                   error=p.error[1:-2].decode("utf-8", "replace"))
             self.transport.write(p.error)
             self.close_after_write()
+
+    def connection_lost(self, exc):
+        if self.watched:
+            self.writes.unwatch(self, self.watched)
+            self.watched = None
+        super().connection_lost(exc)
 
     def execute_one(self, args):
         """Run one command outside the hot loop (EXEC); returns the reply."""

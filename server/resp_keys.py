@@ -8,13 +8,16 @@ and SET use bound methods cached on the connection (``conn.sget`` is the
 Store's ``get``, ``conn.sput`` the write path's ``put``).
 """
 
-import fnmatch
 import re
-import time
 
-from .adapters import E_SYNTAX, arity_error, parse_int, show
+from kvstore.errors import KeyTooLargeError
+
+from . import glob
+from .adapters import E_SYNTAX, arity_error, show
 from .errors import CommandError, resp_error
 from .ops import keys as ops
+from .ops import keyspace as kso
+from .ops import strings as sops
 from .resp import OK, ONE, ZERO, bulk, encode, integer
 
 _BIG = 1 << 16
@@ -25,7 +28,10 @@ _BIG = 1 << 16
 def cmd_get(conn, args):
     if len(args) != 2:
         return arity_error("get")
-    v = conn.sget(args[1])
+    try:
+        v = conn.sget(args[1])
+    except KeyTooLargeError:
+        return conn.null        # as Redis: a key that long cannot exist
     if v is None:
         return conn.null
     n = len(v)
@@ -34,7 +40,40 @@ def cmd_get(conn, args):
     return b"$%d\r\n%b\r\n" % (n, v)
 
 
-_SET_TTL_OPTS = {b"EX": 1.0, b"PX": 0.001, b"EXAT": 1.0, b"PXAT": 0.001}
+_SET_EXPIRY = (b"EX", b"PX", b"EXAT", b"PXAT")
+
+
+def parse_string_options(args, first, for_set):
+    """Redis's parseExtendedStringArgumentsOrReply: the options of SET
+    (``for_set``) or GETEX from ``args[first:]``. Returns (flags, unit,
+    expire argument); flags is a set of upper-case option names."""
+    flags = set()
+    unit = arg = None
+    n = len(args)
+    i = first
+    while i < n:
+        opt = args[i].upper()
+        nxt = i + 1 < n
+        timed = unit is not None
+        if opt == b"NX" and for_set and b"XX" not in flags:
+            flags.add(opt)
+        elif opt == b"XX" and for_set and b"NX" not in flags:
+            flags.add(opt)
+        elif opt == b"GET" and for_set:
+            flags.add(opt)
+        elif opt == b"KEEPTTL" and for_set and not timed and b"PERSIST" not in flags:
+            flags.add(opt)
+        elif (opt == b"PERSIST" and not for_set and not timed
+              and b"KEEPTTL" not in flags):
+            flags.add(opt)
+        elif (opt in _SET_EXPIRY and nxt and b"KEEPTTL" not in flags
+              and b"PERSIST" not in flags and unit in (None, opt)):
+            unit, arg = opt, args[i + 1]
+            i += 1
+        else:
+            raise CommandError(E_SYNTAX)
+        i += 1
+    return flags, unit, arg
 
 
 def cmd_set(conn, args):
@@ -44,67 +83,39 @@ def cmd_set(conn, args):
         return OK
     if n < 3:
         return arity_error("set")
-    nx = xx = get = keepttl = False
-    ttl = None
-    i = 3
-    while i < n:
-        opt = args[i].upper()
-        if opt == b"NX" and not xx:
-            nx = True
-        elif opt == b"XX" and not nx:
-            xx = True
-        elif opt == b"GET":
-            get = True
-        elif opt == b"KEEPTTL" and ttl is None:
-            keepttl = True
-        elif opt in _SET_TTL_OPTS and ttl is None and not keepttl and i + 1 < n:
-            i += 1
-            v = parse_int(args[i])
-            if v <= 0 or v > (1 << 62) // 1000:
-                raise CommandError("ERR invalid expire time in 'set' command")
-            ttl = v * _SET_TTL_OPTS[opt]
-            if opt.endswith(b"AT"):
-                ttl -= time.time()
-        else:
-            raise CommandError(E_SYNTAX)
-        i += 1
+    flags, unit, arg = parse_string_options(args, 3, True)
+    at = sops.set_expiry_ms("set", unit, arg) if unit is not None else 0
     key = args[1]
     st = conn.store
     w = conn.writes
-    old = None
-    if get:
-        old = st.get(key)
-    if nx or xx:
+    get = b"GET" in flags
+    old = st.get(key) if get else None
+    if b"NX" in flags or b"XX" in flags:
         exists = st.exists(key)
-        if (nx and exists) or (xx and not exists):
-            return bulk(old) if old is not None else conn.null
-    if keepttl:
-        t = st.ttl(key)
-        ttl = t if t >= 0 else None
-    if ttl is not None and ttl <= 0:
-        w.delete(key)       # an EXAT/PXAT in the past: set then expired at once
-    elif ttl is None:
-        w.put(key, args[2])
+        if (b"NX" in flags and exists) or (b"XX" in flags and not exists):
+            if get:
+                return bulk(old) if old is not None else conn.null
+            return conn.null
+    if b"KEEPTTL" in flags:
+        w.put_keepttl(key, args[2])
+    elif at:
+        w.put_at(key, args[2], at)
     else:
-        w.put(key, args[2], ttl=ttl)
+        w.put(key, args[2])
     if get:
         return bulk(old) if old is not None else conn.null
     return OK
 
 
 def cmd_setex(conn, args):
-    v = parse_int(args[2])
-    if v <= 0:
-        raise CommandError("ERR invalid expire time in 'setex' command")
-    conn.writes.put(args[1], args[3], ttl=float(v))
+    at = sops.set_expiry_ms("setex", b"EX", args[2])
+    conn.writes.put_at(args[1], args[3], at)
     return OK
 
 
 def cmd_psetex(conn, args):
-    v = parse_int(args[2])
-    if v <= 0:
-        raise CommandError("ERR invalid expire time in 'psetex' command")
-    conn.writes.put(args[1], args[3], ttl=v / 1000.0)
+    at = sops.set_expiry_ms("psetex", b"PX", args[2])
+    conn.writes.put_at(args[1], args[3], at)
     return OK
 
 
@@ -116,7 +127,7 @@ def cmd_setnx(conn, args):
 
 
 def cmd_getdel(conn, args):
-    v = conn.store.get(args[1])
+    v = ops.read(conn, args[1])
     if v is None:
         return conn.null
     conn.writes.delete(args[1])
@@ -124,7 +135,7 @@ def cmd_getdel(conn, args):
 
 
 def cmd_strlen(conn, args):
-    v = conn.store.get(args[1])
+    v = ops.read(conn, args[1])
     return integer(0 if v is None else len(v))
 
 
@@ -156,7 +167,7 @@ def cmd_msetnx(conn, args):
     if len(args) % 2 == 0:
         return arity_error("msetnx")
     st = conn.store
-    if any(st.exists(k) for k in args[1::2]):
+    if any(kso.exists_safe(st, k) for k in args[1::2]):
         return ZERO
     conn.writes.mput(list(zip(args[1::2], args[2::2])))
     return ONE
@@ -175,56 +186,71 @@ def cmd_exists(conn, args):
     if len(args) < 2:
         return arity_error("exists")
     ex = conn.store.exists
-    return integer(sum(1 for k in args[1:] if ex(k)))
+    try:
+        return integer(sum(1 for k in args[1:] if ex(k)))
+    except KeyTooLargeError:
+        return integer(sum(1 for k in args[1:] if kso.exists_safe(conn.store, k)))
 
 
-def _expire(conn, args, scale, name):
-    secs = parse_int(args[2]) * scale
-    opts = {a.upper() for a in args[3:]}
-    if not opts <= {b"NX", b"XX", b"GT", b"LT"}:
-        bad = next(a for a in args[3:] if a.upper() not in {b"NX", b"XX", b"GT", b"LT"})
-        raise CommandError(f"ERR Unsupported option {show(bad)}")
-    if b"NX" in opts and len(opts) > 1:
+_EXPIRE_FLAGS = (b"NX", b"XX", b"GT", b"LT")
+
+
+def _expire(conn, args, name, seconds, relative):
+    flags = set()
+    for a in args[3:]:
+        u = a.upper()
+        if u not in _EXPIRE_FLAGS:
+            raise CommandError(f"ERR Unsupported option {show(a)}")
+        flags.add(u)
+    if b"NX" in flags and len(flags) > 1:
         raise CommandError("ERR NX and XX, GT or LT options at the same time are not compatible")
-    if b"GT" in opts and b"LT" in opts:
+    if b"GT" in flags and b"LT" in flags:
         raise CommandError("ERR GT and LT options at the same time are not compatible")
-    st = conn.store
-    key = args[1]
-    cur = st.ttl(key)
-    if cur == -2:
-        return ZERO
-    if opts:
-        if b"NX" in opts and cur != -1:
-            return ZERO
-        if b"XX" in opts and cur == -1:
-            return ZERO
-        if b"GT" in opts and (cur == -1 or secs <= cur):
-            return ZERO
-        if b"LT" in opts and cur != -1 and secs >= cur:
-            return ZERO
-    return ONE if ops.expire(conn, key, secs) else ZERO
+    when = sops.parse_ll(args[2])
+    at = sops.expire_ms(name, when, seconds, relative)
+    return integer(kso.expire_generic(conn, args[1], at, b"NX" in flags, b"XX" in flags,
+                                      b"GT" in flags, b"LT" in flags))
 
 
 def cmd_expire(conn, args):
-    return _expire(conn, args, 1, "expire")
+    return _expire(conn, args, "expire", True, True)
 
 
 def cmd_pexpire(conn, args):
-    return _expire(conn, args, 0.001, "pexpire")
+    return _expire(conn, args, "pexpire", False, True)
+
+
+def cmd_expireat(conn, args):
+    return _expire(conn, args, "expireat", True, False)
+
+
+def cmd_pexpireat(conn, args):
+    return _expire(conn, args, "pexpireat", False, False)
+
+
+def cmd_expiretime(conn, args):
+    return integer(kso.expiretime(conn, args[1], False))
+
+
+def cmd_pexpiretime(conn, args):
+    return integer(kso.expiretime(conn, args[1], True))
+
+
+def _ttl_ms(conn, key):
+    try:
+        ms = conn.store.ttl_ms(key)
+    except KeyTooLargeError:
+        return -2
+    return min(ms, sops.LLONG_MAX)
 
 
 def cmd_ttl(conn, args):
-    t = conn.store.ttl(args[1])
-    if t < 0:
-        return integer(int(t))
-    return integer(int(t + 0.5))
+    ms = _ttl_ms(conn, args[1])
+    return integer(ms if ms < 0 else (ms + 500) // 1000)
 
 
 def cmd_pttl(conn, args):
-    t = conn.store.ttl(args[1])
-    if t < 0:
-        return integer(int(t))
-    return integer(int(t * 1000 + 0.5))
+    return integer(_ttl_ms(conn, args[1]))
 
 
 def cmd_persist(conn, args):
@@ -232,13 +258,131 @@ def cmd_persist(conn, args):
 
 
 def cmd_keys(conn, args):
-    pat = args[1]
-    keys = conn.store.keys()
-    if pat != b"*":
-        rx = re.compile(fnmatch.translate(pat.decode("latin-1")).encode("latin-1"), re.S)
-        keys = [k for k in keys if rx.match(k)]
-    return encode(keys, conn.resp3)
+    return encode(glob.filter_keys(args[1], conn.store.keys()), conn.resp3)
 
 
 def cmd_type(conn, args):
-    return b"+string\r\n" if conn.store.exists(args[1]) else b"+none\r\n"
+    return b"+string\r\n" if kso.type_of(conn, args[1]) == "string" else b"+none\r\n"
+
+
+# ------------------------------------------------------------------ more strings
+
+def cmd_getex(conn, args):
+    flags, unit, arg = parse_string_options(args, 2, False)
+    key = args[1]
+    if ops.read(conn, key) is None:
+        return conn.null
+    at = sops.set_expiry_ms("getex", unit, arg) if unit is not None else None
+    v = sops.getex(conn, key, at, b"PERSIST" in flags)
+    return conn.null if v is None else bulk(v)
+
+
+def cmd_incrbyfloat(conn, args):
+    incr = sops.ld_parse(args[2])
+    return bulk(sops.incrbyfloat(conn, args[1], incr))
+
+
+# ------------------------------------------------------------------ key space
+
+_CURSOR_RE = re.compile(rb"([+-]?)([0-9]+)\Z")
+
+
+def _scan_cursor(b):
+    """The cursor as Redis reads it (strtoul, but no leading blank: a sign, digits; a
+    negative number wraps; past 2**64-1 is an error)."""
+    if b == b"":
+        return 0
+    m = _CURSOR_RE.match(b)
+    if m is None:
+        raise CommandError("ERR invalid cursor")
+    v = int(m.group(2))
+    if v >= 1 << 64:
+        raise CommandError("ERR invalid cursor")
+    return (-v) % (1 << 64) if m.group(1) == b"-" else v
+
+
+def cmd_scan(conn, args):
+    cursor = _scan_cursor(args[1])
+    count, match, type_ = 10, None, None
+    i, n = 2, len(args)
+    while i < n:
+        opt = args[i].upper()
+        if i + 1 >= n:
+            raise CommandError(E_SYNTAX)
+        if opt == b"COUNT":
+            count = sops.parse_ll(args[i + 1])
+            if count < 1:
+                raise CommandError(E_SYNTAX)
+        elif opt == b"MATCH":
+            match = args[i + 1]
+        elif opt == b"TYPE":
+            type_ = args[i + 1]
+        else:
+            raise CommandError(E_SYNTAX)
+        i += 2
+    nxt, keys = kso.scan(conn, cursor, count, match, type_)
+    return encode([b"%d" % nxt, keys], conn.resp3)
+
+
+def cmd_copy(conn, args):
+    replace = False
+    i, n = 3, len(args)
+    while i < n:
+        opt = args[i].upper()
+        if opt == b"REPLACE":
+            replace = True
+        elif opt == b"DB" and i + 1 < n:
+            db = sops.parse_ll(args[i + 1])
+            if db != 0:
+                raise CommandError("ERR DB index is out of range")
+            i += 1
+        else:
+            raise CommandError(E_SYNTAX)
+        i += 1
+    return ONE if kso.copy(conn, args[1], args[2], replace) else ZERO
+
+
+_OBJECT_HELP = [
+    "OBJECT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+    "ENCODING <key>",
+    "    Return the kind of internal representation used in order to store the value",
+    "    associated with a <key>.",
+    "FREQ <key>",
+    "    Return the access frequency index of the <key>. The returned integer is",
+    "    proportional to the logarithm of the recent access frequency of the key.",
+    "IDLETIME <key>",
+    "    Return the idle time of the <key>, that is the approximated number of",
+    "    seconds elapsed since the last access to the key.",
+    "REFCOUNT <key>",
+    "    Return the number of references of the value associated with the specified",
+    "    <key>.",
+    "HELP",
+    "    Print this help.",
+]
+
+
+def cmd_object(conn, args):
+    sub = args[1].upper()
+    if sub == b"HELP" and len(args) == 2:
+        return encode(_OBJECT_HELP, conn.resp3)
+    if sub not in (b"ENCODING", b"IDLETIME", b"FREQ", b"REFCOUNT", b"HELP"):
+        raise CommandError(f"ERR unknown subcommand '{show(args[1])}'. Try OBJECT HELP.")
+    if len(args) != 3:
+        return arity_error("object|" + sub.decode().lower())
+    key = args[2]
+    if not kso.exists_safe(conn.store, key):
+        return conn.null
+    if sub == b"ENCODING":
+        return bulk(kso.object_encoding(conn, key).encode())
+    if sub == b"REFCOUNT":
+        return integer(kso.object_refcount(conn, key))
+    if sub == b"IDLETIME":
+        return ZERO          # access times are not kept: every key counts as just used
+    raise CommandError("ERR An LFU maxmemory policy is not selected, access frequency not "
+                       "tracked. Please note that when switching between policies at runtime "
+                       "LRU and LFU data will take some time to adjust.")
+
+
+def cmd_time(conn, args):
+    s, us = kso.server_time(conn)
+    return encode([b"%d" % s, b"%d" % us], conn.resp3)

@@ -6,6 +6,7 @@ Semantics shared with the native protocol are in :mod:`.ops.server`.
 
 import fnmatch
 import re
+import time
 
 from .adapters import E_SYNTAX, arity_error, parse_int, show
 from .errors import CommandError
@@ -111,18 +112,104 @@ def cmd_client(conn, args):
         return bulk(conn.server.client_line(conn).encode())
     if sub == b"LIST":
         return bulk("".join(conn.server.client_line(c) for c in conn.server.all_clients()).encode())
-    if sub == b"NO-EVICT":       # exempt this client from maxmemory-clients
-        if len(args) != 3 or args[2].upper() not in (b"ON", b"OFF"):
+    if sub == b"REPLY":
+        if len(args) != 3:
+            return arity_error("client|reply")
+        mode = args[2].upper()
+        if mode == b"ON":
+            conn.mute = 0
+            return OK
+        if mode == b"OFF":
+            conn.mute = 1
+            return OK
+        if mode == b"SKIP":
+            if not conn.mute:
+                conn.mute = 2
+            return OK
+        raise CommandError(E_SYNTAX)
+    if sub in (b"NO-EVICT", b"NO-TOUCH"):
+        if len(args) != 3:
+            return arity_error(f"client|{sub.decode().lower()}")
+        if args[2].upper() not in (b"ON", b"OFF"):
             raise CommandError(E_SYNTAX)
-        conn.no_evict = args[2].upper() == b"ON"
+        if sub == b"NO-EVICT":       # exempt this client from maxmemory-clients
+            conn.no_evict = args[2].upper() == b"ON"
         return OK
-    if sub in (b"NO-TOUCH", b"REPLY"):
-        return OK
+    if sub == b"KILL":
+        return client_kill(conn, args)
     if sub == b"HELP":
         return encode(["CLIENT ID", "CLIENT GETNAME", "CLIENT SETNAME <name>",
                        "CLIENT SETINFO <LIB-NAME|LIB-VER> <value>", "CLIENT INFO", "CLIENT LIST"],
                       conn.resp3)
     raise CommandError(f"ERR unknown subcommand '{show(args[1])}'. Try CLIENT HELP.")
+
+
+def client_kill(conn, args):
+    """CLIENT KILL addr (old form: +OK or "No such client"), or CLIENT KILL
+    with filters ID, ADDR, LADDR, TYPE, USER, SKIPME, MAXAGE: the count."""
+    srv = conn.server
+    clients = list(srv.all_clients())
+    if len(args) == 3:
+        victims = [c for c in clients if c.addr.encode() == args[2]]
+        if not victims:
+            raise CommandError("ERR No such client")
+        _kill(conn, victims)
+        return OK
+    if len(args) % 2:
+        raise CommandError(E_SYNTAX)
+    skipme = True
+    tests = []
+    for i in range(2, len(args), 2):
+        opt, val = args[i].upper(), args[i + 1]
+        if opt == b"ID":
+            try:
+                want = parse_int(val)
+            except CommandError:
+                raise CommandError("ERR client-id should be greater than 0") from None
+            if want <= 0:
+                raise CommandError("ERR client-id should be greater than 0")
+            tests.append(lambda c, w=want: c.id == w)
+        elif opt == b"ADDR":
+            tests.append(lambda c, w=val: c.addr.encode() == w)
+        elif opt == b"LADDR":
+            tests.append(lambda c, w=val: _laddr(c) == w)
+        elif opt == b"TYPE":
+            t = val.lower()
+            if t not in (b"normal", b"master", b"replica", b"slave", b"pubsub"):
+                raise CommandError(f"ERR Unknown client type '{show(val)}'")
+            tests.append(lambda c, t=t: t == b"normal" and c.kind in ("resp", "native"))
+        elif opt == b"USER":
+            tests.append(lambda c, w=val: w == b"default")
+        elif opt == b"SKIPME":
+            v = val.lower()
+            if v not in (b"yes", b"no"):
+                raise CommandError(E_SYNTAX)
+            skipme = v == b"yes"
+        elif opt == b"MAXAGE":
+            age = parse_int(val)
+            tests.append(lambda c, a=age: time.time() - c.created >= a)
+        else:
+            raise CommandError(E_SYNTAX)
+    victims = [c for c in clients if all(t(c) for t in tests) and not (skipme and c is conn)]
+    _kill(conn, victims)
+    return integer(len(victims))
+
+
+def _laddr(c):
+    t = c.transport
+    sock = t.get_extra_info("sockname") if t is not None else None
+    if isinstance(sock, tuple):
+        return f"{sock[0]}:{sock[1]}".encode()
+    return str(sock).encode()
+
+
+def _kill(conn, victims):
+    for c in victims:
+        event("info", "client_killed", id=c.id, addr=c.addr, by=conn.id)
+        if c is conn:
+            c.close_after_write()
+        else:
+            c.drop("killed by CLIENT KILL")
 
 
 def _check_password(conn, user, password):

@@ -26,8 +26,27 @@ when :meth:`fast_set_allowed` says a SET needs nothing from this path.
 
 import contextlib
 import time
+import weakref
 
-__all__ = ["WritePath"]
+from kvstore.errors import KeyLostError, KeyTooLargeError, StoreFullError
+
+from .errors import CommandError
+from .logs import event
+
+__all__ = ["ValueLargerThanStoreError", "WritePath"]
+
+
+class ValueLargerThanStoreError(CommandError):
+    """A value that cannot fit even in an empty store: no retry helps."""
+
+    def __init__(self, n, capacity):
+        super().__init__(f"ERR value is larger than the whole store ({n} bytes; the store "
+                         f"holds {capacity} bytes); nothing was written", "TOOLARGE",
+                         f"value is larger than the whole store ({n} bytes; capacity "
+                         f"{capacity} bytes); nothing was written")
+
+_SUB = 4096          # the allocator's subpage
+_REC_HDR = 8         # record header: checksum + value length
 
 
 class WritePath:
@@ -48,6 +67,10 @@ class WritePath:
         #: Index the reply of the running command will have in its batch
         #: (set by the server; used when entries must go out mid-command).
         self.reply_index = lambda: 0
+        #: WATCH: key -> WeakSet of connections watching it. Every write
+        #: of a watched key marks those connections dirty (Redis's
+        #: touchWatchedKey); see :meth:`watch`.
+        self.watchers = {}
         store.write_observer = self
 
     def subscribe(self, sub):
@@ -59,39 +82,195 @@ class WritePath:
 
     def fast_set_allowed(self):
         """May a plain SET run without this path (the C RESP fast path)?"""
-        return self.guard is None and not self.recording
+        return self.guard is None and not self.recording and not self.watchers
+
+    # -- WATCH
+
+    def watch(self, conn, key):
+        """Mark ``conn.watch_dirty`` when ``key`` is next written."""
+        ws = self.watchers.get(key)
+        if ws is None:
+            ws = self.watchers[key] = weakref.WeakSet()
+        ws.add(conn)
+
+    def unwatch(self, conn, keys):
+        for k in keys:
+            ws = self.watchers.get(k)
+            if ws is not None:
+                ws.discard(conn)
+                if not ws:
+                    del self.watchers[k]
+
+    def touch(self, key):
+        """A write-like change of ``key``: every connection watching it is
+        dirty (its EXEC will abort)."""
+        ws = self.watchers.pop(key, None)
+        if ws:
+            for c in ws:
+                c.watch_dirty = True
+
+    def touch_all(self):
+        for k in list(self.watchers):
+            if self.store.exists(k):
+                self.touch(k)
+
+    # -- space
+
+    def _too_large(self, n):
+        """Raise ValueLargerThanStoreError when a value of ``n`` bytes could
+        never fit, even in an empty store (a different answer from "full")."""
+        try:
+            cap = self.store.engine_stats()["capacity"]
+        except Exception:  # noqa: BLE001 - no stats: keep the original error
+            return
+        if n + _REC_HDR > cap:
+            raise ValueLargerThanStoreError(n, cap)
+
+    def fits(self, sizes):
+        """True when values of ``sizes`` bytes surely fit now: each record
+        counted as if it needed subpages of its own, above the allocator's
+        reserve. False means "maybe not" (the caller snapshots and undoes)."""
+        try:
+            s = self.store.engine_stats()
+            free = s["free_subpages"]
+            reserve = 2 + (s["capacity"] // _SUB) // 256
+        except Exception:  # noqa: BLE001 - an engine without these stats: be careful
+            return False
+        need = 0
+        for n in sizes:
+            need += (n + _REC_HDR + _SUB - 1) // _SUB
+        return free - reserve - 1 >= need
+
+    def snapshot(self, keys):
+        """What :meth:`rollback` needs to put ``keys`` back as they are now."""
+        st = self.store
+        out = {}
+        for k in keys:
+            if k in out:
+                continue
+            try:
+                v = st.get(k)
+            except KeyLostError:
+                out[k] = ("lost",)
+                continue
+            except KeyTooLargeError:
+                continue            # a key that long cannot be written either
+            out[k] = None if v is None else (v, st.expire_at(k))
+        return out
+
+    def rollback(self, snap, mark):
+        """Undo the writes since ``mark`` (``len(self.entries)`` then): keys
+        absent in ``snap`` are deleted first (freeing space), then the old
+        values are put back with their expiry. Replication hears only the
+        end state. A key that was LOST cannot be put back as LOST: it keeps
+        the new value and is logged."""
+        st = self.store
+        del self.entries[mark:]
+        for k, old in snap.items():
+            if old is None and st.delete(k) and self.recording:
+                self.entries.append(("d", k))
+        for k, old in snap.items():
+            if old is None:
+                continue
+            if old[0] == "lost":
+                event("warning", "rollback_lost_key", key=k[:64])
+                continue
+            val, exp = old
+            try:
+                v = st.put(k, val)
+                if exp:
+                    st.expire_at_ms(k, exp)
+            except Exception as e:  # noqa: BLE001 - report, keep undoing the rest
+                event("error", "rollback_failed", key=k[:64], error=f"{type(e).__name__}: {e}")
+                continue
+            if self.recording:
+                self.entries.append(("p", k, v, val, exp))
 
     # -- client writes
 
     def put(self, key, value, ttl=None):
         if self.guard is not None:
             self.guard()
+        if self.watchers:
+            self.touch(key)
         if ttl is None:
-            v = self._put(key, value)
+            try:
+                v = self._put(key, value)
+            except StoreFullError:
+                self._too_large(len(value))
+                raise
             if self.recording:
                 self.entries.append(("p", key, v, value, 0))
         else:
-            v = self._put(key, value, ttl=ttl)
+            try:
+                v = self._put(key, value, ttl=ttl)
+            except StoreFullError:
+                self._too_large(len(value))
+                raise
             if self.recording:
                 self.entries.append(("p", key, v, value, self.store.expire_at(key)))
         return v
 
-    def mput(self, pairs):
+    def put_at(self, key, value, at_ms=0):
+        """Write ``key`` expiring at ``at_ms`` (ms since the epoch, already
+        validated by the caller; 0: no expiry). An expiry in the past
+        deletes the key, as Redis does once a key's time has come."""
         if self.guard is not None:
             self.guard()
-        if not self.recording:
-            return self.store.mput(pairs)
+        if at_ms and at_ms <= time.time_ns() // 1_000_000:
+            return self.delete(key)
+        if self.watchers:
+            self.touch(key)
+        try:
+            v = self._put(key, value)
+        except StoreFullError:
+            self._too_large(len(value))
+            raise
+        if at_ms:
+            self.store.expire_at_ms(key, at_ms)
+        if self.recording:
+            self.entries.append(("p", key, v, value, at_ms))
+        return v
+
+    def put_keepttl(self, key, value):
+        """Write ``key`` keeping its expiry (INCR, APPEND, SETRANGE)."""
+        return self.put_at(key, value, self.store.expire_at(key))
+
+    def mput(self, pairs):
+        """Write every pair or none: when the space is not surely there,
+        the old values are kept aside and put back if the store fills up
+        midway (the StoreFullError is raised after the undo)."""
+        if self.guard is not None:
+            self.guard()
         items = list(pairs.items()) if hasattr(pairs, "items") else list(pairs)
-        vers = self.store.mput(items)
-        self.entries.extend(("p", k, v, val, 0) for (k, val), v in zip(items, vers))
+        st = self.store
+        if self.fits(len(v) for _, v in items):
+            vers = st.mput(items)
+        else:
+            snap = self.snapshot([k for k, _ in items])
+            mark = len(self.entries)
+            try:
+                vers = st.mput(items)
+            except StoreFullError:
+                self.rollback(snap, mark)
+                self._too_large(max((len(v) for _, v in items), default=0))
+                raise
+        if self.watchers:
+            for k, _ in items:
+                self.touch(k)
+        if self.recording:
+            self.entries.extend(("p", k, v, val, 0) for (k, val), v in zip(items, vers))
         return vers
 
     def delete(self, key):
         if self.guard is not None:
             self.guard()
         r = self.store.delete(key)
-        if r and self.recording:
-            self.entries.append(("d", key))
+        if r:
+            if self.watchers:
+                self.touch(key)
+            if self.recording:
+                self.entries.append(("d", key))
         return r
 
     def expire_at_ms(self, key, ms):
@@ -99,15 +278,25 @@ class WritePath:
         if self.guard is not None:
             self.guard()
         r = self.store.expire_at_ms(key, ms)
-        if r and self.recording:
-            self.entries.append(("e", key, ms))
+        if r:
+            if self.watchers:
+                self.touch(key)
+            if self.recording:
+                self.entries.append(("e", key, ms))
         return r
 
     def expire(self, key, seconds):
-        """Expire ``key`` in ``seconds`` (<= 0 deletes it); as Store.expire."""
+        """Expire ``key`` in ``seconds`` (<= 0 deletes it); as Store.expire.
+        A time that is not finite or passes 2**63-1 ms is refused with
+        Redis's text, and the key is kept."""
+        if seconds != seconds or seconds in (float("inf"), float("-inf")):
+            raise CommandError("ERR invalid expire time in 'expire' command")
         if seconds <= 0:
             return self.delete(key)
-        return self.expire_at_ms(key, time.time_ns() // 1_000_000 + max(1, round(seconds * 1000)))
+        at = time.time_ns() // 1_000_000 + max(1, round(seconds * 1000))
+        if at >= 1 << 63:
+            raise CommandError("ERR invalid expire time in 'expire' command")
+        return self.expire_at_ms(key, at)
 
     def persist(self, key):
         return self.expire_at_ms(key, 0)
@@ -115,6 +304,8 @@ class WritePath:
     def flush(self):
         if self.guard is not None:
             self.guard()
+        if self.watchers:
+            self.touch_all()
         r = self.store.flush()
         if self.recording:
             self.entries.append(("f",))

@@ -451,3 +451,13 @@ def test_roundtrip_on_2m_pages(policy):
             assert s.get(b"big") == b"B" * 20000
         finally:
             s.close()
+
+
+def test_expire_refuses_times_past_int64_ms_and_keeps_the_key():
+    """Issue 14: an expiry past 2**63-1 ms wrapped around and the key vanished."""
+    with kvstore.Store("8MiB", page_size="4K", recovery="manual") as s:
+        s.put(b"a", b"b")
+        for bad in (float("nan"), float("inf"), 2 ** 63, 2 ** 64 - 1, 1.8e16):
+            with pytest.raises(ValueError, match="invalid expire time"):
+                s.expire(b"a", bad)
+        assert s.get(b"a") == b"b" and s.ttl(b"a") == -1

@@ -9,6 +9,10 @@ Every write goes through ``conn.writes`` (:mod:`..writes`), never straight
 to the Store.
 
     keys.py     reads and writes of keys (GET, SET, MGET, DEL, EXPIRE, ...)
+    strings.py  string commands (INCR family, INCRBYFLOAT, APPEND, GETRANGE,
+                SETRANGE, GETEX...) and the overflow-checked expiry arithmetic
+    keyspace.py SCAN, RENAME, COPY, TOUCH, RANDOMKEY, OBJECT, EXPIRE flags,
+                TIME, ROLE
     server.py   server-wide commands (FLUSHALL, fault injection, stats,
                 replication: REPLICAOF, WAIT, sync, digest)
 """

@@ -1,14 +1,23 @@
 """Reads and writes of keys (see the package docstring)."""
 
-from kvstore.errors import KeyLostError
+from kvstore.errors import KeyLostError, KeyTooLargeError
 from kvstore.store import LOST
 
 __all__ = ["delete", "exists", "expire", "fetch", "get", "get_versioned", "keys", "dbsize",
-           "mget", "mput", "persist", "put", "strlen", "ttl"]
+           "mget", "mput", "persist", "put", "read", "strlen", "ttl"]
 
 
 def get(conn, key):
     return conn.store.get(key)
+
+
+def read(conn, key):
+    """The value of ``key`` for a read, None when absent: a key over the key
+    limit cannot exist, so it reads as absent (Redis answers nil there)."""
+    try:
+        return conn.store.get(key)
+    except KeyTooLargeError:
+        return None
 
 
 def get_versioned(conn, key):
@@ -34,7 +43,7 @@ def mget(conn, keys):
     st = conn.store
     n = len(keys)
     if n <= _MGET_FIRST:
-        vals = st.mget(keys, on_lost="mark")
+        vals = _store_mget(st, keys)
         return vals, _settle(conn, keys, vals, 0)
     vals = []
     total = 0
@@ -42,13 +51,25 @@ def mget(conn, keys):
     step = _MGET_FIRST
     while i < n:
         part_keys = keys[i:i + step]
-        part = st.mget(part_keys, on_lost="mark")
+        part = _store_mget(st, part_keys)
         size = _settle(conn, part_keys, part, total)
         total += size
         vals.extend(part)
         i += step
         step = min(step * 2, _MGET_MAX) if size < _MGET_BIG else max(1, step // 2)
     return vals, total
+
+
+def _store_mget(st, keys):
+    """The Store's mget with LOST marks; a key over the key limit reads as
+    absent (as Redis answers nil for it), the others as usual."""
+    try:
+        return st.mget(keys, on_lost="mark")
+    except KeyTooLargeError:
+        limit = st.engine_stats().get("max_key", 65536)
+        short = [k for k in keys if len(k) <= limit]
+        got = iter(st.mget(short, on_lost="mark"))
+        return [next(got) if len(k) <= limit else None for k in keys]
 
 
 def _settle(conn, keys, vals, before):
@@ -120,7 +141,7 @@ def dbsize(conn):
 
 
 def strlen(conn, key):
-    v = conn.store.get(key)
+    v = read(conn, key)
     return 0 if v is None else len(v)
 
 
