@@ -220,6 +220,7 @@ del _name, _parent, _sub
 NATIVE_COMMANDS = {
     "ping": "ping", "auth": "auth", "get": "get", "getv": "get", "put": "set",
     "delete": "del", "exists": "exists", "mget": "mget", "mput": "mset",
+    "incr": "incrby", "incrbyfloat": "incrbyfloat", "scan": "scan",
     "expire": "expire", "ttl": "ttl", "persist": "persist", "keys": "keys",
     "dbsize": "dbsize", "stats": "kv.stats", "lost": "kv.lost", "inject": "kv.inject",
     "flushall": "flushall", "fetch": "kv.fetch", "sync": "sync", "replicaof": "replicaof",

@@ -11,6 +11,7 @@ import time
 from .adapters import E_SYNTAX, arity_error, parse_int, show
 from .errors import CommandError
 from .info import REDIS_VERSION
+from .logs import event
 from .ops import server as srv_ops
 from .resp import OK, PONG, bulk, encode, integer
 
@@ -179,7 +180,7 @@ def client_kill(conn, args):
                 raise CommandError(f"ERR Unknown client type '{show(val)}'")
             tests.append(lambda c, t=t: t == b"normal" and c.kind in ("resp", "native"))
         elif opt == b"USER":
-            tests.append(lambda c, w=val: w == b"default")
+            tests.append(lambda c, w=val: _user_name(c) == w)
         elif opt == b"SKIPME":
             v = val.lower()
             if v not in (b"yes", b"no"):
@@ -193,6 +194,11 @@ def client_kill(conn, args):
     victims = [c for c in clients if all(t(c) for t in tests) and not (skipme and c is conn)]
     _kill(conn, victims)
     return integer(len(victims))
+
+
+def _user_name(c):
+    user = getattr(c, "user", None)
+    return (user.name if user is not None else "default").encode()
 
 
 def _laddr(c):

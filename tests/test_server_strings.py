@@ -91,7 +91,7 @@ def test_native_expire_and_ttl_overflow(server):
         for bad in (2 ** 63, 2 ** 64 - 1, 1.8e16, float("inf"), float("nan")):
             with pytest.raises(ResponseError) as ei:
                 c.expire(b"k", bad)
-            assert "invalid expire time" in str(ei.value) or "integer" in str(ei.value), ei.value
+            assert any(w in str(ei.value) for w in ("invalid expire time", "integer", "finite")), ei.value
             assert "Error" not in str(ei.value)         # no Python exception names
             assert c.get(b"k") == b"v"
         with pytest.raises(ResponseError):
