@@ -16,10 +16,10 @@ if _os.path.isfile(_os.path.join(_repo, "server", "__init__.py")) and _repo not 
 from .errors import (  # noqa: F401
     ArenaError, ClosedError, ConnectionError, Error, FaultInjectionError,
     KeyLostError, KeyTooLargeError, MemoryFaultError, ProtocolError,
-    ReadOnlyError, ResponseError, StoreFullError, TimeoutError,
+    ReadOnlyError, ResponseError, SourceBehindError, StoreFullError, TimeoutError,
     UnrecoverableKeyError, ValueTooLargeError,
 )
 
-from .store import LOST, Store, parse_size  # noqa: E402,F401
+from .store import LOST, Store, key_hash, parse_size  # noqa: E402,F401
 
 __version__ = "0.1.0"

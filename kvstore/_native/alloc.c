@@ -14,7 +14,7 @@ int kv_alloc_init(kv_alloc *al, size_t nsub)
 {
     memset(al, 0, sizeof *al);
     al->nsub = nsub;
-    al->meta = calloc(nsub ? nsub : 1, sizeof(uint32_t));
+    al->meta = calloc(nsub ? nsub : 1, sizeof(kv_meta));
     al->freebm = calloc((nsub + 63) / 64 + 1, 8);
     if (!al->meta || !al->freebm) {
         kv_alloc_free(al);
@@ -45,6 +45,7 @@ void kv_alloc_reset(kv_alloc *al)
     al->open = -1;
     al->cursor = 0;
     al->live_bytes = al->dead_bytes = 0;
+    al->nindex = 0;
 }
 
 /* Next free subpage at or after the cursor (wrapping), or -1. */
@@ -94,7 +95,7 @@ static void close_open(kv_alloc *al)
     if (al->open < 0) return;
     size_t s = (size_t)al->open;
     al->open = -1;
-    uint32_t m = al->meta[s];
+    kv_meta m = al->meta[s];
     if (kv_sp_kind(m) == KV_SP_SMALL && kv_sp_live(m) == 0) {
         al->dead_bytes -= kv_sp_fill(m);
         al->meta[s] = 0;
@@ -110,9 +111,10 @@ int64_t kv_alloc_take(kv_alloc *al, size_t len, int compacting)
     if (len <= SUB) {
         if (al->open >= 0) {
             size_t s = (size_t)al->open;
-            uint32_t m = al->meta[s];
-            if (kv_sp_kind(m) == KV_SP_SMALL && kv_sp_fill(m) + len <= SUB) {
-                al->meta[s] = kv_sp_small(kv_sp_fill(m) + (uint32_t)len, kv_sp_live(m) + (uint32_t)len);
+            kv_meta m = al->meta[s];
+            if (kv_sp_kind(m) == KV_SP_SMALL && kv_sp_fill(m) + len <= SUB && kv_sp_nrec(m) < 1023) {
+                al->meta[s] = kv_sp_small(kv_sp_fill(m) + (uint32_t)len, kv_sp_live(m) + (uint32_t)len,
+                                          kv_sp_nrec(m) + 1);
                 al->live_bytes += len;
                 return (int64_t)(s * SUB + kv_sp_fill(m));
             }
@@ -123,7 +125,7 @@ int64_t kv_alloc_take(kv_alloc *al, size_t len, int compacting)
         close_open(al);
         fb_clr(al, (size_t)s);
         al->nfree--;
-        al->meta[s] = kv_sp_small((uint32_t)len, (uint32_t)len);
+        al->meta[s] = kv_sp_small((uint32_t)len, (uint32_t)len, 1);
         al->open = s;
         al->cursor = (size_t)s + 1 < al->nsub ? (size_t)s + 1 : 0;
         al->live_bytes += len;
@@ -135,9 +137,9 @@ int64_t kv_alloc_take(kv_alloc *al, size_t len, int compacting)
     if (s < 0) return -1;
     for (size_t i = 0; i < n; i++) {
         fb_clr(al, (size_t)s + i);
-        al->meta[s + (int64_t)i] = (uint32_t)KV_SP_CONT << 29;
+        al->meta[s + (int64_t)i] = kv_sp_mk(KV_SP_CONT);
     }
-    al->meta[s] = ((uint32_t)KV_SP_HEAD << 29) | (uint32_t)n;
+    al->meta[s] = kv_sp_mk(KV_SP_HEAD) | (kv_meta)n;
     al->nfree -= n;
     al->cursor = (size_t)s + n < al->nsub ? (size_t)s + n : 0;
     al->live_bytes += n * SUB;
@@ -148,15 +150,17 @@ void kv_alloc_release(kv_alloc *al, uint64_t off, size_t len)
 {
     size_t s = (size_t)(off / SUB);
     if (s >= al->nsub) return;
-    uint32_t m = al->meta[s];
+    kv_meta m = al->meta[s];
     int kind = kv_sp_kind(m);
     if (kind == KV_SP_SMALL) {
         if (len == 0) len = 1;
         if (len > kv_sp_live(m)) len = kv_sp_live(m);   /* never underflow the field */
         uint32_t live = kv_sp_live(m) - (uint32_t)len;
+        uint32_t nrec = kv_sp_nrec(m) ? kv_sp_nrec(m) - 1 : 0;
+        if (!nrec) live = 0, len = kv_sp_live(m);
         al->live_bytes -= len;
         al->dead_bytes += len;
-        al->meta[s] = kv_sp_small(kv_sp_fill(m), live);
+        al->meta[s] = kv_sp_small(kv_sp_fill(m), live, nrec);
         if (live == 0 && (int64_t)s != al->open) {
             al->dead_bytes -= kv_sp_fill(m);
             al->meta[s] = 0;
@@ -178,7 +182,7 @@ void kv_alloc_release(kv_alloc *al, uint64_t off, size_t len)
 void kv_alloc_quarantine(kv_alloc *al, size_t s)
 {
     if (s >= al->nsub) return;
-    uint32_t m = al->meta[s];
+    kv_meta m = al->meta[s];
     switch (kv_sp_kind(m)) {
     case KV_SP_LOST:
         return;
@@ -191,10 +195,41 @@ void kv_alloc_quarantine(kv_alloc *al, size_t s)
         al->dead_bytes -= kv_sp_fill(m) - kv_sp_live(m);
         if ((int64_t)s == al->open) al->open = -1;
         break;
+    case KV_SP_INDEX:
+    case KV_SP_DIR:
+        al->nindex--;
+        break;
     default:
         /* part of a large record: the engine has freed the run already */
         break;
     }
-    al->meta[s] = (uint32_t)KV_SP_LOST << 29;
+    al->meta[s] = kv_sp_mk(KV_SP_LOST);
     al->nlost++;
+}
+
+int64_t kv_alloc_take_meta(kv_alloc *al, size_t n, kv_meta m, int use_reserve)
+{
+    size_t keep = use_reserve ? 0 : al->reserve;
+    if (al->nfree < n + keep) return -1;
+    int64_t s = n == 1 ? find_free(al) : find_run(al, n);
+    if (s < 0) return -1;
+    for (size_t i = 0; i < n; i++) {
+        fb_clr(al, (size_t)s + i);
+        al->meta[s + (int64_t)i] = m;
+    }
+    al->nfree -= n;
+    al->nindex += n;
+    return s;
+}
+
+void kv_alloc_give(kv_alloc *al, size_t s, size_t n)
+{
+    for (size_t i = s; i < s + n && i < al->nsub; i++) {
+        int k = kv_sp_kind(al->meta[i]);
+        if (k != KV_SP_INDEX && k != KV_SP_DIR) continue;
+        al->meta[i] = 0;
+        fb_set(al, i);
+        al->nfree++;
+        al->nindex--;
+    }
 }

@@ -280,9 +280,13 @@ static __attribute__((noinline)) int guarded_memcpy(void *dst, const void *src, 
                                                    uint8_t *raise_at, int lsb)
 {
     sigjmp_buf jb;
+    sigjmp_buf *volatile outer = kv_tls.jmp;      /* an enclosing guard, if any */
+    volatile int outer_active = kv_tls.active;
     kv_guard_thread_init();
     if (sigsetjmp(jb, 0)) {
         kv_guard_landed();
+        kv_tls.jmp = outer;
+        kv_tls.active = outer_active;
         return -1;
     }
     kv_guard_arm(&jb);
@@ -291,11 +295,15 @@ static __attribute__((noinline)) int guarded_memcpy(void *dst, const void *src, 
         /* Still here: SIGBUS is blocked in this thread, so the signal stays
          * queued. Never copy the poisoned bytes; report the fault. */
         kv_guard_disarm();
+        kv_tls.jmp = outer;
+        kv_tls.active = outer_active;
         kv_tls.fault_addr = (uintptr_t)raise_at;
         return -2;
     }
     memcpy(dst, src, n);
     kv_guard_disarm();
+    kv_tls.jmp = outer;
+    kv_tls.active = outer_active;
     return 0;
 }
 
