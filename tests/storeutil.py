@@ -34,7 +34,7 @@ class Replica:
     range request for a later version raises SourceBehindError.
     """
 
-    def __init__(self, ranges=True):
+    def __init__(self):
         self.data: dict[bytes, tuple[int, bytes]] = {}
         self.deleted: dict[bytes, int] = {}
         self.applied = 0
@@ -44,9 +44,6 @@ class Replica:
         self.range_calls = 0
         self.requested: list[tuple[bytes, int]] = []
         self.lock = threading.Lock()
-        if not ranges:
-            self.fetch_hash_range = None
-            del self.fetch_hash_range
 
     def record(self, key, version, value):
         with self.lock:
@@ -68,10 +65,10 @@ class Replica:
             if applied < min_version:
                 raise kvstore.SourceBehindError(f"replica at {applied}, asked for {min_version}")
             out = {}
-            for key, (version, value) in self.data.items():
+            for key, item in self.data.items():      # (version, value[, expire_at_ms])
                 if not lo <= kvstore.key_hash(key) < hi or key in self.deleted:
                     continue
-                out[key] = (version, value)
+                out[key] = item
             return out
 
     def forget(self, key):
@@ -90,6 +87,15 @@ class Replica:
                 if item is not None and item[0] >= min_version:
                     out[bytes(key)] = item
             return out
+
+
+class NameOnlyReplica(Replica):
+    """A rebuild source with ``fetch`` only (no ``fetch_hash_range``)."""
+
+    def __getattribute__(self, name):
+        if name == "fetch_hash_range":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
 
 
 def overlaps(loc, first, last_excl):
