@@ -1308,9 +1308,11 @@ static PyObject *Engine_take_lost(EngineObject *self, PyObject *args)
         }
         Py_DECREF(t);
     }
-    for (size_t j = 0; j < take; j++) free(e->lostq[j].key);
-    memmove(e->lostq, e->lostq + take, (e->lostq_n - take) * sizeof *e->lostq);
-    e->lostq_n -= take;
+    if (take) {
+        for (size_t j = 0; j < take; j++) free(e->lostq[j].key);
+        memmove(e->lostq, e->lostq + take, (e->lostq_n - take) * sizeof *e->lostq);
+        e->lostq_n -= take;
+    }
     return l;
 }
 
