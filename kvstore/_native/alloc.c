@@ -21,6 +21,10 @@ int kv_alloc_init(kv_alloc *al, size_t nsub)
         return -1;
     }
     al->reserve = 2 + nsub / 256;
+    if (kv_alloc_set_groups(al, 0) != 0) {
+        kv_alloc_free(al);
+        return -1;
+    }
     kv_alloc_reset(al);
     return 0;
 }
@@ -29,8 +33,10 @@ void kv_alloc_free(kv_alloc *al)
 {
     free(al->meta);
     free(al->freebm);
+    free(al->opens);
     al->meta = NULL;
     al->freebm = NULL;
+    al->opens = NULL;
 }
 
 void kv_alloc_reset(kv_alloc *al)
@@ -42,7 +48,7 @@ void kv_alloc_reset(kv_alloc *al)
         fb_set(al, s);
         al->nfree++;
     }
-    al->open = -1;
+    for (size_t g = 0; g < ((size_t)1 << al->gbits); g++) al->opens[g] = -1;
     al->cursor = 0;
     al->live_bytes = al->dead_bytes = 0;
     al->nindex = 0;
@@ -90,13 +96,15 @@ static int64_t find_run(kv_alloc *al, size_t n)
     return -1;
 }
 
-static void close_open(kv_alloc *al)
+static void close_open(kv_alloc *al, uint64_t g)
 {
-    if (al->open < 0) return;
-    size_t s = (size_t)al->open;
-    al->open = -1;
+    if (al->opens[g] < 0) return;
+    size_t s = (size_t)al->opens[g];
+    al->opens[g] = -1;
     kv_meta m = al->meta[s];
-    if (kv_sp_kind(m) == KV_SP_SMALL && kv_sp_live(m) == 0) {
+    if (kv_sp_kind(m) != KV_SP_SMALL) return;
+    al->meta[s] = m & ~KV_SP_OPEN;
+    if (kv_sp_live(m) == 0) {
         al->dead_bytes -= kv_sp_fill(m);
         al->meta[s] = 0;
         fb_set(al, s);
@@ -104,17 +112,34 @@ static void close_open(kv_alloc *al)
     }
 }
 
-int64_t kv_alloc_take(kv_alloc *al, size_t len, int compacting)
+int kv_alloc_set_groups(kv_alloc *al, unsigned gbits)
+{
+    if (gbits > KV_GROUP_MAX_BITS) gbits = KV_GROUP_MAX_BITS;
+    if (al->opens && gbits == al->gbits) return 0;
+    int64_t *o = malloc(((size_t)1 << gbits) * sizeof *o);
+    if (!o) return -1;
+    if (al->opens)
+        for (uint64_t g = 0; g < ((uint64_t)1 << al->gbits); g++) close_open(al, g);
+    free(al->opens);
+    for (size_t g = 0; g < ((size_t)1 << gbits); g++) o[g] = -1;
+    al->opens = o;
+    al->gbits = gbits;
+    return 0;
+}
+
+int64_t kv_alloc_take(kv_alloc *al, size_t len, int compacting, uint64_t h)
 {
     if (len == 0) len = 1;
     size_t keep = compacting ? 0 : al->reserve;
+    uint64_t g = kv_alloc_group(al, h);
+    kv_meta tag = kv_sp_tag(al->gbits, g);
     if (len <= SUB) {
-        if (al->open >= 0) {
-            size_t s = (size_t)al->open;
+        if (al->opens[g] >= 0) {
+            size_t s = (size_t)al->opens[g];
             kv_meta m = al->meta[s];
             if (kv_sp_kind(m) == KV_SP_SMALL && kv_sp_fill(m) + len <= SUB && kv_sp_nrec(m) < 1023) {
-                al->meta[s] = kv_sp_small(kv_sp_fill(m) + (uint32_t)len, kv_sp_live(m) + (uint32_t)len,
-                                          kv_sp_nrec(m) + 1);
+                al->meta[s] = kv_sp_small_set(m, kv_sp_fill(m) + (uint32_t)len, kv_sp_live(m) + (uint32_t)len,
+                                              kv_sp_nrec(m) + 1);
                 al->live_bytes += len;
                 return (int64_t)(s * SUB + kv_sp_fill(m));
             }
@@ -122,24 +147,24 @@ int64_t kv_alloc_take(kv_alloc *al, size_t len, int compacting)
         if (al->nfree <= keep) return -1;
         int64_t s = find_free(al);
         if (s < 0) return -1;
-        close_open(al);
+        close_open(al, g);
         fb_clr(al, (size_t)s);
         al->nfree--;
-        al->meta[s] = kv_sp_small((uint32_t)len, (uint32_t)len, 1);
-        al->open = s;
+        al->meta[s] = kv_sp_small_set(kv_sp_mk(KV_SP_SMALL) | tag | KV_SP_OPEN, (uint32_t)len, (uint32_t)len, 1);
+        al->opens[g] = s;
         al->cursor = (size_t)s + 1 < al->nsub ? (size_t)s + 1 : 0;
         al->live_bytes += len;
         return s * (int64_t)SUB;
     }
     size_t n = (len + SUB - 1) / SUB;
-    if (al->nfree < n + keep) return -1;
+    if (n >= (1u << 28) || al->nfree < n + keep) return -1;
     int64_t s = find_run(al, n);
     if (s < 0) return -1;
     for (size_t i = 0; i < n; i++) {
         fb_clr(al, (size_t)s + i);
         al->meta[s + (int64_t)i] = kv_sp_mk(KV_SP_CONT);
     }
-    al->meta[s] = kv_sp_mk(KV_SP_HEAD) | (kv_meta)n;
+    al->meta[s] = kv_sp_mk(KV_SP_HEAD) | tag | (kv_meta)n;
     al->nfree -= n;
     al->cursor = (size_t)s + n < al->nsub ? (size_t)s + n : 0;
     al->live_bytes += n * SUB;
@@ -160,8 +185,8 @@ void kv_alloc_release(kv_alloc *al, uint64_t off, size_t len)
         if (!nrec) live = 0, len = kv_sp_live(m);
         al->live_bytes -= len;
         al->dead_bytes += len;
-        al->meta[s] = kv_sp_small(kv_sp_fill(m), live, nrec);
-        if (live == 0 && (int64_t)s != al->open) {
+        al->meta[s] = kv_sp_small_set(m, kv_sp_fill(m), live, nrec);
+        if (live == 0 && !(m & KV_SP_OPEN)) {
             al->dead_bytes -= kv_sp_fill(m);
             al->meta[s] = 0;
             fb_set(al, s);
@@ -193,7 +218,10 @@ void kv_alloc_quarantine(kv_alloc *al, size_t s)
     case KV_SP_SMALL:
         al->live_bytes -= kv_sp_live(m);
         al->dead_bytes -= kv_sp_fill(m) - kv_sp_live(m);
-        if ((int64_t)s == al->open) al->open = -1;
+        if (m & KV_SP_OPEN) {
+            uint64_t g = kv_sp_gprefix(m);
+            if (kv_sp_gbits(m) == al->gbits && al->opens[g] == (int64_t)s) al->opens[g] = -1;
+        }
         break;
     case KV_SP_INDEX:
     case KV_SP_DIR:
@@ -232,4 +260,17 @@ void kv_alloc_give(kv_alloc *al, size_t s, size_t n)
         al->nfree++;
         al->nindex--;
     }
+}
+
+int kv_alloc_range(const kv_alloc *al, size_t s, uint64_t *lo, uint64_t *hi)
+{
+    if (s >= al->nsub) return -1;
+    while (s > 0 && kv_sp_kind(al->meta[s]) == KV_SP_CONT) s--;
+    kv_meta m = al->meta[s];
+    if (kv_sp_kind(m) != KV_SP_SMALL && kv_sp_kind(m) != KV_SP_HEAD) return -1;
+    unsigned g = kv_sp_gbits(m);
+    uint64_t p = kv_sp_gprefix(m);
+    *lo = g ? p << (64 - g) : 0;
+    *hi = g ? *lo | (~0ULL >> g) : ~0ULL;
+    return 0;
 }

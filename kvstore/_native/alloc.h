@@ -1,17 +1,30 @@
-/* alloc.h - placement of records in the arena, by 4 KiB subpage.
+/* alloc.h - placement of records and index pages in the arena, by 4 KiB
+ * subpage.
  *
  * A record smaller than a subpage never straddles a subpage boundary: small
- * records are bump-allocated inside the current "open" subpage, and a new
- * subpage is opened when the next one does not fit. Larger records take a
- * run of whole free subpages. One word of metadata per subpage:
+ * records are bump-allocated inside an "open" subpage, and a new subpage is
+ * opened when the next one does not fit. Larger records take a run of whole
+ * free subpages. Index pages and the directory take whole subpages too.
+ *
+ * Records are grouped by key hash: there is one open subpage per group
+ * (the top `gbits` bits of the key hash), so every record subpage carries
+ * the hash range its records come from. That range is the reverse map: a
+ * lost record subpage is matched against the few index pages covering its
+ * range, not against the whole index. The engine keeps gbits a few bits
+ * below the directory depth, so a group spans about 16 index pages and the
+ * partly filled open subpages cost about 2 bytes per key.
+ *
+ * One metadata word per subpage:
  *
  *     bits 61..63 kind: FREE, SMALL, LARGE_HEAD, LARGE_CONT, LOST, INDEX, DIR
  *     SMALL:      bits 0..12 fill (bump end), 13..25 live bytes,
- *                 26..35 number of live records
- *     LARGE_HEAD: bits 0..39 run length in subpages
+ *                 26..35 number of live records, 60 open
+ *     LARGE_HEAD: bits 0..27 run length in subpages
+ *     SMALL, LARGE_HEAD: bits 36..40 group bits g, 41..59 group prefix (the
+ *                 records' keys hash to prefix << (64 - g) ...)
  *     INDEX:      bits 0..6 local depth, 8..55 hash prefix (an index page:
  *                 its hash range is known from this word alone)
- *     DIR:        a subpage of a copy of the index directory
+ *     DIR:        a subpage of the index directory
  *
  * A SMALL subpage whose live bytes drop to zero becomes FREE again; LOST
  * subpages (quarantined) are never handed out while the arena lives. Space
@@ -26,17 +39,29 @@
 
 enum { KV_SP_FREE = 0, KV_SP_SMALL = 1, KV_SP_HEAD = 2, KV_SP_CONT = 3, KV_SP_LOST = 4, KV_SP_INDEX = 5, KV_SP_DIR = 6 };
 
+#define KV_GROUP_MAX_BITS 19u
+
 typedef uint64_t kv_meta;
+#define KV_SP_OPEN (1ULL << 60)
+#define KV_SP_LOWMASK ((1ULL << 36) - 1)
+#define KV_SP_TAGMASK (((1ULL << 24) - 1) << 36)
 static inline int kv_sp_kind(kv_meta m) { return (int)(m >> 61); }
 static inline uint32_t kv_sp_fill(kv_meta m) { return (uint32_t)(m & 0x1FFF); }
 static inline uint32_t kv_sp_live(kv_meta m) { return (uint32_t)((m >> 13) & 0x1FFF); }
 static inline uint32_t kv_sp_nrec(kv_meta m) { return (uint32_t)((m >> 26) & 0x3FF); }
-static inline uint64_t kv_sp_run(kv_meta m) { return m & ((1ULL << 40) - 1); }
+static inline uint64_t kv_sp_run(kv_meta m) { return m & ((1ULL << 28) - 1); }
 static inline kv_meta kv_sp_mk(int kind) { return (kv_meta)kind << 61; }
-static inline kv_meta kv_sp_small(uint32_t fill, uint32_t live, uint32_t nrec)
+/* The SMALL fields of m replaced (kind, group tag and open bit kept). */
+static inline kv_meta kv_sp_small_set(kv_meta m, uint32_t fill, uint32_t live, uint32_t nrec)
 {
-    return kv_sp_mk(KV_SP_SMALL) | ((kv_meta)nrec << 26) | ((kv_meta)live << 13) | fill;
+    return (m & ~KV_SP_LOWMASK) | ((kv_meta)nrec << 26) | ((kv_meta)live << 13) | fill;
 }
+static inline kv_meta kv_sp_tag(unsigned gbits, uint64_t prefix)
+{
+    return ((kv_meta)gbits << 36) | (prefix << 41);
+}
+static inline unsigned kv_sp_gbits(kv_meta m) { return (unsigned)((m >> 36) & 31); }
+static inline uint64_t kv_sp_gprefix(kv_meta m) { return (m >> 41) & ((1ULL << 19) - 1); }
 static inline unsigned kv_sp_depth(kv_meta m) { return (unsigned)(m & 0x7F); }
 static inline uint64_t kv_sp_prefix(kv_meta m) { return (m >> 8) & ((1ULL << 48) - 1); }
 static inline kv_meta kv_sp_index(uint64_t prefix, unsigned depth)
@@ -51,7 +76,8 @@ typedef struct {
     size_t nfree;
     size_t nlost;
     size_t cursor;           /* next-fit start */
-    int64_t open;            /* open SMALL subpage or -1 */
+    unsigned gbits;          /* record groups: 2^gbits open subpages */
+    int64_t *opens;          /* open SMALL subpage of each group, or -1 */
     uint64_t live_bytes;     /* bytes of live records (large: whole subpages) */
     uint64_t dead_bytes;     /* freed bytes still inside SMALL subpages */
     size_t reserve;          /* free subpages kept for the compactor */
@@ -62,9 +88,16 @@ int kv_alloc_init(kv_alloc *al, size_t nsub);
 void kv_alloc_free(kv_alloc *al);
 void kv_alloc_reset(kv_alloc *al);       /* everything free, except LOST */
 
-/* Allocate len bytes. `compacting` may dip into the reserve. Returns the
- * arena offset or -1 when there is no room. */
-int64_t kv_alloc_take(kv_alloc *al, size_t len, int compacting);
+/* Change the number of record groups (closes the open subpages). */
+int kv_alloc_set_groups(kv_alloc *al, unsigned gbits);
+static inline uint64_t kv_alloc_group(const kv_alloc *al, uint64_t h)
+{
+    return al->gbits ? h >> (64 - al->gbits) : 0;
+}
+
+/* Allocate len bytes for a record of key hash h. `compacting` may dip into
+ * the reserve. Returns the arena offset or -1 when there is no room. */
+int64_t kv_alloc_take(kv_alloc *al, size_t len, int compacting, uint64_t h);
 
 /* Free a record of len bytes at off (ignored inside LOST subpages). */
 void kv_alloc_release(kv_alloc *al, uint64_t off, size_t len);
@@ -77,6 +110,11 @@ void kv_alloc_give(kv_alloc *al, size_t s, size_t n);
 
 /* Quarantine subpage s (its records, if any, have been invalidated). */
 void kv_alloc_quarantine(kv_alloc *al, size_t s);
+
+/* Hash range [lo, hi] (hi inclusive) of the records in subpage s (a SMALL
+ * or LARGE subpage; LARGE_CONT is followed back to its head). 0, or -1 if s
+ * holds no records. */
+int kv_alloc_range(const kv_alloc *al, size_t s, uint64_t *lo, uint64_t *hi);
 
 /* Bytes a record of this length occupies (large records: whole subpages). */
 static inline uint64_t kv_alloc_footprint(size_t len)

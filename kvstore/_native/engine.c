@@ -416,18 +416,21 @@ int kv_eng_info(kv_engine *e, const void *key, uint32_t klen, uint64_t now_ms, i
 
 /* ---------------------------------------------------------- allocation */
 
-static int64_t alloc_record(kv_engine *e, size_t len, int use_reserve)
+static int64_t alloc_record(kv_engine *e, size_t len, int use_reserve, uint64_t h)
 {
-    int64_t off = kv_alloc_take(&e->al, len, 0);
-    if (off < 0 && use_reserve) off = kv_alloc_take(&e->al, len, 1);
+    int64_t off = kv_alloc_take(&e->al, len, 0, h);
+    if (off < 0 && use_reserve) off = kv_alloc_take(&e->al, len, 1, h);
     if (off >= 0) return off;
     for (int pass = 0; pass < 4 && e->al.dead_bytes >= len; pass++) {
         if (!kv_eng_compact(e, 4096)) break;
-        off = kv_alloc_take(&e->al, len, 0);
+        off = kv_alloc_take(&e->al, len, 0, h);
         if (off >= 0) break;
     }
     return off;
 }
+
+/* Record groups: about 16 directory cells (index pages) per group. */
+static unsigned group_bits(unsigned gdepth) { return gdepth > 4 ? gdepth - 4 : 0; }
 
 /* Index subpages for a split: compact records first if that makes room. */
 static int64_t take_index(kv_engine *e, size_t n, kv_meta m)
@@ -460,6 +463,7 @@ static int dir_double(kv_engine *e)
     e->dir_n = n;
     e->gdepth = D + 1;
     g_txn_dir = -1;
+    kv_alloc_set_groups(&e->al, group_bits(e->gdepth));
     return KV_OK;
 }
 
@@ -615,7 +619,7 @@ static int body_upsert(kv_engine *e, void *va)
     uint64_t off = 0;
     if (!tomb) {
         size_t len = KV_REC_HDR + (longkey ? a->klen : 0) + a->vlen;
-        int64_t o = alloc_record(e, len, a->mode != UP_PUT);
+        int64_t o = alloc_record(e, len, a->mode != UP_PUT, a->h);
         if (o < 0) return KV_FULL;
         /* the compactor may have moved records: find the entry again */
         if (en) {
@@ -1029,6 +1033,83 @@ static void walk_fn(kv_engine *e, size_t ps, kv_ipage *p, void *vctx)
     }
 }
 
+/* Find the records on lost subpages: each record subpage knows the hash
+ * range of its records (its group), so only the index pages covering those
+ * ranges are read; the whole index only when a group is the whole range. */
+static void walk_lost(kv_engine *e, uint64_t (*ranges)[2], size_t n, kv_recover_stats *st)
+{
+    walk_ctx w = {st};
+    uint64_t(*hr)[2] = NULL;
+    size_t nh = 0, caph = 0;
+    size_t *seen = NULL, nseen = 0, capseen = 0;
+    int whole = 0;
+    for (size_t i = 0; i < n && !whole; i++)
+        for (uint64_t s = ranges[i][0]; s < ranges[i][0] + ranges[i][1] && s < e->al.nsub; s++) {
+            int k = kv_sp_kind(e->al.meta[s]);
+            if (!sub_lost(e, s) || (k != KV_SP_SMALL && k != KV_SP_HEAD && k != KV_SP_CONT)) continue;
+            uint64_t lo, hi;
+            if (kv_alloc_range(&e->al, (size_t)s, &lo, &hi) != 0 || (lo == 0 && hi == ~0ULL)) {
+                whole = 1;
+                break;
+            }
+            if (nh && hr[nh - 1][0] == lo) continue;
+            if (nh == caph) {
+                size_t nc = caph ? caph * 2 : 16;
+                uint64_t(*r)[2] = realloc(hr, nc * sizeof *r);
+                if (!r) {
+                    whole = 1;
+                    break;
+                }
+                hr = r;
+                caph = nc;
+            }
+            hr[nh][0] = lo;
+            hr[nh][1] = hi;
+            nh++;
+        }
+    for (size_t i = 0; i < nh && !whole; i++) {
+        uint64_t pos = hr[i][0];
+        for (;;) {
+            uint64_t c = cell_of(e->gdepth, pos);
+            uint32_t ps;
+            size_t fo;
+            if (kv_arena_read(e->arena, e->dir_sub * SUB + c * 4, &ps, 4, &fo) != 0 || ps >= e->al.nsub) {
+                whole = 1;
+                break;
+            }
+            kv_meta m = e->al.meta[ps];
+            uint64_t phi;
+            if (kv_sp_kind(m) == KV_SP_INDEX) {
+                phi = kv_range_hi(kv_sp_prefix(m), kv_sp_depth(m));
+                size_t j = 0;
+                while (j < nseen && seen[j] != ps) j++;
+                if (j == nseen && !sub_lost(e, ps)) {
+                    if (nseen == capseen) {
+                        size_t nc = capseen ? capseen * 2 : 64;
+                        size_t *q = realloc(seen, nc * sizeof *q);
+                        if (!q) {
+                            whole = 1;
+                            break;
+                        }
+                        seen = q;
+                        capseen = nc;
+                    }
+                    seen[nseen++] = ps;
+                    visit_page(e, ps, walk_fn, &w);
+                }
+            } else {
+                unsigned D = e->gdepth;
+                phi = D ? (c << (64 - D)) | (~0ULL >> D) : ~0ULL;
+            }
+            if (phi >= hr[i][1] || phi == ~0ULL) break;
+            pos = phi + 1;
+        }
+    }
+    if (whole) each_page(e, walk_fn, &w);
+    free(hr);
+    free(seen);
+}
+
 /* Orphan sweep: after an index page was lost, the records its entries
  * pointed to belong to nobody. Count references per subpage; free
  * subpages nobody references and recount the live bytes of the rest. */
@@ -1086,7 +1167,7 @@ static void orphan_sweep(kv_engine *e, kv_recover_stats *st)
                 e->c_orphans += kv_sp_nrec(m);
                 al->live_bytes -= kv_sp_live(m);
                 al->dead_bytes += kv_sp_live(m);
-                al->meta[s] = kv_sp_small(kv_sp_fill(m), 1, 1);
+                al->meta[s] = kv_sp_small_set(m, kv_sp_fill(m), 1, 1);
                 al->live_bytes += 1;
                 al->dead_bytes -= 1;
                 kv_alloc_release(al, (uint64_t)s * SUB, 1);
@@ -1112,7 +1193,7 @@ static void orphan_sweep(kv_engine *e, kv_recover_stats *st)
             e->c_orphans += kv_sp_nrec(m) - w.refs[s];
             al->live_bytes -= kv_sp_live(m) - live;
             al->dead_bytes += kv_sp_live(m) - live;
-            al->meta[s] = kv_sp_small(kv_sp_fill(m), live, w.refs[s]);
+            al->meta[s] = kv_sp_small_set(m, kv_sp_fill(m), live, w.refs[s]);
         }
     }
     e->need_sweep = 0;
@@ -1186,10 +1267,7 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
         for (size_t i = 0; i < n; i++)
             for (uint64_t s = ranges[i][0]; s < ranges[i][0] + ranges[i][1] && s < e->al.nsub; s++)
                 if (sub_lost(e, s) && kv_sp_kind(e->al.meta[s]) == KV_SP_INDEX) index_lost(e, (size_t)s, st);
-        if (need_walk) {
-            walk_ctx w = {st};
-            each_page(e, walk_fn, &w);
-        }
+        if (need_walk) walk_lost(e, ranges, n, st);
         for (size_t i = 0; i < n; i++)
             for (uint64_t s = ranges[i][0]; s < ranges[i][0] + ranges[i][1] && s < e->al.nsub; s++)
                 if (sub_lost(e, s) && kv_sp_kind(e->al.meta[s]) != KV_SP_LOST) {
@@ -1207,6 +1285,7 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
 
 static int setup_index(kv_engine *e)
 {
+    kv_alloc_set_groups(&e->al, 0);
     int64_t d = kv_alloc_take_meta(&e->al, 1, kv_sp_mk(KV_SP_DIR), 1);
     if (d < 0) return -1;
     e->dir_sub = (uint64_t)d;
@@ -1405,7 +1484,8 @@ static void compact_fn(kv_engine *e, size_t ps, kv_ipage *p, void *vctx)
         size_t len;
         if (rec_header(e, en, &c, &v, &len) != 0) continue;
         TOUCH(e, off, len);
-        int64_t noff = kv_alloc_take(al, len, 1);
+        uint64_t h = (kv_e_flags(en) & KV_F_LONG) ? kv_e_fullhash(en) : kv_hash(en->key, kv_e_klen(en));
+        int64_t noff = kv_alloc_take(al, len, 1, h);
         if (noff < 0) {
             w->stop = 1;
             return;
@@ -1426,7 +1506,6 @@ size_t kv_eng_compact(kv_engine *e, size_t max_subpages)
     kv_alloc *al = &e->al;
     if (al->dead_bytes <= e->compact_futile_dead) return 0;
     size_t room = (al->nfree > 1 ? al->nfree - 1 : 0) * SUB;
-    if (al->open >= 0) room += SUB - kv_sp_fill(al->meta[al->open]);
     cand_t *cv = malloc((al->nsub ? al->nsub : 1) * sizeof *cv);
     uint8_t *cand = calloc((al->nsub + 7) / 8, 1);
     if (!cv || !cand) {
@@ -1437,7 +1516,7 @@ size_t kv_eng_compact(kv_engine *e, size_t max_subpages)
     size_t nc = 0;
     for (size_t s = 0; s < al->nsub; s++) {
         kv_meta m = al->meta[s];
-        if (kv_sp_kind(m) != KV_SP_SMALL || (int64_t)s == al->open) continue;
+        if (kv_sp_kind(m) != KV_SP_SMALL || (m & KV_SP_OPEN)) continue;
         uint32_t fill = kv_sp_fill(m), live = kv_sp_live(m);
         if (fill - live >= SUB / 8 && live <= SUB - SUB / 8) cv[nc++] = (cand_t){live, (uint32_t)s};
     }
