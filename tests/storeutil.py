@@ -98,6 +98,20 @@ class NameOnlyReplica(Replica):
         return super().__getattribute__(name)
 
 
+def same_group_key(store, key, prefix=b"other"):
+    """A key ``prefix + N`` whose records are placed with ``key``'s (records
+    are grouped by the top bits of the key hash)."""
+    groups = store.stats()["record_groups"]
+    bits = groups.bit_length() - 1
+    if bits == 0:
+        return prefix
+    want = kvstore.key_hash(key) >> (64 - bits)
+    n = 0
+    while kvstore.key_hash(prefix + b"%d" % n) >> (64 - bits) != want:
+        n += 1
+    return prefix + b"%d" % n
+
+
 def overlaps(loc, first, last_excl):
     off, length = loc
     return off < last_excl and off + length > first

@@ -15,7 +15,7 @@ import pytest
 
 import kvstore
 from storeutil import (SUB, Replica, keys_on_page, keys_on_subpage, lost_set, open_2m, record_map,
-                       reserved_2m)
+                       reserved_2m, same_group_key)
 
 POLICIES = ["keep_ue", "mainline"]
 
@@ -297,17 +297,18 @@ def test_lagging_source_waits_for_right_version(policy):
     with manual_store(policy, read_repair_timeout=0.01, rebuild_deadline=30) as s:
         s.put(b"k", b"old")
         v_new = s.put(b"k", b"new")
-        v_other = s.put(b"other", b"o")
+        other = same_group_key(s, b"k")          # its record goes next to k's
+        v_other = s.put(other, b"o")
         src = LaggingSource({
             b"k": [None, (v_new - 1, b"old"), None, (v_new, b"new")],
-            b"other": [(v_other + 5, b"newer-than-asked")],
+            other: [(v_other + 5, b"newer-than-asked")],
         })
         s.rebuild_source = src
-        assert s.locate(b"k")[0] // SUB == s.locate(b"other")[0] // SUB
+        assert s.locate(b"k")[0] // SUB == s.locate(other)[0] // SUB
         s.faults.inject_key(b"k", "ao")
         s.recover()
         # 'other' came back at once (a newer version is fine), 'k' waits
-        assert s.get_versioned(b"other") == (v_other + 5, b"newer-than-asked")
+        assert s.get_versioned(other) == (v_other + 5, b"newer-than-asked")
         states = {k: st for k, _v, st in s.lost_keys()}
         assert states == {b"k": "rebuilding"}
         t0 = time.monotonic()

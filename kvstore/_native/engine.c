@@ -172,6 +172,41 @@ static size_t each_page(kv_engine *e, kv_page_fn fn, void *ctx)
     return bad;
 }
 
+/* ------------------------------------------------------- page counters */
+
+/* Keys, lost keys and keys with an expiry, per index page (so a lost page's
+ * share can be taken off the totals without reading it). */
+static inline size_t sub_of(kv_engine *e, const void *inpage)
+{
+    return (size_t)((const uint8_t *)inpage - e->arena->base) >> KV_SUB_SHIFT;
+}
+
+static inline void pgc_add(kv_engine *e, const void *inpage, int dk, int dl, int dt)
+{
+    size_t s = sub_of(e, inpage);
+    uint32_t c = e->pgc[s];
+    uint32_t k = (c & 1023) + (uint32_t)dk, l = ((c >> 10) & 1023) + (uint32_t)dl,
+             t = ((c >> 20) & 1023) + (uint32_t)dt;
+    e->pgc[s] = (k & 1023) | (l & 1023) << 10 | (t & 1023) << 20;
+    e->nkeys += (uint64_t)(int64_t)dk;
+    e->n_lost += (uint64_t)(int64_t)dl;
+    e->n_ttl += (uint64_t)(int64_t)dt;
+}
+
+static uint32_t pgc_count(const kv_ipage *p)
+{
+    uint32_t k = 0, l = 0, t = 0;
+    for (uint32_t i = 0; i < p->n; i++) {
+        const kv_entry *en = kv_ip_entry((kv_ipage *)p, i);
+        int st = kv_e_state(en);
+        if (st == KV_ST_TOMB) continue;
+        k++;
+        if (st != KV_ST_PRESENT) l++;
+        if (kv_e_flags(en) & KV_F_TTL) t++;
+    }
+    return k | l << 10 | t << 20;
+}
+
 /* ---------------------------------------------------------- lost queue */
 
 static void lostrange_push(kv_engine *e, uint64_t lo, uint64_t hi, uint64_t version)
@@ -213,7 +248,7 @@ static void lose(kv_engine *e, kv_entry *en, size_t release)
     if (kv_e_state(en) != KV_ST_PRESENT) return;
     if (release) kv_alloc_release(&e->al, kv_e_off(en), release);
     kv_e_set_state(en, KV_ST_LOST);
-    e->n_lost++;
+    pgc_add(e, en, 0, 1, 0);
     e->c_lost_keys++;
     lostq_push(e, en);
 }
@@ -313,11 +348,9 @@ static void entry_drop(kv_engine *e, kv_ipage *p, uint32_t i, size_t reclen)
     if (st == KV_ST_PRESENT) {
         uint64_t off = kv_e_off(en);
         kv_alloc_release(&e->al, off, reclen);
-    } else if (st >= KV_ST_LOST && st <= KV_ST_UNRECOVERABLE) {
-        e->n_lost--;
     }
-    if (st != KV_ST_TOMB) e->nkeys--;
-    if (kv_e_flags(en) & KV_F_TTL) e->n_ttl--;
+    pgc_add(e, p, st != KV_ST_TOMB ? -1 : 0, st >= KV_ST_LOST && st <= KV_ST_UNRECOVERABLE ? -1 : 0,
+            (kv_e_flags(en) & KV_F_TTL) ? -1 : 0);
     kv_ip_del(p, i);
 }
 
@@ -429,9 +462,6 @@ static int64_t alloc_record(kv_engine *e, size_t len, int use_reserve, uint64_t 
     return off;
 }
 
-/* Record groups: about 16 directory cells (index pages) per group. */
-static unsigned group_bits(unsigned gdepth) { return gdepth > 4 ? gdepth - 4 : 0; }
-
 /* Index subpages for a split: compact records first if that makes room. */
 static int64_t take_index(kv_engine *e, size_t n, kv_meta m)
 {
@@ -463,7 +493,6 @@ static int dir_double(kv_engine *e)
     e->dir_n = n;
     e->gdepth = D + 1;
     g_txn_dir = -1;
-    kv_alloc_set_groups(&e->al, group_bits(e->gdepth));
     return KV_OK;
 }
 
@@ -495,6 +524,8 @@ static int split(kv_engine *e, size_t s)
     }
     memcpy(p, L, 4096);
     memcpy(PG(e, (size_t)q), R, 4096);
+    e->pgc[s] = pgc_count(L);
+    e->pgc[q] = pgc_count(R);
     e->al.meta[s] = kv_sp_index(pl, d + 1);
     uint32_t *cells = CELLS(e);
     for (uint64_t c = 0; c < cn; c++) cells[c0 + c] = (uint32_t)q;
@@ -650,11 +681,8 @@ static int body_upsert(kv_engine *e, void *va)
     ne->ver = v & KV_VERSION_MASK;
     if (longkey) memcpy(ne->key, &a->h, 8);
     else memcpy(ne->key, a->key, a->klen);
-    if (nflags & KV_F_TTL) {
-        memcpy(kv_e_ttlp(ne), &exp, 8);
-        e->n_ttl++;
-    }
-    if (!tomb) e->nkeys++;
+    if (nflags & KV_F_TTL) memcpy(kv_e_ttlp(ne), &exp, 8);
+    pgc_add(e, p, tomb ? 0 : 1, 0, (nflags & KV_F_TTL) ? 1 : 0);
     e->txn_len = 0;
     if (a->mode == UP_TOMB) {
         e->version++;
@@ -731,7 +759,7 @@ static int body_set_ttl(kv_engine *e, void *va)
             else {
                 kv_e_set_flags(en, f & ~KV_F_TTL);
                 p->dead = (uint16_t)(p->dead + 8);
-                e->n_ttl--;
+                pgc_add(e, p, 0, 0, -1);
             }
             return KV_OK;
         }
@@ -751,7 +779,7 @@ static int body_set_ttl(kv_engine *e, void *va)
         memcpy(ne, tmp, size);
         kv_e_set_flags(ne, f | KV_F_TTL);
         memcpy(kv_e_ttlp(ne), &a->exp, 8);
-        e->n_ttl++;
+        pgc_add(e, p, 0, 0, 1);
         return KV_OK;
     }
     return KV_FULL;
@@ -966,7 +994,9 @@ static void dir_rebuild(kv_engine *e)
         int ok = kv_arena_write(e->arena, (size_t)s2 * SUB, tmp, n * SUB, &fo) == 0;
         free(tmp);
         if (!ok) {
-            kv_alloc_give(&e->al, (size_t)s2, n);    /* the lost part is quarantined later */
+            kv_alloc_give(&e->al, (size_t)s2, n);
+            for (size_t i = (size_t)s2; i < (size_t)s2 + n; i++)
+                if (sub_lost(e, i)) kv_alloc_quarantine(&e->al, i);   /* never picked again */
             s2 = -1;
         }
     }
@@ -994,8 +1024,26 @@ static void index_lost(kv_engine *e, size_t s, kv_recover_stats *st)
     uint64_t prefix = kv_sp_prefix(m);
     unsigned d = kv_sp_depth(m), D = e->gdepth;
     uint64_t V = e->version;
+    uint32_t cnt = e->pgc[s];
+    e->nkeys -= cnt & 1023;
+    e->n_lost -= (cnt >> 10) & 1023;
+    e->n_ttl -= (cnt >> 20) & 1023;
+    e->pgc[s] = 0;
     int64_t q = new_page(e, prefix, d, KV_IP_LOSTRANGE, V);
     kv_alloc_quarantine(&e->al, s);
+    if (e->sweep_n == e->sweep_cap) {
+        size_t nc = e->sweep_cap ? e->sweep_cap * 2 : 8;
+        uint64_t(*r)[2] = realloc(e->sweep, nc * sizeof *r);
+        if (r) {
+            e->sweep = r;
+            e->sweep_cap = nc;
+        }
+    }
+    if (e->sweep_n < e->sweep_cap) {
+        e->sweep[e->sweep_n][0] = kv_range_lo(prefix, d);
+        e->sweep[e->sweep_n][1] = kv_range_hi(prefix, d);
+        e->sweep_n++;
+    }
     if (q >= 0) dir_fill(e, prefix << (D - d), 1ULL << (D - d), (uint32_t)q);
     lostrange_push(e, kv_range_lo(prefix, d), kv_range_hi(prefix, d), V);
     e->c_index_pages_lost++;
@@ -1033,16 +1081,59 @@ static void walk_fn(kv_engine *e, size_t ps, kv_ipage *p, void *vctx)
     }
 }
 
+/* Visit (once each, per `seen` list) the index pages covering [lo, hi],
+ * found through the directory. -1 if the directory could not be read or a
+ * page visit was cut short by a fault. */
+typedef struct {
+    size_t *v;
+    size_t n, cap;
+} seen_set;
+
+static int visit_range(kv_engine *e, uint64_t lo, uint64_t hi, kv_page_fn fn, void *ctx, seen_set *seen)
+{
+    uint64_t pos = lo;
+    int rc = 0;
+    for (;;) {
+        uint64_t c = cell_of(e->gdepth, pos);
+        uint32_t ps;
+        size_t fo;
+        if (kv_arena_read(e->arena, e->dir_sub * SUB + c * 4, &ps, 4, &fo) != 0 || ps >= e->al.nsub) return -1;
+        kv_meta m = e->al.meta[ps];
+        uint64_t phi;
+        if (kv_sp_kind(m) == KV_SP_INDEX) {
+            phi = kv_range_hi(kv_sp_prefix(m), kv_sp_depth(m));
+            size_t j = 0;
+            while (j < seen->n && seen->v[j] != ps) j++;
+            if (j == seen->n && !sub_lost(e, ps)) {
+                if (seen->n == seen->cap) {
+                    size_t nc = seen->cap ? seen->cap * 2 : 64;
+                    size_t *q = realloc(seen->v, nc * sizeof *q);
+                    if (!q) return -1;
+                    seen->v = q;
+                    seen->cap = nc;
+                }
+                seen->v[seen->n++] = ps;
+                if (visit_page(e, ps, fn, ctx) != 0) rc = -1;
+            }
+        } else {
+            unsigned D = e->gdepth;
+            phi = D ? (c << (64 - D)) | (~0ULL >> D) : ~0ULL;
+        }
+        if (phi >= hi || phi == ~0ULL) break;
+        pos = phi + 1;
+    }
+    return rc;
+}
+
 /* Find the records on lost subpages: each record subpage knows the hash
  * range of its records (its group), so only the index pages covering those
  * ranges are read; the whole index only when a group is the whole range. */
 static void walk_lost(kv_engine *e, uint64_t (*ranges)[2], size_t n, kv_recover_stats *st)
 {
     walk_ctx w = {st};
-    uint64_t(*hr)[2] = NULL;
-    size_t nh = 0, caph = 0;
-    size_t *seen = NULL, nseen = 0, capseen = 0;
+    seen_set seen = {0};
     int whole = 0;
+    uint64_t last_lo = 1;
     for (size_t i = 0; i < n && !whole; i++)
         for (uint64_t s = ranges[i][0]; s < ranges[i][0] + ranges[i][1] && s < e->al.nsub; s++) {
             int k = kv_sp_kind(e->al.meta[s]);
@@ -1052,72 +1143,23 @@ static void walk_lost(kv_engine *e, uint64_t (*ranges)[2], size_t n, kv_recover_
                 whole = 1;
                 break;
             }
-            if (nh && hr[nh - 1][0] == lo) continue;
-            if (nh == caph) {
-                size_t nc = caph ? caph * 2 : 16;
-                uint64_t(*r)[2] = realloc(hr, nc * sizeof *r);
-                if (!r) {
-                    whole = 1;
-                    break;
-                }
-                hr = r;
-                caph = nc;
-            }
-            hr[nh][0] = lo;
-            hr[nh][1] = hi;
-            nh++;
+            if (lo == last_lo) continue;
+            last_lo = lo;
+            if (visit_range(e, lo, hi, walk_fn, &w, &seen) != 0) whole = 1;
         }
-    for (size_t i = 0; i < nh && !whole; i++) {
-        uint64_t pos = hr[i][0];
-        for (;;) {
-            uint64_t c = cell_of(e->gdepth, pos);
-            uint32_t ps;
-            size_t fo;
-            if (kv_arena_read(e->arena, e->dir_sub * SUB + c * 4, &ps, 4, &fo) != 0 || ps >= e->al.nsub) {
-                whole = 1;
-                break;
-            }
-            kv_meta m = e->al.meta[ps];
-            uint64_t phi;
-            if (kv_sp_kind(m) == KV_SP_INDEX) {
-                phi = kv_range_hi(kv_sp_prefix(m), kv_sp_depth(m));
-                size_t j = 0;
-                while (j < nseen && seen[j] != ps) j++;
-                if (j == nseen && !sub_lost(e, ps)) {
-                    if (nseen == capseen) {
-                        size_t nc = capseen ? capseen * 2 : 64;
-                        size_t *q = realloc(seen, nc * sizeof *q);
-                        if (!q) {
-                            whole = 1;
-                            break;
-                        }
-                        seen = q;
-                        capseen = nc;
-                    }
-                    seen[nseen++] = ps;
-                    visit_page(e, ps, walk_fn, &w);
-                }
-            } else {
-                unsigned D = e->gdepth;
-                phi = D ? (c << (64 - D)) | (~0ULL >> D) : ~0ULL;
-            }
-            if (phi >= hr[i][1] || phi == ~0ULL) break;
-            pos = phi + 1;
-        }
-    }
     if (whole) each_page(e, walk_fn, &w);
-    free(hr);
-    free(seen);
+    free(seen.v);
 }
 
 /* Orphan sweep: after an index page was lost, the records its entries
- * pointed to belong to nobody. Count references per subpage; free
- * subpages nobody references and recount the live bytes of the rest. */
+ * pointed to belong to nobody. They are in the record subpages of the lost
+ * range's group(s); count the references to those subpages from the index
+ * pages covering the same group(s), free subpages nobody references and
+ * recount the live bytes of the rest. */
 typedef struct {
     uint16_t *refs;
     uint32_t *live;
-    uint8_t *partial;
-    uint64_t nkeys, nttl, nlost;
+    uint8_t *cand;           /* 1 candidate, 2 candidate with orphans among live records */
     int pass;
 } sweep_ctx;
 
@@ -1126,20 +1168,12 @@ static void sweep_fn(kv_engine *e, size_t ps, kv_ipage *p, void *vctx)
     sweep_ctx *w = vctx;
     for (uint32_t i = 0; i < p->n; i++) {
         kv_entry *en = kv_ip_entry(p, i);
-        int st = kv_e_state(en);
+        if (kv_e_state(en) != KV_ST_PRESENT) continue;
+        size_t s = kv_e_off(en) >> KV_SUB_SHIFT;
+        if (s >= e->al.nsub || !w->cand[s]) continue;
         if (w->pass == 1) {
-            if (st == KV_ST_TOMB) continue;
-            w->nkeys++;
-            if (kv_e_flags(en) & KV_F_TTL) w->nttl++;
-            if (st != KV_ST_PRESENT) {
-                w->nlost++;
-                continue;
-            }
-            size_t s = kv_e_off(en) >> KV_SUB_SHIFT;
-            if (s < e->al.nsub && w->refs[s] < UINT16_MAX) w->refs[s]++;
-        } else if (st == KV_ST_PRESENT) {
-            size_t s = kv_e_off(en) >> KV_SUB_SHIFT;
-            if (s >= e->al.nsub || !w->partial[s]) continue;
+            if (w->refs[s] < UINT16_MAX) w->refs[s]++;
+        } else if (w->cand[s] == 2) {
             uint32_t c, v;
             size_t len;
             if (rec_header(e, en, &c, &v, &len) != 0) continue;
@@ -1150,16 +1184,46 @@ static void sweep_fn(kv_engine *e, size_t ps, kv_ipage *p, void *vctx)
 
 static void orphan_sweep(kv_engine *e, kv_recover_stats *st)
 {
-    size_t n = e->al.nsub;
-    sweep_ctx w = {calloc(n ? n : 1, 2), calloc(n ? n : 1, 4), calloc(n ? n : 1, 1), 0, 0, 0, 1};
-    if (!w.refs || !w.live || !w.partial) goto out;
-    if (each_page(e, sweep_fn, &w)) goto out;        /* a page faulted: try again later */
-    e->nkeys = w.nkeys;
-    e->n_ttl = w.nttl;
-    e->n_lost = w.nlost;
-    int any = 0;
     kv_alloc *al = &e->al;
+    size_t n = al->nsub;
+    unsigned g = al->gbits;
+    sweep_ctx w = {calloc(n ? n : 1, 2), calloc(n ? n : 1, 4), calloc(n ? n : 1, 1), 1};
+    uint64_t(*gr)[2] = malloc((e->sweep_n ? e->sweep_n : 1) * sizeof *gr);
+    seen_set seen = {0};
+    int whole = g == 0 || e->sweep_n == 0;
+    if (!w.refs || !w.live || !w.cand || !gr) goto out;
+    /* the groups the lost ranges fall in */
+    for (size_t i = 0; i < e->sweep_n; i++) {
+        uint64_t lo = e->sweep[i][0], hi = e->sweep[i][1];
+        uint64_t gmask = ~0ULL >> g;              /* bits below the group prefix */
+        if (hi - lo < gmask) {                    /* inside one group */
+            lo &= ~gmask;
+            hi = lo | gmask;
+        }
+        gr[i][0] = lo;
+        gr[i][1] = hi;
+    }
     for (size_t s = 0; s < n; s++) {
+        int k = kv_sp_kind(al->meta[s]);
+        if (k != KV_SP_SMALL && k != KV_SP_HEAD) continue;
+        uint64_t lo, hi;
+        if (kv_alloc_range(al, s, &lo, &hi) != 0) continue;
+        for (size_t i = 0; i < e->sweep_n || whole; i++) {
+            if (whole || (lo <= gr[i][1] && hi >= gr[i][0])) {
+                w.cand[s] = 1;
+                break;
+            }
+        }
+    }
+    if (whole) {
+        if (each_page(e, sweep_fn, &w)) goto out;      /* a page faulted: try again later */
+    } else {
+        for (size_t i = 0; i < e->sweep_n; i++)
+            if (visit_range(e, gr[i][0], gr[i][1], sweep_fn, &w, &seen) != 0) goto out;
+    }
+    int any = 0;
+    for (size_t s = 0; s < n; s++) {
+        if (!w.cand[s]) continue;
         kv_meta m = al->meta[s];
         if (kv_sp_kind(m) == KV_SP_SMALL && kv_sp_nrec(m) > w.refs[s]) {
             if (w.refs[s] == 0) {
@@ -1172,7 +1236,7 @@ static void orphan_sweep(kv_engine *e, kv_recover_stats *st)
                 al->dead_bytes -= 1;
                 kv_alloc_release(al, (uint64_t)s * SUB, 1);
             } else {
-                w.partial[s] = 1;
+                w.cand[s] = 2;
                 any = 1;
             }
         } else if (kv_sp_kind(m) == KV_SP_HEAD && w.refs[s] == 0) {
@@ -1183,9 +1247,15 @@ static void orphan_sweep(kv_engine *e, kv_recover_stats *st)
     }
     if (any) {
         w.pass = 2;
-        if (each_page(e, sweep_fn, &w)) goto out;
+        seen.n = 0;
+        if (whole) {
+            if (each_page(e, sweep_fn, &w)) goto out;
+        } else {
+            for (size_t i = 0; i < e->sweep_n; i++)
+                if (visit_range(e, gr[i][0], gr[i][1], sweep_fn, &w, &seen) != 0) goto out;
+        }
         for (size_t s = 0; s < n; s++) {
-            if (!w.partial[s]) continue;
+            if (w.cand[s] != 2) continue;
             kv_meta m = al->meta[s];
             if (kv_sp_kind(m) != KV_SP_SMALL) continue;
             uint32_t live = w.live[s] > kv_sp_fill(m) ? kv_sp_fill(m) : w.live[s];
@@ -1197,10 +1267,13 @@ static void orphan_sweep(kv_engine *e, kv_recover_stats *st)
         }
     }
     e->need_sweep = 0;
+    e->sweep_n = 0;
 out:
     free(w.refs);
     free(w.live);
-    free(w.partial);
+    free(w.cand);
+    free(gr);
+    free(seen.v);
 }
 
 void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
@@ -1285,7 +1358,6 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
 
 static int setup_index(kv_engine *e)
 {
-    kv_alloc_set_groups(&e->al, 0);
     int64_t d = kv_alloc_take_meta(&e->al, 1, kv_sp_mk(KV_SP_DIR), 1);
     if (d < 0) return -1;
     e->dir_sub = (uint64_t)d;
@@ -1306,6 +1378,16 @@ int kv_eng_init(kv_engine *e, kv_arena *a, size_t capacity)
     size_t cap = capacity < a->size ? capacity : a->size;
     if (cap / SUB < 8) cap = 8 * SUB < a->size ? 8 * SUB : a->size;
     if (kv_alloc_init(&e->al, cap / SUB) != 0) return -1;
+    e->pgc = calloc(e->al.nsub, sizeof *e->pgc);
+    if (!e->pgc) {
+        kv_alloc_free(&e->al);
+        return -1;
+    }
+    /* Record groups: one per MiB of capacity (the open subpages of all
+     * groups, half full on average, cost about 0.2% of the capacity). */
+    unsigned g = 0;
+    while (g < KV_GROUP_MAX_BITS && ((size_t)1 << 20) << (g + 1) <= cap) g++;
+    kv_alloc_set_groups(&e->al, g);
     e->salvage = 1;
     if (setup_index(e) != 0) {
         kv_alloc_free(&e->al);
@@ -1327,6 +1409,8 @@ void kv_eng_free(kv_engine *e)
     kv_alloc_free(&e->al);
     free(e->lostq);
     free(e->lranges);
+    free(e->pgc);
+    free(e->sweep);
     memset(e, 0, sizeof *e);
 }
 
@@ -1338,6 +1422,8 @@ int kv_eng_flush(kv_engine *e)
     e->nkeys = e->n_ttl = e->n_lost = 0;
     e->scrub_cursor = e->ttl_cursor = 0;
     e->need_sweep = 0;
+    e->sweep_n = 0;
+    memset(e->pgc, 0, e->al.nsub * sizeof *e->pgc);
     return setup_index(e);
 }
 

@@ -90,6 +90,9 @@ typedef struct {
     int salvage;
     int need_sweep;
     uint64_t compact_futile_dead;
+    uint32_t *pgc;                /* per index subpage: keys | lost << 10 | ttl << 20 */
+    uint64_t (*sweep)[2];         /* hash ranges whose orphan records await the sweep */
+    size_t sweep_n, sweep_cap;
     int64_t txn_off;              /* a record written but not yet referenced */
     size_t txn_len;
     /* counters */

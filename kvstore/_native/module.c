@@ -1485,7 +1485,7 @@ static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
         dset(d, "index_bytes", U(kv_eng_index_bytes(e))) ||
         dset(d, "index_pages", U(e->al.nindex > e->dir_n ? e->al.nindex - e->dir_n : 0)) ||
         dset(d, "index_directory_bytes", U(e->dir_n * 4096ULL)) ||
-        dset(d, "index_depth", U(e->gdepth)) || dset(d, "index_splits", U(e->c_splits)) ||
+        dset(d, "index_depth", U(e->gdepth)) || dset(d, "record_groups", U(1ULL << e->al.gbits)) || dset(d, "index_splits", U(e->c_splits)) ||
         dset(d, "index_pages_lost", U(e->c_index_pages_lost)) ||
         dset(d, "index_ranges_rebuilt", U(e->c_ranges_rebuilt)) ||
         dset(d, "index_directory_rebuilds", U(e->c_dir_rebuilds)) ||
