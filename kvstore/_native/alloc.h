@@ -10,9 +10,8 @@
  * (the top `gbits` bits of the key hash), so every record subpage carries
  * the hash range its records come from. That range is the reverse map: a
  * lost record subpage is matched against the few index pages covering its
- * range, not against the whole index. The engine keeps gbits a few bits
- * below the directory depth, so a group spans about 16 index pages and the
- * partly filled open subpages cost about 2 bytes per key.
+ * range, not against the whole index. The engine makes one group per MiB
+ * of capacity, so the partly filled open subpages cost about 0.2% of it.
  *
  * One metadata word per subpage:
  *
@@ -22,8 +21,9 @@
  *     LARGE_HEAD: bits 0..27 run length in subpages
  *     SMALL, LARGE_HEAD: bits 36..40 group bits g, 41..59 group prefix (the
  *                 records' keys hash to prefix << (64 - g) ...)
- *     INDEX:      bits 0..6 local depth, 8..55 hash prefix (an index page:
- *                 its hash range is known from this word alone)
+ *     INDEX:      bits 0..27 top 28 bits of the page's lowest hash, 28..55
+ *                 of its highest (an index page: its hash range is known
+ *                 from this word alone)
  *     DIR:        a subpage of the index directory
  *
  * A SMALL subpage whose live bytes drop to zero becomes FREE again; LOST
@@ -62,11 +62,12 @@ static inline kv_meta kv_sp_tag(unsigned gbits, uint64_t prefix)
 }
 static inline unsigned kv_sp_gbits(kv_meta m) { return (unsigned)((m >> 36) & 31); }
 static inline uint64_t kv_sp_gprefix(kv_meta m) { return (m >> 41) & ((1ULL << 19) - 1); }
-static inline unsigned kv_sp_depth(kv_meta m) { return (unsigned)(m & 0x7F); }
-static inline uint64_t kv_sp_prefix(kv_meta m) { return (m >> 8) & ((1ULL << 48) - 1); }
-static inline kv_meta kv_sp_index(uint64_t prefix, unsigned depth)
+#define KV_SP_M28 ((1ULL << 28) - 1)
+static inline uint64_t kv_sp_ilo(kv_meta m) { return (m & KV_SP_M28) << 36; }
+static inline uint64_t kv_sp_ihi(kv_meta m) { return (((m >> 28) & KV_SP_M28) << 36) | ((1ULL << 36) - 1); }
+static inline kv_meta kv_sp_index(uint64_t lo, uint64_t hi)
 {
-    return kv_sp_mk(KV_SP_INDEX) | (prefix << 8) | depth;
+    return kv_sp_mk(KV_SP_INDEX) | (lo >> 36) | ((hi >> 36) << 28);
 }
 
 typedef struct {

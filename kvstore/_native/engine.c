@@ -77,7 +77,7 @@ static __attribute__((noinline, noreturn)) void touch_fault(kv_arena *a, size_t 
 
 static inline uint8_t *AP(kv_engine *e, uint64_t off) { return e->arena->base + off; }
 static inline kv_ipage *PG(kv_engine *e, size_t s) { return (kv_ipage *)(e->arena->base + (s << KV_SUB_SHIFT)); }
-static inline uint64_t cell_of(unsigned D, uint64_t h) { return D ? h >> (64 - D) : 0; }
+static inline uint64_t cell_of(unsigned D, uint64_t h) { return kv_cell(D, h); }
 static inline uint32_t *CELLS(kv_engine *e) { return (uint32_t *)AP(e, e->dir_sub * SUB); }
 static inline int sub_lost(const kv_engine *e, size_t s) { return kv_bit_get(e->arena->lost, s); }
 
@@ -324,8 +324,8 @@ static void fill_info(kv_engine *e, kv_ipage *p, size_t s, kv_entry *en, kv_info
     info->rec_len = 0;
     info->entry_off = (uint64_t)((uint8_t *)en - e->arena->base);
     info->entry_len = kv_e_bytes(en);
-    info->range_lo = kv_range_lo(p->prefix, p->depth);
-    info->range_hi = kv_range_hi(p->prefix, p->depth);
+    info->range_lo = p->lo;
+    info->range_hi = p->hi;
 }
 
 static void fill_range_info(kv_engine *e, kv_ipage *p, kv_info *info)
@@ -335,8 +335,8 @@ static void fill_range_info(kv_engine *e, kv_ipage *p, kv_info *info)
     info->range_lost = 1;
     info->version = p ? p->lost_at : e->version;
     if (p) {
-        info->range_lo = kv_range_lo(p->prefix, p->depth);
-        info->range_hi = kv_range_hi(p->prefix, p->depth);
+        info->range_lo = p->lo;
+        info->range_hi = p->hi;
     }
 }
 
@@ -477,7 +477,7 @@ static int64_t take_index(kv_engine *e, size_t n, kv_meta m)
 static int dir_double(kv_engine *e)
 {
     unsigned D = e->gdepth;
-    if (D >= 40) return KV_FULL;
+    if (D >= KV_MAX_DEPTH) return KV_FULL;
     uint64_t ncells = 1ULL << (D + 1);
     size_t n = (size_t)((ncells * 4 + SUB - 1) / SUB);
     int64_t s2 = take_index(e, n, kv_sp_mk(KV_SP_DIR));
@@ -496,43 +496,184 @@ static int dir_double(kv_engine *e)
     return KV_OK;
 }
 
-/* Split index page s in two by the next hash bit (inside a guard). */
-static int split(kv_engine *e, size_t s)
+typedef struct {
+    uint64_t cell;
+    uint32_t i, bytes;
+} ecell;
+
+static int ecell_cmp(const void *x, const void *y)
+{
+    const ecell *a = x, *b = y;
+    return a->cell < b->cell ? -1 : a->cell > b->cell;
+}
+
+static uint64_t entry_hash(const kv_entry *en)
+{
+    return (kv_e_flags(en) & KV_F_LONG) ? kv_e_fullhash(en) : kv_hash(en->key, kv_e_klen(en));
+}
+
+/* Rebuild pages a (cells ..b-1 of the sorted entries) and z (cells b..)
+ * from the sorted entry list of p (and the existing entries of z when
+ * `zkeep`): used for splits and for moving cells to a neighbour. */
+static void pages_write(kv_ipage *p, const ecell *ec, uint32_t n, uint32_t cut, kv_ipage *a, kv_ipage *z,
+                        int zkeep)
+{
+    uint8_t ab[4096] __attribute__((aligned(8))), zb[4096] __attribute__((aligned(8)));
+    kv_ipage *A = (kv_ipage *)ab, *Z = (kv_ipage *)zb;
+    kv_ip_init(A, a->lo, a->hi, a->flags, a->lost_at);
+    kv_ip_init(Z, z->lo, z->hi, z->flags, z->lost_at);
+    if (zkeep)
+        for (uint32_t i = 0; i < z->n; i++) {
+            kv_entry *en = kv_ip_entry(z, i);
+            uint32_t size = kv_e_bytes(en);
+            memcpy(kv_ip_add(Z, (uint16_t)(z->slot[i] >> 16), size), en, size);
+        }
+    for (uint32_t k = 0; k < n; k++) {
+        kv_entry *en = kv_ip_entry(p, ec[k].i);
+        uint32_t size = kv_e_bytes(en);
+        memcpy(kv_ip_add(k < cut ? A : Z, (uint16_t)(p->slot[ec[k].i] >> 16), size), en, size);
+    }
+    memcpy(a, A, 4096);
+    memcpy(z, Z, 4096);
+}
+
+/* Page s has no room for `need` more bytes: give cells to a neighbour that
+ * has room, else split it at the cell nearest its median (doubling the
+ * directory when the page covers too few cells). Inside a guard. KV_OK
+ * when something changed (the caller looks again), else KV_FULL. */
+static int grow_page(kv_engine *e, size_t s, uint32_t need)
 {
     kv_ipage *p = PG(e, s);
-    unsigned d = p->depth;
-    if (d >= 40) return KV_FULL;
-    if (d == e->gdepth && dir_double(e) != KV_OK) return KV_FULL;
     unsigned D = e->gdepth;
-    uint64_t pl = p->prefix << 1, pr = (p->prefix << 1) | 1;
-    int64_t q = take_index(e, 1, kv_sp_index(pr, d + 1));
+    if (kv_cell(D, p->hi) - kv_cell(D, p->lo) < 3 && D < KV_MAX_DEPTH) {
+        if (dir_double(e) == KV_OK) return KV_OK;
+        if (p->lo == p->hi || kv_cell(D, p->lo) == kv_cell(D, p->hi)) return KV_FULL;
+    }
+    D = e->gdepth;
+    uint64_t c0 = kv_cell(D, p->lo), c1 = kv_cell(D, p->hi);
+    uint32_t n = p->n;
+    ecell ec[(4096 - KV_IP_HDR) / 20 + 1];
+    uint32_t total = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        kv_entry *en = kv_ip_entry(p, i);
+        ec[i] = (ecell){kv_cell(D, entry_hash(en)), i, kv_e_bytes(en) + 4};
+        total += ec[i].bytes;
+    }
+    qsort(ec, n, sizeof *ec, ecell_cmp);
+    uint32_t room = 4096 - KV_IP_HDR;
+    uint32_t *cells = CELLS(e);
+    /* a neighbour with the same standing (both known ranges) and room */
+    for (int side = 0; side < 2 && !(p->flags & KV_IP_LOSTRANGE); side++) {
+        if (side == 0 ? c1 + 1 >= (1ULL << D) : c0 == 0) continue;
+        uint64_t nc = side == 0 ? c1 + 1 : c0 - 1;
+        TOUCH(e, e->dir_sub * SUB + nc * 4, 4);
+        size_t r = cells[nc];
+        if (r >= e->al.nsub || r == s || kv_sp_kind(e->al.meta[r]) != KV_SP_INDEX) continue;
+        TOUCH(e, r * SUB, SUB);
+        kv_ipage *q = PG(e, r);
+        if (q->flags & KV_IP_LOSTRANGE) continue;
+        uint32_t qused = room - kv_ip_free(q);
+        /* move whole cells from the near end while both end up under the
+         * average of the two, and at least `need` is freed */
+        uint32_t target = (total + qused) / 2, moved = 0, cut = side == 0 ? n : 0;
+        if (side == 0) {
+            while (cut > 0) {
+                uint32_t k = cut, b = 0;
+                uint64_t cc = ec[k - 1].cell;
+                while (k > 0 && ec[k - 1].cell == cc) b += ec[--k].bytes;
+                if (k == 0 || qused + moved + b > target + need || qused + moved + b > room - 64) break;
+                moved += b;
+                cut = k;
+            }
+        } else {
+            while (cut < n) {
+                uint32_t k = cut, b = 0;
+                uint64_t cc = ec[k].cell;
+                while (k < n && ec[k].cell == cc) b += ec[k++].bytes;
+                if (k == n || qused + moved + b > target + need || qused + moved + b > room - 64) break;
+                moved += b;
+                cut = k;
+            }
+        }
+        if (moved < need + 8 || total - moved + need > room) continue;
+        /* new boundary: the first moved cell (right) / first kept cell (left) */
+        uint64_t bcell = side == 0 ? ec[cut].cell : ec[cut].cell;
+        uint64_t ncell_lo = side == 0 ? bcell : c0, ncell_hi = side == 0 ? c1 : bcell - 1;  /* cells moving */
+        TOUCH(e, e->dir_sub * SUB + ncell_lo * 4, (ncell_hi - ncell_lo + 1) * 4);
+        if (side == 0) {
+            q->lo = kv_cell_lo(D, bcell);
+            p->hi = kv_cell_hi(D, bcell - 1);
+            pages_write(p, ec, n, cut, p, q, 1);
+        } else {
+            q->hi = kv_cell_hi(D, bcell - 1);
+            p->lo = kv_cell_lo(D, bcell);
+            /* q gets entries [0, cut), p keeps [cut, n): write q first */
+            uint8_t tb[4096] __attribute__((aligned(8)));
+            kv_ipage *T = (kv_ipage *)tb;
+            kv_ip_init(T, q->lo, q->hi, q->flags, q->lost_at);
+            for (uint32_t i = 0; i < q->n; i++) {
+                kv_entry *en = kv_ip_entry(q, i);
+                uint32_t size = kv_e_bytes(en);
+                memcpy(kv_ip_add(T, (uint16_t)(q->slot[i] >> 16), size), en, size);
+            }
+            uint8_t pb[4096] __attribute__((aligned(8)));
+            kv_ipage *P2 = (kv_ipage *)pb;
+            kv_ip_init(P2, p->lo, p->hi, p->flags, p->lost_at);
+            for (uint32_t k = 0; k < n; k++) {
+                kv_entry *en = kv_ip_entry(p, ec[k].i);
+                uint32_t size = kv_e_bytes(en);
+                memcpy(kv_ip_add(k < cut ? T : P2, (uint16_t)(p->slot[ec[k].i] >> 16), size), en, size);
+            }
+            memcpy(q, T, 4096);
+            memcpy(p, P2, 4096);
+        }
+        for (uint64_t c = ncell_lo; c <= ncell_hi; c++) cells[c] = (uint32_t)r;
+        e->al.meta[s] = kv_sp_index(p->lo, p->hi);
+        e->al.meta[r] = kv_sp_index(q->lo, q->hi);
+        e->pgc[s] = pgc_count(p);
+        e->pgc[r] = pgc_count(q);
+        e->c_moves++;
+        return KV_OK;
+    }
+    /* split at the cell boundary nearest the median */
+    uint32_t best = 0, bestd = UINT32_MAX, acc = 0;
+    for (uint32_t k = 1; k <= n; k++) {
+        acc += ec[k - 1].bytes;
+        if (k < n && ec[k].cell == ec[k - 1].cell) continue;
+        if (k == n) break;
+        uint32_t d = acc > total / 2 ? acc - total / 2 : total / 2 - acc;
+        if (d < bestd) bestd = d, best = k;
+    }
+    uint64_t bcell;
+    if (best == 0) {
+        /* every entry in one cell: cut the range at that cell's edge */
+        uint64_t cc = n ? ec[0].cell : c0;
+        if (cc > c0) bcell = cc;
+        else if (cc < c1) bcell = cc + 1;
+        else return dir_double(e);
+        best = cc > c0 ? 0 : n;
+    } else {
+        bcell = ec[best].cell;
+    }
+    int64_t q = take_index(e, 1, kv_sp_index(kv_cell_lo(D, bcell), p->hi));
     if (q < 0) return KV_FULL;
     g_txn_page = q;
-    uint64_t c0 = pr << (D - d - 1), cn = 1ULL << (D - d - 1);
     TOUCH(e, (size_t)q * SUB, SUB);
-    TOUCH(e, e->dir_sub * SUB + c0 * 4, cn * 4);
-    uint8_t lb[4096] __attribute__((aligned(8))), rb[4096] __attribute__((aligned(8)));
-    kv_ipage *L = (kv_ipage *)lb, *R = (kv_ipage *)rb;
-    kv_ip_init(L, pl, d + 1, p->flags, p->lost_at);
-    kv_ip_init(R, pr, d + 1, p->flags, p->lost_at);
-    for (uint32_t i = 0; i < p->n; i++) {
-        kv_entry *en = kv_ip_entry(p, i);
-        uint64_t h = (kv_e_flags(en) & KV_F_LONG) ? kv_e_fullhash(en) : kv_hash(en->key, kv_e_klen(en));
-        kv_ipage *dst = ((h >> (63 - d)) & 1) ? R : L;
-        uint32_t size = kv_e_bytes(en);
-        memcpy(kv_ip_add(dst, (uint16_t)(p->slot[i] >> 16), size), en, size);
-    }
-    memcpy(p, L, 4096);
-    memcpy(PG(e, (size_t)q), R, 4096);
-    e->pgc[s] = pgc_count(L);
-    e->pgc[q] = pgc_count(R);
-    e->al.meta[s] = kv_sp_index(pl, d + 1);
-    uint32_t *cells = CELLS(e);
-    for (uint64_t c = 0; c < cn; c++) cells[c0 + c] = (uint32_t)q;
+    TOUCH(e, e->dir_sub * SUB + bcell * 4, (c1 - bcell + 1) * 4);
+    kv_ipage *Q = PG(e, (size_t)q);
+    kv_ip_init(Q, kv_cell_lo(D, bcell), p->hi, p->flags, p->lost_at);
+    p->hi = kv_cell_hi(D, bcell - 1);
+    pages_write(p, ec, n, best, p, Q, 0);
+    e->al.meta[s] = kv_sp_index(p->lo, p->hi);
+    for (uint64_t c = bcell; c <= c1; c++) cells[c] = (uint32_t)q;
+    e->pgc[s] = pgc_count(p);
+    e->pgc[q] = pgc_count(Q);
     g_txn_page = -1;
     e->c_splits++;
     return KV_OK;
 }
+
+static int split(kv_engine *e, size_t s, uint32_t need) { return grow_page(e, s, need); }
 
 /* Room for an entry of `size` in page s (after dropping slot `drop`, or -1).
  * Compacts when that is enough; else 0 (the caller splits). */
@@ -635,7 +776,7 @@ static int body_upsert(kv_engine *e, void *va)
         room = make_room(p, nsize, i);
         if (room) break;
         if (guard > 48) return KV_FULL;
-        int rc = split(e, s);
+        int rc = split(e, s, nsize + 4);
         if (rc != KV_OK) return rc;
     }
     int tomb = a->mode == UP_TOMB || a->mode == UP_ABSENT;
@@ -767,7 +908,7 @@ static int body_set_ttl(kv_engine *e, void *va)
         uint32_t size = kv_e_bytes(en);
         int room = make_room(p, size + 8, i);
         if (!room) {
-            int rc = split(e, s);
+            int rc = split(e, s, size + 12);
             if (rc != KV_OK) return rc;
             continue;
         }
@@ -827,7 +968,7 @@ static int body_range_clear(kv_engine *e, void *va)
     size_t s = find_page(e, a->lo);
     if (s == NOPAGE) return 0;
     kv_ipage *p = PG(e, s);
-    uint64_t plo = kv_range_lo(p->prefix, p->depth), phi = kv_range_hi(p->prefix, p->depth);
+    uint64_t plo = p->lo, phi = p->hi;
     a->s = phi;
     if (plo < a->lo || phi > a->hi || !(p->flags & KV_IP_LOSTRANGE) || p->lost_at > a->version) return 0;
     for (uint32_t i = 0; i < p->n;) {
@@ -877,13 +1018,12 @@ int kv_eng_scan(kv_engine *e, uint64_t lo, uint64_t hi, kv_page_visit fn, void *
         kv_meta m = s < e->al.nsub ? e->al.meta[s] : 0;
         if (kv_sp_kind(m) != KV_SP_INDEX) {
             /* no page at all (could not be replaced): a lost range of one cell */
-            unsigned D = e->gdepth;
-            plo = D ? c << (64 - D) : 0;
-            phi = D ? plo | (~0ULL >> D) : ~0ULL;
+            plo = kv_cell_lo(e->gdepth, c);
+            phi = kv_cell_hi(e->gdepth, c);
             rc = fn(ctx, NULL, plo, phi);
         } else {
-            plo = kv_range_lo(kv_sp_prefix(m), kv_sp_depth(m));
-            phi = kv_range_hi(kv_sp_prefix(m), kv_sp_depth(m));
+            plo = kv_sp_ilo(m);
+            phi = kv_sp_ihi(m);
             if (kv_arena_read(e->arena, (size_t)s * SUB, buf, SUB, &fo) != 0) {
                 need = 1;
                 rc = fn(ctx, NULL, plo, phi);
@@ -944,14 +1084,14 @@ static __attribute__((noinline)) int dir_fill(kv_engine *e, uint64_t c0, uint64_
     return 0;
 }
 
-/* Make an empty index page for [prefix, depth]; flags/lost_at as given. */
-static int64_t new_page(kv_engine *e, uint64_t prefix, unsigned depth, unsigned flags, uint64_t lost_at)
+/* Make an empty index page for [lo, hi]; flags/lost_at as given. */
+static int64_t new_page(kv_engine *e, uint64_t lo, uint64_t hi, unsigned flags, uint64_t lost_at)
 {
     for (int tries = 0; tries < 8; tries++) {
-        int64_t q = kv_alloc_take_meta(&e->al, 1, kv_sp_index(prefix, depth), 1);
+        int64_t q = kv_alloc_take_meta(&e->al, 1, kv_sp_index(lo, hi), 1);
         if (q < 0) return -1;
         uint8_t buf[KV_IP_HDR] __attribute__((aligned(8)));
-        kv_ip_init((kv_ipage *)buf, prefix, depth, flags, lost_at);
+        kv_ip_init((kv_ipage *)buf, lo, hi, flags, lost_at);
         size_t fo;
         if (kv_arena_write(e->arena, (size_t)q * SUB, buf, sizeof buf, &fo) == 0) return q;
         /* that subpage is lost too: it will be quarantined */
@@ -964,7 +1104,7 @@ static int64_t new_page(kv_engine *e, uint64_t prefix, unsigned depth, unsigned 
 }
 
 /* Rebuild the directory from the allocator's metadata (every index page's
- * prefix and depth are there). */
+ * hash range is there). */
 static void dir_rebuild(kv_engine *e)
 {
     unsigned D = e->gdepth;
@@ -986,9 +1126,8 @@ static void dir_rebuild(kv_engine *e)
         for (size_t s = 0; s < e->al.nsub; s++) {
             kv_meta m = e->al.meta[s];
             if (kv_sp_kind(m) != KV_SP_INDEX) continue;
-            unsigned d = kv_sp_depth(m);
-            uint64_t c0 = kv_sp_prefix(m) << (D - d), cn = 1ULL << (D - d);
-            for (uint64_t c = 0; c < cn; c++) tmp[c0 + c] = (uint32_t)s;
+            uint64_t c0 = kv_cell(D, kv_sp_ilo(m)), c1 = kv_cell(D, kv_sp_ihi(m));
+            for (uint64_t c = c0; c <= c1 && c < ncells; c++) tmp[c] = (uint32_t)s;
         }
         size_t fo;
         int ok = kv_arena_write(e->arena, (size_t)s2 * SUB, tmp, n * SUB, &fo) == 0;
@@ -1011,9 +1150,9 @@ static void dir_rebuild(kv_engine *e)
         size_t fo;
         if (kv_arena_read(e->arena, e->dir_sub * SUB + c * 4, &s, 4, &fo) != 0) break;
         if (s != UINT32_MAX) continue;
-        int64_t q = new_page(e, c, D, KV_IP_LOSTRANGE, e->version);
+        int64_t q = new_page(e, kv_cell_lo(D, c), kv_cell_hi(D, c), KV_IP_LOSTRANGE, e->version);
         if (q >= 0) dir_fill(e, c, 1, (uint32_t)q);
-        lostrange_push(e, D ? c << (64 - D) : 0, D ? (c << (64 - D)) | (~0ULL >> D) : ~0ULL, e->version);
+        lostrange_push(e, kv_cell_lo(D, c), kv_cell_hi(D, c), e->version);
     }
 }
 
@@ -1021,15 +1160,15 @@ static void dir_rebuild(kv_engine *e)
 static void index_lost(kv_engine *e, size_t s, kv_recover_stats *st)
 {
     kv_meta m = e->al.meta[s];
-    uint64_t prefix = kv_sp_prefix(m);
-    unsigned d = kv_sp_depth(m), D = e->gdepth;
+    uint64_t lo = kv_sp_ilo(m), hi = kv_sp_ihi(m);
+    unsigned D = e->gdepth;
     uint64_t V = e->version;
     uint32_t cnt = e->pgc[s];
     e->nkeys -= cnt & 1023;
     e->n_lost -= (cnt >> 10) & 1023;
     e->n_ttl -= (cnt >> 20) & 1023;
     e->pgc[s] = 0;
-    int64_t q = new_page(e, prefix, d, KV_IP_LOSTRANGE, V);
+    int64_t q = new_page(e, lo, hi, KV_IP_LOSTRANGE, V);
     kv_alloc_quarantine(&e->al, s);
     if (e->sweep_n == e->sweep_cap) {
         size_t nc = e->sweep_cap ? e->sweep_cap * 2 : 8;
@@ -1040,12 +1179,12 @@ static void index_lost(kv_engine *e, size_t s, kv_recover_stats *st)
         }
     }
     if (e->sweep_n < e->sweep_cap) {
-        e->sweep[e->sweep_n][0] = kv_range_lo(prefix, d);
-        e->sweep[e->sweep_n][1] = kv_range_hi(prefix, d);
+        e->sweep[e->sweep_n][0] = lo;
+        e->sweep[e->sweep_n][1] = hi;
         e->sweep_n++;
     }
-    if (q >= 0) dir_fill(e, prefix << (D - d), 1ULL << (D - d), (uint32_t)q);
-    lostrange_push(e, kv_range_lo(prefix, d), kv_range_hi(prefix, d), V);
+    if (q >= 0) dir_fill(e, kv_cell(D, lo), kv_cell(D, hi) - kv_cell(D, lo) + 1, (uint32_t)q);
+    lostrange_push(e, lo, hi, V);
     e->c_index_pages_lost++;
     st->index_pages_lost++;
     e->need_sweep = 1;
@@ -1101,7 +1240,7 @@ static int visit_range(kv_engine *e, uint64_t lo, uint64_t hi, kv_page_fn fn, vo
         kv_meta m = e->al.meta[ps];
         uint64_t phi;
         if (kv_sp_kind(m) == KV_SP_INDEX) {
-            phi = kv_range_hi(kv_sp_prefix(m), kv_sp_depth(m));
+            phi = kv_sp_ihi(m);
             size_t j = 0;
             while (j < seen->n && seen->v[j] != ps) j++;
             if (j == seen->n && !sub_lost(e, ps)) {
@@ -1116,8 +1255,7 @@ static int visit_range(kv_engine *e, uint64_t lo, uint64_t hi, kv_page_fn fn, vo
                 if (visit_page(e, ps, fn, ctx) != 0) rc = -1;
             }
         } else {
-            unsigned D = e->gdepth;
-            phi = D ? (c << (64 - D)) | (~0ULL >> D) : ~0ULL;
+            phi = kv_cell_hi(e->gdepth, c);
         }
         if (phi >= hi || phi == ~0ULL) break;
         pos = phi + 1;
@@ -1196,10 +1334,8 @@ static void orphan_sweep(kv_engine *e, kv_recover_stats *st)
     for (size_t i = 0; i < e->sweep_n; i++) {
         uint64_t lo = e->sweep[i][0], hi = e->sweep[i][1];
         uint64_t gmask = ~0ULL >> g;              /* bits below the group prefix */
-        if (hi - lo < gmask) {                    /* inside one group */
-            lo &= ~gmask;
-            hi = lo | gmask;
-        }
+        lo &= ~gmask;                             /* the groups the range overlaps */
+        hi |= gmask;
         gr[i][0] = lo;
         gr[i][1] = hi;
     }
@@ -1363,7 +1499,7 @@ static int setup_index(kv_engine *e)
     e->dir_sub = (uint64_t)d;
     e->dir_n = 1;
     e->gdepth = 0;
-    int64_t q = new_page(e, 0, 0, 0, 0);
+    int64_t q = new_page(e, 0, ~0ULL, 0, 0);
     if (q < 0) return -1;
     uint32_t c = (uint32_t)q;
     size_t fo;

@@ -12,17 +12,17 @@ uint64_t kv_hash(const void *key, size_t klen)
     return kv_xxh64(key, klen, HASH_SEED);
 }
 
-void kv_ip_init(kv_ipage *p, uint64_t prefix, unsigned depth, unsigned flags, uint64_t lost_at)
+void kv_ip_init(kv_ipage *p, uint64_t lo, uint64_t hi, unsigned flags, uint64_t lost_at)
 {
     memset(p, 0, KV_IP_HDR);
     p->n = 0;
     p->heap = 4096;
     p->dead = 0;
-    p->depth = (uint8_t)depth;
-    p->flags = (uint8_t)flags;
-    p->prefix = prefix;
-    p->lost_at = lost_at;
     p->magic = KV_IP_MAGIC;
+    p->flags = (uint8_t)flags;
+    p->lo = lo;
+    p->hi = hi;
+    p->lost_at = lost_at;
 }
 
 kv_entry *kv_ip_add(kv_ipage *p, uint16_t tag, uint32_t size)
@@ -61,7 +61,7 @@ void kv_ip_compact(kv_ipage *p)
 
 int kv_ip_plausible(const kv_ipage *p)
 {
-    if (p->magic != KV_IP_MAGIC || p->depth > 56 || p->heap > 4096 ||
+    if (p->magic != KV_IP_MAGIC || p->lo > p->hi || p->heap > 4096 ||
         KV_IP_HDR + 4u * p->n > p->heap || p->dead > 4096 - p->heap)
         return 0;
     for (uint32_t i = 0; i < p->n; i++) {

@@ -1,26 +1,26 @@
 /* index.h - the key index, kept in the arena as hash-ordered 4 KiB pages.
  *
- * The index is an extendible hash table. The 64-bit key hash
- * (kv_hash(), published as kvstore.key_hash) places every key: its top bits
- * pick a cell of the directory, the cell names an index page, and an index
- * page of local depth d holds exactly the keys whose top d bits equal its
- * prefix. So a 4 KiB index page covers a known hash range,
+ * The index is a hash-ordered table of pages. The 64-bit key hash
+ * (kv_hash(), published as kvstore.key_hash) places every key: its top
+ * bits pick a cell of the directory (2^depth cells, depth <= 28), the cell
+ * names an index page, and an index page covers a run of consecutive cells,
+ * i.e. a known hash range [lo, hi]. A full page gives cells to a neighbour
+ * with room or splits at the cell nearest its median (the directory doubles
+ * when a page covers too few cells), so pages stay about 80% full.
  *
- *     [prefix << (64 - d), (prefix + 1) << (64 - d))
- *
- * and that range is also kept in the allocator's metadata word for the
- * subpage: a lost index page names the keys it held without being read.
+ * The range is also kept in the allocator's metadata word for the subpage:
+ * a lost index page names the keys it held without being read.
  *
  * Index page layout (little-endian):
  *
  *     0   u16 n          slots in use
  *     2   u16 heap       entries occupy [heap, 4096)
  *     4   u16 dead       bytes of freed entries inside the heap
- *     6   u8  depth      local depth
+ *     6   u8  magic      KV_IP_MAGIC
  *     7   u8  flags      KV_IP_LOSTRANGE: the range was lost; see lost_at
- *     8   u64 prefix
- *     16  u64 lost_at    store version when the range was lost (0: never)
- *     24  u64 magic
+ *     8   u64 lo         hash range covered, hi inclusive
+ *     16  u64 hi
+ *     24  u64 lost_at    store version when the range was lost (0: never)
  *     32  u32 slot[n]    (low 16 bits of the hash << 16) | entry offset
  *     ... free ...
  *     heap: entries, 8-byte aligned:
@@ -59,12 +59,13 @@ enum kv_state {
 
 #define KV_IP_HDR 32u
 #define KV_IP_LOSTRANGE 1u
-#define KV_IP_MAGIC 0x6b76696478706731ULL
+#define KV_IP_MAGIC 0xA5u
+#define KV_MAX_DEPTH 28u
 
 typedef struct {
     uint16_t n, heap, dead;
-    uint8_t depth, flags;
-    uint64_t prefix, lost_at, magic;
+    uint8_t magic, flags;
+    uint64_t lo, hi, lost_at;
     uint32_t slot[];
 } kv_ipage;
 
@@ -135,19 +136,19 @@ static inline kv_entry *kv_ip_entry(kv_ipage *p, uint32_t i)
 }
 static inline uint16_t kv_tag(uint64_t h) { return (uint16_t)h; }
 
-/* Hash range of a page of this prefix and depth: [lo, hi], hi inclusive. */
-static inline uint64_t kv_range_lo(uint64_t prefix, unsigned depth)
-{
-    return depth ? prefix << (64 - depth) : 0;
-}
-static inline uint64_t kv_range_hi(uint64_t prefix, unsigned depth)
-{
-    return depth ? kv_range_lo(prefix, depth) | (~0ULL >> depth) : ~0ULL;
-}
+/* Directory cell of hash h at depth D, and the hash range of a cell. */
+static inline uint64_t kv_cell(unsigned D, uint64_t h) { return D ? h >> (64 - D) : 0; }
+static inline uint64_t kv_cell_lo(unsigned D, uint64_t c) { return D ? c << (64 - D) : 0; }
+static inline uint64_t kv_cell_hi(unsigned D, uint64_t c) { return D ? kv_cell_lo(D, c) | (~0ULL >> D) : ~0ULL; }
 
 uint64_t kv_hash(const void *key, size_t klen);
 
-void kv_ip_init(kv_ipage *p, uint64_t prefix, unsigned depth, unsigned flags, uint64_t lost_at);
+void kv_ip_init(kv_ipage *p, uint64_t lo, uint64_t hi, unsigned flags, uint64_t lost_at);
+/* Bytes free in the page once compacted. */
+static inline uint32_t kv_ip_free(const kv_ipage *p)
+{
+    return (uint32_t)p->heap + p->dead - (KV_IP_HDR + 4u * p->n);
+}
 /* Free bytes for one more entry of `size` bytes (slot included)? */
 static inline int kv_ip_fits(const kv_ipage *p, uint32_t size)
 {

@@ -1244,8 +1244,7 @@ static PyObject *Engine_subpage_kind(EngineObject *self, PyObject *arg)
     static const char *names[] = {"free", "records", "large", "large", "lost", "index", "directory", "?"};
     int k = kv_sp_kind(m);
     if (k == KV_SP_INDEX)
-        return Py_BuildValue("(sKK)", "index", (unsigned long long)kv_range_lo(kv_sp_prefix(m), kv_sp_depth(m)),
-                             (unsigned long long)kv_range_hi(kv_sp_prefix(m), kv_sp_depth(m)));
+        return Py_BuildValue("(sKK)", "index", (unsigned long long)kv_sp_ilo(m), (unsigned long long)kv_sp_ihi(m));
     return Py_BuildValue("(sii)", names[k], 0, 0);
 }
 
@@ -1485,7 +1484,7 @@ static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
         dset(d, "index_bytes", U(kv_eng_index_bytes(e))) ||
         dset(d, "index_pages", U(e->al.nindex > e->dir_n ? e->al.nindex - e->dir_n : 0)) ||
         dset(d, "index_directory_bytes", U(e->dir_n * 4096ULL)) ||
-        dset(d, "index_depth", U(e->gdepth)) || dset(d, "record_groups", U(1ULL << e->al.gbits)) || dset(d, "index_splits", U(e->c_splits)) ||
+        dset(d, "index_depth", U(e->gdepth)) || dset(d, "record_groups", U(1ULL << e->al.gbits)) || dset(d, "index_splits", U(e->c_splits)) || dset(d, "index_moves", U(e->c_moves)) ||
         dset(d, "index_pages_lost", U(e->c_index_pages_lost)) ||
         dset(d, "index_ranges_rebuilt", U(e->c_ranges_rebuilt)) ||
         dset(d, "index_directory_rebuilds", U(e->c_dir_rebuilds)) ||
