@@ -419,3 +419,74 @@ def test_many_index_faults_under_churn():
         st = s.stats()
         assert st["keys"] == len(model)
         assert st["used"] == live_bytes(model)
+
+
+# ------------------------------------------------ salvage without stopping
+
+@pytest.mark.hugepages
+def test_salvage_copy_lets_other_threads_run():
+    """Mainline: a whole lost hugepage is copied with the engine unlocked.
+    A reader of a key whose record and index entry are on another page
+    keeps reading during the copy; a reader of the lost page waits for it
+    and then reads the right value."""
+    import threading
+    with reserved_2m(6):
+        s = open_2m(8 << 20, "mainline", 6, recovery="manual")
+        with s:
+            page = 2 << 20
+            model = {}
+            pages = set()
+            i = 0
+            while len(pages) < 2:
+                for _ in range(2000):
+                    k = b"k%06d" % i
+                    model[k] = b"v%06d" % i * 8
+                    s.put(k, model[k])
+                    pages.add(s.locate(k)[0] // page)
+                    i += 1
+            # the hit page must not hold the directory; the bystanders' records
+            # and index entries must be on other pages (else they wait too)
+            nsub = s.stats()["capacity"] // SUB
+            dir_pages = {i * SUB // page for i in range(nsub) if s.subpage_kind(i)[0] == "directory"}
+            where = {k: (s.locate(k)[0] // page, s.locate_entry(k)[0] // page) for k in model}
+            hit_page = next(p for p in sorted({r for r, _e in where.values()}) if p not in dir_pages)
+            others = [k for k, (r, e) in where.items() if r != hit_page and e != hit_page]
+            same = [k for k, (r, _e) in where.items() if r == hit_page]
+            assert len(others) >= 2 and same
+            victim = same[0]
+            s.arena._set_salvage_delay(400_000)
+            reads = {"other": 0, "other_during": 0, "same": 0, "wrong": 0}
+            stop = threading.Event()
+
+            def reader(key, slot):
+                while not stop.is_set():
+                    try:
+                        got = s.get(key)
+                    except kvstore.KeyLostError:
+                        got = model[key]         # its subpage was the poisoned one: fine
+                    if got != model[key]:
+                        reads["wrong"] += 1
+                    reads[slot] += 1
+                    if slot == "other" and s.salvaging:
+                        reads["other_during"] += 1
+
+            # whichever thread meets the loss first does the copy: two
+            # readers of the other page, so one of them is free to read
+            threads = [threading.Thread(target=reader, args=(others[0], "other")),
+                       threading.Thread(target=reader, args=(others[-1], "other")),
+                       threading.Thread(target=reader, args=(same[-1], "same"))]
+            for t in threads:
+                t.start()
+            time.sleep(0.05)
+            s.faults.inject(s.locate(victim)[0], "ao")
+            t0 = time.monotonic()
+            while s.stats()["pages_salvaged"] == 0 and time.monotonic() - t0 < 30:
+                s.recover()
+                time.sleep(0.01)
+            time.sleep(0.05)
+            stop.set()
+            for t in threads:
+                t.join()
+            assert s.stats()["pages_salvaged"] == 1
+            assert reads["other_during"] > 0, "the reader of another page was stopped by the salvage copy"
+            assert reads["wrong"] == 0 and reads["same"] > 0

@@ -584,6 +584,7 @@ long kv_arena_salvage(kv_arena *a, size_t p, char *err, size_t errlen)
         bit_set(a->poison, first + (sub >> KV_SUB_SHIFT));
         o = sub + KV_SUB_SIZE;
     }
+    if (a->salvage_delay_us) usleep(a->salvage_delay_us);
     munmap(tmp, ps);
     void *m = mmap(a->base + (p << a->page_shift), ps, PROT_READ | PROT_WRITE,
                    MAP_SHARED | MAP_FIXED | MAP_POPULATE, fd, 0);

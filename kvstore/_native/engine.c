@@ -92,6 +92,19 @@ static void landed(kv_engine *e)
     }
 }
 
+/* A fault landed while another thread salvages a page (it has unlocked
+ * the engine for the copy): wait for it, unlocked too, then go on. */
+static void wait_salvage(kv_engine *e)
+{
+    if (!__atomic_load_n(&e->in_salvage, __ATOMIC_ACQUIRE)) return;
+    void *tok = e->unlock ? e->unlock() : NULL;
+    while (__atomic_load_n(&e->in_salvage, __ATOMIC_ACQUIRE)) {
+        struct timespec ts = {0, 200000};
+        nanosleep(&ts, NULL);
+    }
+    if (e->relock) e->relock(tok);
+}
+
 static int64_t g_txn_page = -1;      /* only touched with the engine held */
 static int64_t g_txn_dir = -1;
 static size_t g_txn_dir_n;
@@ -121,6 +134,7 @@ static __attribute__((noinline)) int run(kv_engine *e, kv_body body, void *args)
             kv_tls.active = outer_active;
             e->c_faults_on_read++;
             if (++tries > 64) return KV_AGAIN;
+            wait_salvage(e);
             kv_eng_recover(e, NULL);
             continue;
         }
@@ -132,6 +146,7 @@ static __attribute__((noinline)) int run(kv_engine *e, kv_body body, void *args)
         kv_tls.active = outer_active;
         if (rc != KV_AGAIN) return rc;
         if (++tries > 64) return KV_AGAIN;
+        wait_salvage(e);
         kv_eng_recover(e, NULL);
     }
 }
@@ -1418,6 +1433,9 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
     if (!st) st = &local;
     memset(st, 0, sizeof *st);
     kv_arena *a = e->arena;
+    /* Another thread is salvaging (and will process what it drained); new
+     * losses wait for it. */
+    if (__atomic_load_n(&e->in_salvage, __ATOMIC_ACQUIRE)) return;
     for (int round = 0; round < 64; round++) {
         enum { CHUNK = 1024 };
         uint64_t(*ranges)[2] = NULL;
@@ -1449,7 +1467,14 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
                 for (size_t p = ranges[i][0] / per; p <= (ranges[i][0] + ranges[i][1] - 1) / per; p++) {
                     if (p == last || !kv_arena_page_all_lost(a, p)) continue;
                     last = p;
+                    /* The page is quarantined (every subpage marked lost), so no
+                     * thread touches it: copy it with the engine unlocked, so
+                     * readers of the other pages go on. */
+                    __atomic_store_n(&e->in_salvage, 1, __ATOMIC_RELEASE);
+                    void *tok = e->unlock ? e->unlock() : NULL;
                     long r = kv_arena_salvage(a, p, st->salvage_error, sizeof st->salvage_error);
+                    if (e->relock) e->relock(tok);
+                    __atomic_store_n(&e->in_salvage, 0, __ATOMIC_RELEASE);
                     if (r >= 0) {
                         st->pages_salvaged++;
                         st->subpages_salvaged += per - (size_t)r;

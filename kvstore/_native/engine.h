@@ -88,6 +88,9 @@ typedef struct {
     size_t scrub_cursor;          /* subpage where the scrubber resumes */
     size_t ttl_cursor;
     int salvage;
+    volatile int in_salvage;      /* a thread is copying a lost hugepage (engine unlocked) */
+    void *(*unlock)(void);        /* let other threads run during a salvage copy (the GIL) */
+    void (*relock)(void *);
     int need_sweep;
     uint64_t compact_futile_dead;
     uint32_t *pgc;                /* per index subpage: keys | lost << 10 | ttl << 20 */

@@ -466,6 +466,15 @@ static PyObject *Arena_pointer_chase(ArenaObject *self, PyObject *args)
     return PyFloat_FromDouble(ns);
 }
 
+static PyObject *Arena__set_salvage_delay(ArenaObject *self, PyObject *arg)
+{
+    ARENA_OPEN(self);
+    unsigned long us = PyLong_AsUnsignedLong(arg);
+    if (us == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    self->a->salvage_delay_us = (uint32_t)us;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Arena_close(ArenaObject *self, PyObject *unused)
 {
     if (self->engines > 0) {
@@ -515,6 +524,8 @@ static PyMethodDef Arena_methods[] = {
     {"stats", (PyCFunction)Arena_stats, METH_NOARGS, "Counters and configuration."},
     {"pointer_chase", (PyCFunction)Arena_pointer_chase, METH_VARARGS,
      "pointer_chase(nbytes, steps, seed=1) -> ns per step over healthy subpages (overwrites them)."},
+    {"_set_salvage_delay", (PyCFunction)Arena__set_salvage_delay, METH_O,
+     "Test hook: sleep this many microseconds inside every salvage copy."},
     {"close", (PyCFunction)Arena_close, METH_NOARGS, "Unmap the arena (idempotent)."},
     {NULL}};
 
@@ -621,6 +632,10 @@ static int lookup(EngineObject *self, PyObject *key, kv_info *info, uint64_t now
     return rc;
 }
 
+/* The engine's lock is the GIL: a salvage copy lets it go. */
+static void *gil_unlock(void) { return PyEval_SaveThread(); }
+static void gil_relock(void *tok) { PyEval_RestoreThread((PyThreadState *)tok); }
+
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"arena", "capacity", "max_key", "max_value", NULL};
@@ -659,6 +674,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         PyErr_NoMemory();
         return -1;
     }
+    self->e.unlock = gil_unlock;
+    self->e.relock = gil_relock;
     Py_INCREF(ao);
     self->arena = ao;
     ao->engines++;
@@ -948,10 +965,18 @@ static PyObject *Engine_mget(EngineObject *self, PyObject *args)
     PyObject *keys, *marker = Py_None;
     if (!PyArg_ParseTuple(args, "O|O:mget", &keys, &marker)) return NULL;
     ENGINE_OK(self);
-    PyObject *seq = PySequence_Fast(keys, "mget() needs a sequence of keys");
-    if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    /* a tuple of our own: the GIL may be let go during a salvage, and the
+     * caller's list could change meanwhile */
+    PyObject *seq = PyTuple_Check(keys) ? Py_NewRef(keys) : PySequence_Tuple(keys);
+    if (!seq) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "mget() needs a sequence of keys");
+        }
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
     PyObject *out = PyList_New(n);
     if (!out) goto fail;
     uint64_t now = kv_now_ms();
@@ -1577,6 +1602,11 @@ static PyObject *Engine_get_version(EngineObject *self, void *c)
     ENGINE_OK(self);
     return PyLong_FromUnsignedLongLong(self->e.version);
 }
+static PyObject *Engine_get_salvaging(EngineObject *self, void *c)
+{
+    ENGINE_OK(self);
+    return PyBool_FromLong(__atomic_load_n(&self->e.in_salvage, __ATOMIC_ACQUIRE));
+}
 static PyObject *Engine_get_loss_pending(EngineObject *self, void *c)
 {
     ENGINE_OK(self);
@@ -1658,6 +1688,8 @@ static PyGetSetDef Engine_getset[] = {
     {"loss_fd", (getter)Engine_get_loss_fd, NULL, "eventfd readable when memory was lost.", NULL},
     {"version", (getter)Engine_get_version, NULL, "Last version handed out.", NULL},
     {"loss_pending", (getter)Engine_get_loss_pending, NULL, "True while losses await processing.", NULL},
+    {"salvaging", (getter)Engine_get_salvaging, NULL,
+     "True while a lost hugepage is being copied (other threads keep running).", NULL},
     {NULL}};
 
 static PyMemberDef Engine_members[] = {
