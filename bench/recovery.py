@@ -586,7 +586,9 @@ def vs_size(sizes, n_ues, hp):
     logging.getLogger("kvstore").setLevel(logging.ERROR)
     rows = []
     for n in sizes:
-        cap = -(-(n * 150 + 64 * MiB) // (2 * MiB)) * (2 * MiB)
+        # the same room per key at every size (records per MiB decide the
+        # cost of a record UE: one group of records per MiB of capacity)
+        cap = -(-(n * 160 + 8 * MiB) // (2 * MiB)) * (2 * MiB)
         page = "2M" if hp.need("2M", cap // (2 * MiB) + 2) >= cap // (2 * MiB) else "4K"
         rss0 = _rss_anon()
         s = kvstore.Store(cap, page_size=page, kernel_policy="keep_ue", recovery="manual")

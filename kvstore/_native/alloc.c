@@ -6,6 +6,27 @@
 
 #define SUB 4096u
 
+/* The list of record subpages of each group (so the engine can find the
+ * records of a hash range without looking at every subpage). */
+static void g_link(kv_alloc *al, size_t s, uint64_t g)
+{
+    al->gprev[s] = KV_NONE;
+    al->gnext[s] = al->ghead[g];
+    if (al->ghead[g] != KV_NONE) al->gprev[al->ghead[g]] = (uint32_t)s;
+    al->ghead[g] = (uint32_t)s;
+}
+
+static void g_unlink(kv_alloc *al, size_t s)
+{
+    kv_meta m = al->meta[s];
+    if (kv_sp_kind(m) != KV_SP_SMALL && kv_sp_kind(m) != KV_SP_HEAD) return;
+    uint32_t n = al->gnext[s], p = al->gprev[s];
+    if (p != KV_NONE) al->gnext[p] = n;
+    else if (kv_sp_gbits(m) == al->gbits && al->ghead[kv_sp_gprefix(m)] == s) al->ghead[kv_sp_gprefix(m)] = n;
+    if (n != KV_NONE) al->gprev[n] = p;
+    al->gnext[s] = al->gprev[s] = KV_NONE;
+}
+
 static void fb_set(kv_alloc *al, size_t s) { al->freebm[s >> 6] |= 1ULL << (s & 63); }
 static void fb_clr(kv_alloc *al, size_t s) { al->freebm[s >> 6] &= ~(1ULL << (s & 63)); }
 static int fb_get(const kv_alloc *al, size_t s) { return (int)((al->freebm[s >> 6] >> (s & 63)) & 1); }
@@ -16,7 +37,9 @@ int kv_alloc_init(kv_alloc *al, size_t nsub)
     al->nsub = nsub;
     al->meta = calloc(nsub ? nsub : 1, sizeof(kv_meta));
     al->freebm = calloc((nsub + 63) / 64 + 1, 8);
-    if (!al->meta || !al->freebm) {
+    al->gnext = malloc((nsub ? nsub : 1) * sizeof(uint32_t));
+    al->gprev = malloc((nsub ? nsub : 1) * sizeof(uint32_t));
+    if (!al->meta || !al->freebm || !al->gnext || !al->gprev) {
         kv_alloc_free(al);
         return -1;
     }
@@ -34,9 +57,13 @@ void kv_alloc_free(kv_alloc *al)
     free(al->meta);
     free(al->freebm);
     free(al->opens);
+    free(al->ghead);
+    free(al->gnext);
+    free(al->gprev);
     al->meta = NULL;
     al->freebm = NULL;
     al->opens = NULL;
+    al->ghead = al->gnext = al->gprev = NULL;
 }
 
 void kv_alloc_reset(kv_alloc *al)
@@ -48,7 +75,8 @@ void kv_alloc_reset(kv_alloc *al)
         fb_set(al, s);
         al->nfree++;
     }
-    for (size_t g = 0; g < ((size_t)1 << al->gbits); g++) al->opens[g] = -1;
+    for (size_t g = 0; g < ((size_t)1 << al->gbits); g++) al->opens[g] = -1, al->ghead[g] = KV_NONE;
+    for (size_t s = 0; s < al->nsub; s++) al->gnext[s] = al->gprev[s] = KV_NONE;
     al->cursor = 0;
     al->live_bytes = al->dead_bytes = 0;
     al->nindex = 0;
@@ -106,6 +134,7 @@ static void close_open(kv_alloc *al, uint64_t g)
     al->meta[s] = m & ~KV_SP_OPEN;
     if (kv_sp_live(m) == 0) {
         al->dead_bytes -= kv_sp_fill(m);
+        g_unlink(al, s);
         al->meta[s] = 0;
         fb_set(al, s);
         al->nfree++;
@@ -117,13 +146,30 @@ int kv_alloc_set_groups(kv_alloc *al, unsigned gbits)
     if (gbits > KV_GROUP_MAX_BITS) gbits = KV_GROUP_MAX_BITS;
     if (al->opens && gbits == al->gbits) return 0;
     int64_t *o = malloc(((size_t)1 << gbits) * sizeof *o);
-    if (!o) return -1;
+    uint32_t *h = malloc(((size_t)1 << gbits) * sizeof *h);
+    if (!o || !h) {
+        free(o);
+        free(h);
+        return -1;
+    }
     if (al->opens)
         for (uint64_t g = 0; g < ((uint64_t)1 << al->gbits); g++) close_open(al, g);
     free(al->opens);
-    for (size_t g = 0; g < ((size_t)1 << gbits); g++) o[g] = -1;
+    free(al->ghead);
+    for (size_t g = 0; g < ((size_t)1 << gbits); g++) o[g] = -1, h[g] = KV_NONE;
     al->opens = o;
+    al->ghead = h;
     al->gbits = gbits;
+    /* subpages placed under the old groups: list them under the new ones */
+    for (size_t s = 0; s < al->nsub; s++) {
+        al->gnext[s] = al->gprev[s] = KV_NONE;
+        kv_meta m = al->meta[s];
+        if (kv_sp_kind(m) != KV_SP_SMALL && kv_sp_kind(m) != KV_SP_HEAD) continue;
+        unsigned gb = kv_sp_gbits(m);
+        uint64_t g = gb <= gbits ? kv_sp_gprefix(m) << (gbits - gb) : kv_sp_gprefix(m) >> (gb - gbits);
+        al->meta[s] = (m & ~KV_SP_TAGMASK) | kv_sp_tag(gbits, g);
+        g_link(al, s, g);
+    }
     return 0;
 }
 
@@ -151,6 +197,7 @@ int64_t kv_alloc_take(kv_alloc *al, size_t len, int compacting, uint64_t h)
         fb_clr(al, (size_t)s);
         al->nfree--;
         al->meta[s] = kv_sp_small_set(kv_sp_mk(KV_SP_SMALL) | tag | KV_SP_OPEN, (uint32_t)len, (uint32_t)len, 1);
+        g_link(al, (size_t)s, g);
         al->opens[g] = s;
         al->cursor = (size_t)s + 1 < al->nsub ? (size_t)s + 1 : 0;
         al->live_bytes += len;
@@ -165,6 +212,7 @@ int64_t kv_alloc_take(kv_alloc *al, size_t len, int compacting, uint64_t h)
         al->meta[s + (int64_t)i] = kv_sp_mk(KV_SP_CONT);
     }
     al->meta[s] = kv_sp_mk(KV_SP_HEAD) | tag | (kv_meta)n;
+    g_link(al, (size_t)s, g);
     al->nfree -= n;
     al->cursor = (size_t)s + n < al->nsub ? (size_t)s + n : 0;
     al->live_bytes += n * SUB;
@@ -188,12 +236,14 @@ void kv_alloc_release(kv_alloc *al, uint64_t off, size_t len)
         al->meta[s] = kv_sp_small_set(m, kv_sp_fill(m), live, nrec);
         if (live == 0 && !(m & KV_SP_OPEN)) {
             al->dead_bytes -= kv_sp_fill(m);
+            g_unlink(al, s);
             al->meta[s] = 0;
             fb_set(al, s);
             al->nfree++;
         }
     } else if (kind == KV_SP_HEAD) {
         size_t n = kv_sp_run(m);
+        g_unlink(al, s);
         for (size_t i = s; i < s + n && i < al->nsub; i++) {
             if (kv_sp_kind(al->meta[i]) == KV_SP_LOST) continue;
             al->meta[i] = 0;
@@ -208,6 +258,7 @@ void kv_alloc_quarantine(kv_alloc *al, size_t s)
 {
     if (s >= al->nsub) return;
     kv_meta m = al->meta[s];
+    g_unlink(al, s);
     switch (kv_sp_kind(m)) {
     case KV_SP_LOST:
         return;

@@ -40,6 +40,7 @@
 enum { KV_SP_FREE = 0, KV_SP_SMALL = 1, KV_SP_HEAD = 2, KV_SP_CONT = 3, KV_SP_LOST = 4, KV_SP_INDEX = 5, KV_SP_DIR = 6 };
 
 #define KV_GROUP_MAX_BITS 19u
+#define KV_NONE UINT32_MAX
 
 typedef uint64_t kv_meta;
 #define KV_SP_OPEN (1ULL << 60)
@@ -79,6 +80,8 @@ typedef struct {
     size_t cursor;           /* next-fit start */
     unsigned gbits;          /* record groups: 2^gbits open subpages */
     int64_t *opens;          /* open SMALL subpage of each group, or -1 */
+    uint32_t *ghead;         /* per group: first record subpage (SMALL or LARGE_HEAD) */
+    uint32_t *gnext, *gprev; /* per subpage: the group's list (KV_NONE at the ends) */
     uint64_t live_bytes;     /* bytes of live records (large: whole subpages) */
     uint64_t dead_bytes;     /* freed bytes still inside SMALL subpages */
     size_t reserve;          /* free subpages kept for the compactor */

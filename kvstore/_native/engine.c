@@ -1343,6 +1343,7 @@ static void orphan_sweep(kv_engine *e, kv_recover_stats *st)
     sweep_ctx w = {calloc(n ? n : 1, 2), calloc(n ? n : 1, 4), calloc(n ? n : 1, 1), 1};
     uint64_t(*gr)[2] = malloc((e->sweep_n ? e->sweep_n : 1) * sizeof *gr);
     seen_set seen = {0};
+    uint32_t *cl = NULL;
     int whole = g == 0 || e->sweep_n == 0;
     if (!w.refs || !w.live || !w.cand || !gr) goto out;
     /* the groups the lost ranges fall in */
@@ -1354,17 +1355,23 @@ static void orphan_sweep(kv_engine *e, kv_recover_stats *st)
         gr[i][0] = lo;
         gr[i][1] = hi;
     }
-    for (size_t s = 0; s < n; s++) {
-        int k = kv_sp_kind(al->meta[s]);
-        if (k != KV_SP_SMALL && k != KV_SP_HEAD) continue;
-        uint64_t lo, hi;
-        if (kv_alloc_range(al, s, &lo, &hi) != 0) continue;
-        for (size_t i = 0; i < e->sweep_n || whole; i++) {
-            if (whole || (lo <= gr[i][1] && hi >= gr[i][0])) {
+    /* candidates: the record subpages of those groups (the allocator lists them) */
+    size_t ncl = 0, capcl = 0;
+    for (size_t i = 0; i < (whole ? 1 : e->sweep_n); i++) {
+        uint64_t g0 = whole || !g ? 0 : gr[i][0] >> (64 - g), g1 = whole || !g ? (1ULL << g) - 1 : gr[i][1] >> (64 - g);
+        for (uint64_t gp = g0; gp <= g1; gp++)
+            for (uint32_t s = al->ghead[gp]; s != KV_NONE; s = al->gnext[s]) {
+                if (w.cand[s]) continue;
+                if (ncl == capcl) {
+                    size_t nc = capcl ? capcl * 2 : 256;
+                    uint32_t *q = realloc(cl, nc * sizeof *q);
+                    if (!q) goto out;
+                    cl = q;
+                    capcl = nc;
+                }
+                cl[ncl++] = s;
                 w.cand[s] = 1;
-                break;
             }
-        }
     }
     if (whole) {
         if (each_page(e, sweep_fn, &w)) goto out;      /* a page faulted: try again later */
@@ -1373,8 +1380,8 @@ static void orphan_sweep(kv_engine *e, kv_recover_stats *st)
             if (visit_range(e, gr[i][0], gr[i][1], sweep_fn, &w, &seen) != 0) goto out;
     }
     int any = 0;
-    for (size_t s = 0; s < n; s++) {
-        if (!w.cand[s]) continue;
+    for (size_t j = 0; j < ncl; j++) {
+        size_t s = cl[j];
         kv_meta m = al->meta[s];
         if (kv_sp_kind(m) == KV_SP_SMALL && kv_sp_nrec(m) > w.refs[s]) {
             if (w.refs[s] == 0) {
@@ -1405,7 +1412,8 @@ static void orphan_sweep(kv_engine *e, kv_recover_stats *st)
             for (size_t i = 0; i < e->sweep_n; i++)
                 if (visit_range(e, gr[i][0], gr[i][1], sweep_fn, &w, &seen) != 0) goto out;
         }
-        for (size_t s = 0; s < n; s++) {
+        for (size_t j = 0; j < ncl; j++) {
+            size_t s = cl[j];
             if (w.cand[s] != 2) continue;
             kv_meta m = al->meta[s];
             if (kv_sp_kind(m) != KV_SP_SMALL) continue;
@@ -1425,6 +1433,7 @@ out:
     free(w.cand);
     free(gr);
     free(seen.v);
+    free(cl);
 }
 
 void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
