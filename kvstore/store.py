@@ -533,9 +533,17 @@ class Store(_native.Engine):
                 continue                  # not ours to install
             exp = item[2] if len(item) > 2 and item[2] else 0
             try:
-                self.install(key, item[1], item[0], exp, version)
+                self.install_from_range(key, item[1], item[0], exp, version)
             except StoreFullError:
                 log.warning("kvstore rebuild: no room to reinstall %r (%d bytes)", key, len(item[1]))
+
+    def install_from_range(self, key, value, version, expire_at_ms, range_version):
+        """Install one key of a ``fetch_hash_range`` answer given at
+        ``range_version``: it goes in only if its index range was lost at or
+        before that version and nothing was written or deleted here since.
+        Returns "installed", "stale" or "skipped". (A server wraps this to
+        forward what it installs to its own replicas.)"""
+        return _native.Engine.install(self, key, value, version, expire_at_ms, range_version)
 
     def _range_read(self, key, version, versioned):
         """Read-repair a key whose index range was lost: ask the source for
