@@ -7,8 +7,9 @@ configuration, the recovery worker, rebuilding lost keys from a rebuild
 source, read-repair, the patrol scrubber, expiry sweeps and statistics.
 
 Threads: every method may be called from any thread. The engine runs with
-the GIL held and never releases it, so engine calls are serialised by the
-GIL; the Python-side rebuild bookkeeping has its own lock. A rebuild source
+the GIL held, so engine calls are serialised by the GIL (only the salvage
+copy of a lost hugepage lets it go, so other threads keep serving the other
+pages); the Python-side rebuild bookkeeping has its own lock. A rebuild source
 is called without any store lock held, so it may take its time (network).
 
 fork(): refused. The arena is shared memory (MAP_SHARED), so a child writing

@@ -827,12 +827,23 @@ static int body_upsert(kv_engine *e, void *va)
         off = (uint64_t)o;
     }
     /* commit: nothing below touches memory not checked above */
-    if (en) {
-        a->existed = kv_e_state(en) != KV_ST_TOMB;
-        entry_drop(e, p, (uint32_t)i, oldlen);
+    kv_entry *ne;
+    if (en && kv_e_bytes(en) == nsize) {
+        /* same size (an overwrite, mostly): rewrite the entry in place */
+        int ost = kv_e_state(en);
+        a->existed = ost != KV_ST_TOMB;
+        if (ost == KV_ST_PRESENT) kv_alloc_release(&e->al, kv_e_off(en), oldlen);
+        pgc_add(e, p, ost != KV_ST_TOMB ? -1 : 0, ost >= KV_ST_LOST && ost <= KV_ST_UNRECOVERABLE ? -1 : 0,
+                (kv_e_flags(en) & KV_F_TTL) ? -1 : 0);
+        ne = en;
+    } else {
+        if (en) {
+            a->existed = kv_e_state(en) != KV_ST_TOMB;
+            entry_drop(e, p, (uint32_t)i, oldlen);
+        }
+        if (room == 2) kv_ip_compact(p);
+        ne = kv_ip_add(p, kv_tag(a->h), nsize);
     }
-    if (room == 2) kv_ip_compact(p);
-    kv_entry *ne = kv_ip_add(p, kv_tag(a->h), nsize);
     ne->loc = kv_e_mkloc(off, a->klen, tomb ? KV_ST_TOMB : KV_ST_PRESENT, nflags);
     ne->ver = v & KV_VERSION_MASK;
     if (longkey) memcpy(ne->key, &a->h, 8);

@@ -6,10 +6,13 @@
  *            and benchmarks.
  *   Engine - the record store on an Arena; kvstore.Store subclasses it so
  *            get/put/... are C methods called straight from Python.
- * All methods run with the GIL held and never release it: the GIL is the
- * engine's lock. The only call back into Python is the read of a LOST key,
- * which calls self._lost_read(key, version, state, versioned) when the
- * subclass defines it (read-repair), else raises KeyLostError.
+ * All methods run with the GIL held: the GIL is the engine's lock. The one
+ * place it is let go is the copy of a lost hugepage during salvage (the
+ * page is quarantined; an access that meets it waits for the copy). The
+ * only call back into Python is the read of a LOST key, which calls
+ * self._lost_read(key, version, state, versioned) when the subclass defines
+ * it (read-repair; state "range" when the key's index page was lost), else
+ * raises KeyLostError.
  *
  * Multi-phase init; exceptions come from kvstore.errors and are kept in the
  * module state; each object caches its module state pointer.
@@ -582,7 +585,7 @@ static int engine_unusable(EngineObject *self)
     if (self->gen != g_fork_gen) {
         PyErr_SetString(self->st->Error,
                         "this store was opened in the parent process: a forked child must open its own "
-                        "Store (the arena is shared memory and the index is not)");
+                        "Store (the arena, index included, is shared memory)");
         return 1;
     }
     return 0;
