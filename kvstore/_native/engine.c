@@ -275,8 +275,12 @@ static size_t find_page(kv_engine *e, uint64_t h)
     uint64_t c = cell_of(e->gdepth, h);
     TOUCH(e, e->dir_sub * SUB + c * 4, 4);
     size_t s = CELLS(e)[c];
-    if (s >= e->al.nsub || kv_sp_kind(e->al.meta[s]) != KV_SP_INDEX) return NOPAGE;
-    TOUCH(e, s * SUB, SUB);
+    if (__builtin_expect(s >= e->al.nsub, 0)) return NOPAGE;
+    if (__builtin_expect(kv_arena_hazard(e->arena, s * SUB, SUB) != 0, 0)) {
+        /* a page that could not be replaced after a loss: its range is lost */
+        if (kv_sp_kind(e->al.meta[s]) != KV_SP_INDEX) return NOPAGE;
+        touch_fault(e->arena, s * SUB, SUB);
+    }
     return s;
 }
 
