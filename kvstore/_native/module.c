@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "alloc.h"
 #include "arena.h"
@@ -1579,6 +1580,12 @@ static PyObject *Engine_resp_fast(EngineObject *self, PyObject *args)
 
 static PyObject *Engine_close(EngineObject *self, PyObject *unused)
 {
+    /* another thread may be copying a lost hugepage with the GIL let go */
+    while (self->ready && __atomic_load_n(&self->e.in_salvage, __ATOMIC_ACQUIRE)) {
+        Py_BEGIN_ALLOW_THREADS
+        usleep(1000);
+        Py_END_ALLOW_THREADS
+    }
     if (self->arena && self->ready) {
         ArenaObject *ao = self->arena;
         Py_INCREF(ao);
