@@ -1194,6 +1194,8 @@ static void index_lost(kv_engine *e, size_t s, kv_recover_stats *st)
     unsigned D = e->gdepth;
     uint64_t V = e->version;
     uint32_t cnt = e->pgc[s];
+    e->c_lost_keys += cnt & 1023;          /* the keys of the range are lost (not LOST entries) */
+    e->c_range_keys += cnt & 1023;
     e->nkeys -= cnt & 1023;
     e->n_lost -= (cnt >> 10) & 1023;
     e->n_ttl -= (cnt >> 20) & 1023;

@@ -102,7 +102,7 @@ typedef struct {
     uint64_t c_lost_keys, c_checksum_fail, c_faults_on_read, c_rebuilt, c_expired,
         c_compactions, c_moved, c_scrubbed_bytes, c_scrub_found, c_recoveries,
         c_pages_salvaged, c_subpages_salvaged, c_salvage_failed, c_index_pages_lost,
-        c_ranges_rebuilt, c_orphans, c_dir_rebuilds, c_splits, c_moves, c_index_scrubbed;
+        c_ranges_rebuilt, c_orphans, c_dir_rebuilds, c_splits, c_moves, c_index_scrubbed, c_range_keys;
     char last_salvage_error[160];
 } kv_engine;
 

@@ -1515,6 +1515,7 @@ static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
         dset(d, "index_directory_bytes", U(e->dir_n * 4096ULL)) ||
         dset(d, "index_depth", U(e->gdepth)) || dset(d, "record_groups", U(1ULL << e->al.gbits)) || dset(d, "index_splits", U(e->c_splits)) || dset(d, "index_moves", U(e->c_moves)) ||
         dset(d, "index_pages_lost", U(e->c_index_pages_lost)) ||
+        dset(d, "keys_lost_in_ranges", U(e->c_range_keys)) ||
         dset(d, "index_ranges_rebuilt", U(e->c_ranges_rebuilt)) ||
         dset(d, "index_directory_rebuilds", U(e->c_dir_rebuilds)) ||
         dset(d, "index_pages_scrubbed", U(e->c_index_scrubbed)) ||
@@ -1621,7 +1622,8 @@ static PyObject *Engine_get_loss_pending(EngineObject *self, void *c)
 {
     ENGINE_OK(self);
     return PyBool_FromLong(__atomic_load_n(&self->e.arena->pending_flag, __ATOMIC_ACQUIRE) != 0 ||
-                           self->e.lostq_n != 0);
+                           self->e.lostq_n != 0 || self->e.lr_n != 0 ||
+                           __atomic_load_n(&self->e.in_salvage, __ATOMIC_ACQUIRE));
 }
 
 static PyMethodDef Engine_methods[] = {
@@ -1697,7 +1699,8 @@ static PyGetSetDef Engine_getset[] = {
     {"arena", (getter)Engine_get_arena, NULL, "The Arena.", NULL},
     {"loss_fd", (getter)Engine_get_loss_fd, NULL, "eventfd readable when memory was lost.", NULL},
     {"version", (getter)Engine_get_version, NULL, "Last version handed out.", NULL},
-    {"loss_pending", (getter)Engine_get_loss_pending, NULL, "True while losses await processing.", NULL},
+    {"loss_pending", (getter)Engine_get_loss_pending, NULL,
+     "True while losses await processing (a salvage copy in progress included).", NULL},
     {"salvaging", (getter)Engine_get_salvaging, NULL,
      "True while a lost hugepage is being copied (other threads keep running).", NULL},
     {NULL}};
