@@ -1462,6 +1462,7 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
     /* Another thread is salvaging (and will process what it drained); new
      * losses wait for it. */
     if (__atomic_load_n(&e->in_salvage, __ATOMIC_ACQUIRE)) return;
+    int salvaging = 0;
     for (int round = 0; round < 64; round++) {
         enum { CHUNK = 1024 };
         uint64_t(*ranges)[2] = NULL;
@@ -1497,10 +1498,10 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
                      * thread touches it: copy it with the engine unlocked, so
                      * readers of the other pages go on. */
                     __atomic_store_n(&e->in_salvage, 1, __ATOMIC_RELEASE);
+                    salvaging = 1;           /* until this recovery is complete */
                     void *tok = e->unlock ? e->unlock() : NULL;
                     long r = kv_arena_salvage(a, p, st->salvage_error, sizeof st->salvage_error);
                     if (e->relock) e->relock(tok);
-                    __atomic_store_n(&e->in_salvage, 0, __ATOMIC_RELEASE);
                     if (r >= 0) {
                         st->pages_salvaged++;
                         st->subpages_salvaged += per - (size_t)r;
@@ -1539,6 +1540,8 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
         free(ranges);
     }
     if (e->need_sweep) orphan_sweep(e, st);
+    /* threads that met the lost page wait until its records are invalidated */
+    if (salvaging) __atomic_store_n(&e->in_salvage, 0, __ATOMIC_RELEASE);
 }
 
 /* ------------------------------------------------------------ lifecycle */
