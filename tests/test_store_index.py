@@ -490,3 +490,38 @@ def test_salvage_copy_lets_other_threads_run():
             assert s.stats()["pages_salvaged"] == 1
             assert reads["other_during"] > 0, "the reader of another page was stopped by the salvage copy"
             assert reads["wrong"] == 0 and reads["same"] > 0
+
+
+def test_unknown_key_of_a_lost_range_is_asked_for_and_then_absent():
+    """With a caught-up source, a key of a lost range that does not exist
+    reads None (after asking), and exists() says False; without being asked
+    it is never reported absent."""
+    rng = random.Random(17)
+    rep = Replica()
+    with kvstore.Store("4MiB", page_size="4K", rebuild_source=rep, recovery="manual") as s:
+        model = filled(s, rep, 1500, rng)
+        victim = sorted(model)[5]
+        hit = range_of(s, victim)
+        absent = next(b"nope%d" % i for i in range(10**6) if in_range(b"nope%d" % i, hit))
+        rep.lag_to = 0                       # held back: the range stays lost for now
+        s.faults.inject_entry(victim, "ao")
+        s.recover()
+        assert s.state(absent) == "range"
+        s.read_repair_timeout = 0.05
+        with pytest.raises(kvstore.KeyLostError):
+            s.get(absent)
+        calls = rep.range_calls
+        rep.lag_to = None
+        s.read_repair_timeout = 5.0
+        assert s.get(absent) is None and rep.range_calls > calls
+        assert not s.exists(absent) and absent not in s
+        assert s.get(victim) == model[victim]
+        # a delete of an unknown key in the lost range is recorded and stays
+        other = next(k for k in sorted(model) if in_range(k, hit) and s.state(k) == "range")
+        assert s.delete(other) is True
+        rep.record_delete(other, s.version)
+        del model[other]
+        assert s.wait_recovered(10)
+        assert s.get(other) is None
+        for k, v in model.items():
+            assert s.get(k) == v

@@ -110,7 +110,8 @@ class StoreMachine(RuleBasedStateMachine):
         try:
             got = self.store.get_versioned(key) if versioned else self.store.get(key)
         except kvstore.KeyLostError as e:
-            assert not self.replica.online, f"{key!r}: KeyLostError although the replica is up: {e}"
+            lagging = self.replica.lag_to is not None and self.in_lost_range(key)
+            assert not self.replica.online or lagging, f"{key!r}: KeyLostError although the replica is up: {e}"
             assert e.retryable and e.key == key
             return kvstore.LOST
         if versioned and got is not None:
@@ -178,7 +179,8 @@ class StoreMachine(RuleBasedStateMachine):
         try:
             got = self.store.mget(ks)
         except kvstore.KeyLostError as e:
-            assert not self.replica.online, f"mget raised although the replica is up: {e}"
+            lagging = self.replica.lag_to is not None and self.in_lost_range(e.key)
+            assert not self.replica.online or lagging, f"mget raised although the replica is up: {e}"
             self.check_value(e.key, kvstore.LOST)
             return
         for k, g in zip(ks, got):
@@ -190,8 +192,8 @@ class StoreMachine(RuleBasedStateMachine):
             assert self.store.exists(key) == (key in self.model)
             assert (key in self.store) == (key in self.model)
         except kvstore.KeyLostError:
-            # a key of a lost index range, with the replica down: not known
-            assert not self.replica.online
+            # a key of a lost index range, with the replica down or behind: not known
+            assert not self.replica.online or self.replica.lag_to is not None
             assert self.in_lost_range(key)
 
     @precondition(lambda self: self.faults < MAX_FAULTS and self.model)
@@ -232,7 +234,18 @@ class StoreMachine(RuleBasedStateMachine):
         self.replica.online = online
         # up: a read of a LOST key waits for the replica (generously: the
         # machine may be busy); down: it gives up quickly with KeyLostError
-        self.store.read_repair_timeout = 10.0 if online else 0.02
+        self.store.read_repair_timeout = 10.0 if online and self.replica.lag_to is None else 0.02
+
+    @rule(lag=st.booleans())
+    def replica_lags_or_catches_up(self, lag):
+        # lagging: range requests for a version past what it had applied
+        # now are refused (SourceBehindError), so a lost range stays LOST
+        # instead of taking older values or deleted keys
+        self.replica.lag_to = self.replica.applied if lag else None
+        if lag:
+            self.store.read_repair_timeout = 0.02
+        elif self.replica.online:
+            self.store.read_repair_timeout = 10.0
 
     @rule()
     def recover(self):
@@ -266,6 +279,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert lost <= self.allowed_lost(), lost - self.allowed_lost()
 
     def everything_back(self):
+        self.replica.lag_to = None
         if self.store.loss_pending or lost_set(self.store):
             event("rebuilt after loss")
         assert self.store.wait_recovered(timeout=20)
