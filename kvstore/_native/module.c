@@ -1521,7 +1521,8 @@ static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
         dset(d, "index_pages_scrubbed", U(e->c_index_scrubbed)) ||
         dset(d, "orphans_reclaimed", U(e->c_orphans)) ||
         dset(d, "records_bytes", U((e->al.nsub - e->al.nfree - e->al.nlost - e->al.nindex) * 4096ULL)) ||
-        dset(d, "allocator_bytes", U(e->al.nsub * sizeof(kv_meta) + (e->al.nsub + 63) / 64 * 8)) ||
+        dset(d, "allocator_bytes", U(e->al.nsub * (sizeof(kv_meta) + 3 * sizeof(uint32_t)) +
+                                     (e->al.nsub + 63) / 64 * 8 + ((size_t)1 << e->al.gbits) * 12)) ||
         dset(d, "version", U(e->version)) || dset(d, "max_key", PyLong_FromSsize_t(self->max_key)) ||
         dset(d, "max_value", PyLong_FromSsize_t(self->max_value)) ||
         dset(d, "last_salvage_error",
