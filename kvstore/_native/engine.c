@@ -281,6 +281,9 @@ static size_t find_page(kv_engine *e, uint64_t h)
         if (kv_sp_kind(e->al.meta[s]) != KV_SP_INDEX) return NOPAGE;
         touch_fault(e->arena, s * SUB, SUB);
     }
+    /* the header and the slot array are read next: ask for them together */
+    const uint8_t *pg = AP(e, (uint64_t)s * SUB);
+    for (int l = 0; l < 8; l++) __builtin_prefetch(pg + l * 64);
     return s;
 }
 
