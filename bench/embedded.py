@@ -150,7 +150,8 @@ def bench_ops(n, keys, vals, get_keys, batches, page_size, repeat):
 
     mem = {}
     # --- kvstore.Store
-    cap = max(64 << 20, int(n * (8 + VAL_LEN) * 1.6))
+    # the capacity holds the records and the index (~40 B per key + key)
+    cap = max(64 << 20, int(n * (8 + VAL_LEN + KEY_LEN + 40) * 1.5))
     base = rss_anon()
     store = kvstore.Store(cap, page_size=page_size, recovery="manual")
     info = store.stats()
@@ -159,7 +160,7 @@ def bench_ops(n, keys, vals, get_keys, batches, page_size, repeat):
     anon = rss_anon() - base
     assert st["keys"] == n
     mem["store_stats"] = (st["used"] + st["index_bytes"] + st["allocator_bytes"] - n * (KEY_LEN + VAL_LEN)) / n
-    mem["store_rss"] = (anon + st["used"] - n * (KEY_LEN + VAL_LEN)) / n
+    mem["store_rss"] = (anon + st["used"] + st["index_bytes"] - n * (KEY_LEN + VAL_LEN)) / n
     mem["store_detail"] = {k: st[k] for k in ("used", "index_bytes", "allocator_bytes")}
     mem["store_anon"] = anon
     assert store.get(keys[0]) == vals[0]
@@ -262,7 +263,7 @@ class DictSource:
 
 def bench_ue(n, keys, vals, page_size, faults, seed=5):
     src = DictSource()
-    cap = max(64 << 20, int(n * (8 + VAL_LEN) * 1.6) + faults * SUB * 2)
+    cap = max(64 << 20, int(n * (8 + VAL_LEN + KEY_LEN + 40) * 1.5) + faults * SUB * 2)
     s = kvstore.Store(cap, page_size=page_size, kernel_policy="keep_ue", rebuild_source=src,
                       recovery="manual")
     put = s.put
@@ -341,9 +342,10 @@ def main(argv=None):
         d = mem["store_detail"]
         p("| memory, bytes per key beyond key+value | value |")
         p("| --- | ---: |")
-        p(f"| Store, from stats (used {d['used']:,} + index {d['index_bytes']:,} + allocator "
-          f"{d['allocator_bytes']:,}) | {mem['store_stats']:.1f} |")
-        p(f"| Store, anonymous RSS growth ({mem['store_anon']:,} B) + arena bytes used | {mem['store_rss']:.1f} |")
+        p(f"| Store, from stats (used {d['used']:,} + index {d['index_bytes']:,} in the arena; allocator "
+          f"{d['allocator_bytes']:,} outside) | {mem['store_stats']:.1f} |")
+        p(f"| Store, anonymous RSS growth ({mem['store_anon']:,} B, {mem['store_anon'] / n:.2f} B/key) "
+          f"+ arena bytes used | {mem['store_rss']:.1f} |")
         p(f"| dict, table growth only (keys and values already exist as objects) | {mem['dict_rss']:.1f} |")
         p(f"| dict, plus the bytes objects' own overhead | {mem['dict_rss'] + mem['dict_objects']:.1f} |")
         p(f"| py-lmdb, pages used | {mem['lmdb_pages']:.1f} |")

@@ -4,6 +4,13 @@ keep-UE faults.
 
     python -m bench.tlb            # 1 GiB arena per page size, plot in bench/plots/
     python -m bench.tlb --quick    # 256 MiB, fewer steps, no plot (CI smoke test)
+    python -m bench.tlb --store-keys 10000000   # also: Store get / mget end to end
+
+With ``--store-keys N`` it also fills a Store of N keys (16 B keys, 64 B
+values) on each page size and times random ``get`` and ``mget`` (batches of
+100) over the same random keys, interleaved like the chase: every access of a
+get (directory cell, index page, record) is in the arena, so this is what
+the hugepages buy end to end.
 
 The chase runs in C (``Arena.pointer_chase``): a random cycle through one
 cache line of every healthy 4 KiB subpage of the arena, followed inside one
@@ -83,13 +90,73 @@ def _inject(arena, n_total, injected, rng, nsub):
     arena.drain()
 
 
+def store_gets(n, rounds, hp, skipped):
+    """Median ns per random get and per key of mget, per page size."""
+    import time
+    import kvstore
+    import logging
+    logging.getLogger("kvstore").setLevel(logging.ERROR)
+    stores = {}
+    cap = n * 150 + 64 * MiB
+    for label in ("1G", "2M", "4K"):
+        size = -(-cap // PAGE[label]) * PAGE[label]
+        if label != "4K":
+            need = size // PAGE[label]
+            got = hp.need(label, need)
+            if got < need:
+                skipped[f"store {label}"] = f"{size // MiB} MiB of {label} pages needed, {got} pages free"
+                continue
+        try:
+            s = kvstore.Store(size, page_size=label, kernel_policy="keep_ue", recovery="manual")
+        except kvstore.ArenaError as e:
+            skipped[f"store {label}"] = str(e)
+            continue
+        put = s.put
+        for i in range(n):
+            put(b"key:%012d" % i, b"%064d" % i)
+        stores[label] = s
+        print(f"[store] {label}: {n:,} keys in", file=sys.stderr)
+    rng = random.Random(7)
+    keys = [b"key:%012d" % rng.randrange(n) for _ in range(200_000)]
+    batches = [keys[i:i + 100] for i in range(0, len(keys), 100)]
+    res = {(l, op): [] for l in stores for op in ("get", "mget")}
+    try:
+        for r in range(rounds):
+            for label, s in stores.items():
+                g = s.get
+                t = time.perf_counter()
+                for k in keys:
+                    g(k)
+                res[(label, "get")].append((time.perf_counter() - t) / len(keys) * 1e9)
+                mg = s.mget
+                t = time.perf_counter()
+                for b in batches:
+                    mg(b)
+                res[(label, "mget")].append((time.perf_counter() - t) / len(keys) * 1e9)
+    finally:
+        for s in stores.values():
+            s.close()
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.tlb", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="256 MiB, fewer steps, no plot")
     ap.add_argument("--size", default=None, help="arena size per page size (default 1G, quick 256M)")
     ap.add_argument("--steps", type=int, default=None, help="chase steps per measurement")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved measurements per config")
+    ap.add_argument("--store-keys", type=int, default=0, help="also time Store get/mget with this many keys")
+    ap.add_argument("--store-only", action="store_true", help="only the Store get/mget part")
     args = ap.parse_args(argv)
+    if args.store_only:
+        hp = C.HugePages()
+        skipped = {}
+        try:
+            res = store_gets(args.store_keys or 10_000_000, args.rounds or 5, hp, skipped)
+        finally:
+            hp.give_back()
+        _print_store(res, args.store_keys or 10_000_000, skipped, args.rounds or 5, header=True)
+        return 0
     size = C.hugepages.parse_bytes(args.size) if args.size else (256 * MiB if args.quick else GiB)
     steps = args.steps or (1 << 20 if args.quick else 1 << 22)
     rounds = args.rounds or (3 if args.quick else 5)
@@ -197,7 +264,36 @@ def main(argv=None) -> int:
         path = C.savefig(fig, "tlb_latency.png")
         plt.close(fig)
         print(f"\nplot: {path}")
+    if args.store_keys:
+        hp = C.HugePages()
+        sk = {}
+        try:
+            res = store_gets(args.store_keys, rounds, hp, sk)
+        finally:
+            hp.give_back()
+        _print_store(res, args.store_keys, sk, rounds, header=False)
     return C.finish(problems)
+
+
+def _print_store(res, n, skipped, rounds, header):
+    if header:
+        print(C.header("TLB end to end: Store get / mget by page size", "bench.tlb"))
+    print(f"\n- Store with {n:,} keys (16 B keys, 64 B values) per page size; 200,000 random keys, "
+          f"get one by one and mget in batches of 100, {rounds} interleaved rounds, median ns per key")
+    for label, why in skipped.items():
+        print(f"- SKIPPED {label}: {why}")
+    med = {k: C.median(v) for k, v in res.items()}
+    rows = []
+    for label in ("1G", "2M", "4K"):
+        if (label, "get") not in med:
+            continue
+        base_g, base_m = med.get(("4K", "get")), med.get(("4K", "mget"))
+        rows.append([label, f"{med[(label, 'get')]:.0f}",
+                     f"{base_g / med[(label, 'get')]:.2f}x" if base_g else "-",
+                     f"{med[(label, 'mget')]:.0f}",
+                     f"{base_m / med[(label, 'mget')]:.2f}x" if base_m else "-"])
+    print()
+    print(C.table(["pages", "get ns/key", "get vs 4 KiB", "mget ns/key", "mget vs 4 KiB"], rows))
 
 
 if __name__ == "__main__":

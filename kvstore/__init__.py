@@ -3,7 +3,8 @@
 The arena lives in HugeTLB memfds; an uncorrectable memory error costs only the
 records in the 4 KiB subpage that was hit, and those are rebuilt from a replica.
 
-``kvstore.Store``, ``kvstore.LOST`` and ``kvstore.parse_size`` load the C
+``kvstore.Store``, ``kvstore.LOST``, ``kvstore.parse_size`` and
+``kvstore.key_hash`` load the C
 engine on first use, so ``kvstore.client`` (and ``kvstore.errors``,
 ``kvstore.wire``) import on a machine without the engine built.
 """
@@ -11,13 +12,13 @@ engine on first use, so ``kvstore.client`` (and ``kvstore.errors``,
 from .errors import (  # noqa: F401 - the exceptions are kvstore.<Name> too
     ArenaError, ClosedError, ConnectionError, Error, FaultInjectionError,
     KeyLostError, KeyTooLargeError, MemoryFaultError, ProtocolError,
-    ReadOnlyError, ResponseError, StoreFullError, TimeoutError,
+    ReadOnlyError, ResponseError, SourceBehindError, StoreFullError, TimeoutError,
     UnrecoverableKeyError, ValueTooLargeError,
 )
 
 __version__ = "0.1.0"
 
-_FROM_STORE = ("Store", "LOST", "parse_size")
+_FROM_STORE = ("Store", "LOST", "parse_size", "key_hash")
 
 
 def __getattr__(name):

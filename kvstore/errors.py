@@ -35,6 +35,15 @@ class UnrecoverableKeyError(KeyLostError):
     retryable = False
 
 
+class SourceBehindError(Error):
+    """A rebuild source cannot answer ``fetch_hash_range(lo, hi, min_version)``
+    yet: it has not applied every write and delete up to ``min_version``, or
+    part of the range is lost on it too. The requester retries later (or asks
+    another source). Retryable."""
+
+    retryable = True
+
+
 class StoreFullError(Error, MemoryError):
     """No room left in the arena for this record (nothing was written)."""
 

@@ -7,8 +7,9 @@ configuration, the recovery worker, rebuilding lost keys from a rebuild
 source, read-repair, the patrol scrubber, expiry sweeps and statistics.
 
 Threads: every method may be called from any thread. The engine runs with
-the GIL held and never releases it, so engine calls are serialised by the
-GIL; the Python-side rebuild bookkeeping has its own lock. A rebuild source
+the GIL held, so engine calls are serialised by the GIL (only the salvage
+copy of a lost hugepage lets it go, so other threads keep serving the other
+pages); the Python-side rebuild bookkeeping has its own lock. A rebuild source
 is called without any store lock held, so it may take its time (network).
 
 fork(): refused. The arena is shared memory (MAP_SHARED), so a child writing
@@ -30,9 +31,20 @@ import weakref
 from typing import Callable, Iterable
 
 from . import _native
-from .errors import ClosedError, KeyLostError, StoreFullError, UnrecoverableKeyError
+from .errors import ClosedError, KeyLostError, SourceBehindError, StoreFullError, UnrecoverableKeyError
 
-__all__ = ["Store", "LOST", "parse_size"]
+__all__ = ["Store", "LOST", "parse_size", "key_hash"]
+
+#: Hash ranges are half-open ``[lo, hi)`` over ``0 <= h < HASH_SPACE``.
+HASH_SPACE = 1 << 64
+
+
+def key_hash(key) -> int:
+    """The 64-bit hash the store places ``key`` by: XXH64 of the key bytes
+    with seed ``0x6b7673746f7265`` (``xxhash.xxh64_intdigest(key,
+    seed=0x6b7673746f7265)``). Stable across processes, machines and kvstore
+    versions: replicas answer :meth:`Store.fetch_hash_range` requests with it."""
+    return _native.key_hash(key)
 
 log = logging.getLogger("kvstore")
 
@@ -110,6 +122,12 @@ class Faults:
         offset, _length = self._store.locate(key)
         return self.inject(offset, kind)
 
+    def inject_entry(self, key, kind: str = "ao") -> dict:
+        """Inject into the index subpage holding ``key``'s entry: every key in
+        that page's hash range becomes LOST until rebuilt by hash range."""
+        offset, _length = self._store.locate_entry(key)
+        return self.inject(offset, kind)
+
     def supported(self) -> dict:
         """Which kinds can run here, with reasons."""
         probe = _native.probe()
@@ -130,10 +148,30 @@ class _Pending:
         self.next_try = now
 
 
+class _PendingRange:
+    __slots__ = ("version", "since", "attempts", "next_try")
+
+    def __init__(self, version, now):
+        self.version = version
+        self.since = now
+        self.attempts = 0
+        self.next_try = now
+
+
 def _call_source(source, requests):
     fetch = getattr(source, "fetch", None)
     result = fetch(requests) if fetch is not None else source(requests)
     return result or {}
+
+
+def _call_range(source, lo, hi, min_version):
+    """``source.fetch_hash_range(lo, hi, min_version=...)``; None when the
+    source is not caught up yet (it raised SourceBehindError or returned None)."""
+    try:
+        got = source.fetch_hash_range(lo, hi, min_version=min_version)
+    except SourceBehindError:
+        return None
+    return got if got is None else dict(got)
 
 
 class Store(_native.Engine):
@@ -147,6 +185,9 @@ class Store(_native.Engine):
         ``"mainline"`` (simulated; see DESIGN.md section 5).
     rebuild_source: ``fetch([(key, min_version)]) -> {key: (version, value)}``,
         as a callable or an object with a ``fetch`` method; None for none.
+        An object that also has ``fetch_hash_range(lo, hi, min_version=0)``
+        can rebuild lost index ranges (see :meth:`fetch_hash_range` for the
+        contract); without it, keys of a lost index page stay LOST.
     max_key, max_value: size limits (defaults 64 KiB and 512 MiB).
     recovery: ``"thread"`` (a background worker) or ``"manual"`` (call
         :meth:`recover` when :attr:`loss_fd` is readable, and
@@ -187,6 +228,11 @@ class Store(_native.Engine):
         self._interval = float(maintenance_interval)
         self._lock = threading.RLock()
         self._pending: dict[bytes, _Pending] = {}
+        # lost index ranges awaiting fetch_hash_range: (lo, hi inclusive) -> _PendingRange
+        self._pending_ranges: dict[tuple[int, int], _PendingRange] = {}
+        self._ranges_rebuilt = 0
+        self._ranges_given_up = 0
+        self._range_reason = None
         self._callbacks: list[Callable[[list], None]] = []
         self._faults_injected = 0
         self._read_repairs = 0
@@ -253,12 +299,49 @@ class Store(_native.Engine):
                 out[bytes(key)] = got
         return out
 
+    def fetch_hash_range(self, lo: int, hi: int, min_version: int = 0) -> dict:
+        """Serve as a peer's rebuild source for a lost index range:
+        ``{key: (version, value)}`` for every key held here with
+        ``lo <= key_hash(key) < hi`` (``hi`` up to ``2**64``).
+
+        The contract a requester relies on: the answer reflects every write
+        and delete this store had applied up to ``min_version`` (every write
+        and every delete takes a version, see :attr:`version`). A store that
+        has not reached ``min_version``, or that lost part of the range
+        itself and cannot say, raises :class:`kvstore.SourceBehindError`
+        (retry later, or ask another source). Keys that are LOST here are
+        read-repaired through this store's own source first."""
+        lo, hi, min_version = int(lo), int(hi), int(min_version)
+        if not 0 <= lo < hi <= HASH_SPACE:
+            raise ValueError(f"need 0 <= lo < hi <= 2**64, not [{lo}, {hi})")
+        if self.version < min_version:
+            raise SourceBehindError(f"this store is at version {self.version}, "
+                                    f"the requester needs {min_version}")
+        out = {}
+        for item in self.scan_range(lo, hi - 1):
+            if item[0] == "range":
+                raise SourceBehindError(f"hash range [{item[1]:#x}, {item[2]:#x}] is lost here too "
+                                        f"(since version {item[3]})")
+            _kind, key, _version, _state = item
+            try:
+                got = self.get_versioned(key)
+            except KeyLostError as e:
+                raise SourceBehindError(f"key {key!r} in the range is lost here too") from e
+            if got is not None:
+                out[key] = got
+        return out
+
     def stats(self) -> dict:
         s = self.engine_stats()
         with self._lock:
             s.update(
                 unrecoverable_keys=self._unrecoverable,
                 rebuild_pending=len(self._pending),
+                lost_ranges=len(self._pending_ranges),
+                lost_ranges_reason=(self._range_reason if self._pending_ranges or self._ranges_given_up
+                                    else None),
+                ranges_rebuilt=self._ranges_rebuilt,
+                ranges_given_up=self._ranges_given_up,
                 read_repairs=self._read_repairs,
                 rebuild_fetches=self._rebuild_fetches,
                 faults_injected=self._faults_injected,
@@ -307,14 +390,24 @@ class Store(_native.Engine):
                 p = self._pending.get(key)
                 if p is None or p.version < version:
                     self._pending[key] = _Pending(version, now)
+            new_ranges = self.take_lost_ranges()
+            for lo, hi, version in new_ranges:
+                p = self._pending_ranges.get((lo, hi))
+                if p is None or p.version < version:
+                    self._pending_ranges[(lo, hi)] = _PendingRange(version, now)
+        for lo, hi, version in new_ranges:
+            log.warning("kvstore index ue: hash range [%#018x, %#018x] lost at version %d; its keys are "
+                        "LOST until rebuilt with fetch_hash_range", lo, hi, version)
         if r["subpages"]:
-            log.info("kvstore ue: subpages=%d keys_lost=%d pages_salvaged=%d subpages_salvaged=%d "
-                     "salvage_failed=%d%s", r["subpages"], r["keys_lost"], r["pages_salvaged"],
+            log.info("kvstore ue: subpages=%d keys_lost=%d index_pages_lost=%d orphans_reclaimed=%d "
+                     "pages_salvaged=%d subpages_salvaged=%d salvage_failed=%d%s", r["subpages"],
+                     r["keys_lost"], r["index_pages_lost"], r["orphans_reclaimed"], r["pages_salvaged"],
                      r["subpages_salvaged"], r["salvage_failed"],
                      f" salvage_error={r['salvage_error']!r}" if r["salvage_failed"] else "")
         if newly:
             self._notify([k for k, _, _ in newly])
         r["rebuilt"], r["unrecoverable"] = self._rebuild_round()
+        r["ranges_rebuilt"] = self._rebuild_ranges()
         return r
 
     def _notify(self, keys):
@@ -387,9 +480,125 @@ class Store(_native.Engine):
                      len(self._pending))
         return rebuilt, unrecoverable
 
+    def _rebuild_ranges(self) -> int:
+        """Fetch due lost index ranges with ``fetch_hash_range`` and install
+        what comes back. Returns ranges rebuilt."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._pending_ranges:
+                return 0
+            src = self.rebuild_source
+            if src is None or not hasattr(src, "fetch_hash_range"):
+                reason = ("no rebuild source" if src is None else
+                          "the rebuild source has no fetch_hash_range")
+                if self._range_reason != reason:
+                    log.warning("kvstore rebuild: %d lost index range(s) stay LOST: %s",
+                                len(self._pending_ranges), reason)
+                self._range_reason = reason
+                self._ranges_given_up += len(self._pending_ranges)
+                self._pending_ranges.clear()
+                return 0
+            due = [(lo, hi, p.version) for (lo, hi), p in self._pending_ranges.items() if p.next_try <= now]
+        done = 0
+        for lo, hi, version in due:
+            try:
+                got = _call_range(src, lo, hi + 1, version)
+                self._rebuild_fetches += 1
+            except Exception as e:  # a failing source is retried with backoff
+                log.warning("kvstore rebuild: fetch_hash_range failed: %s", e)
+                got = None
+            if got is not None:
+                self._install_range(lo, hi, version, got)
+                self.range_done(lo, hi, version)
+            now = time.monotonic()
+            with self._lock:
+                p = self._pending_ranges.get((lo, hi))
+                if p is None or p.version != version:
+                    continue
+                if got is not None:
+                    del self._pending_ranges[(lo, hi)]
+                    self._ranges_rebuilt += 1
+                    done += 1
+                    continue
+                self._range_reason = "the rebuild source is behind or unreachable"
+                p.attempts += 1
+                if now - p.since >= self.rebuild_deadline:
+                    del self._pending_ranges[(lo, hi)]
+                    self._ranges_given_up += 1
+                    log.warning("kvstore rebuild: hash range [%#018x, %#018x] (lost at version %d) stays "
+                                "LOST: no source caught up within %.1fs", lo, hi, version, self.rebuild_deadline)
+                else:
+                    p.next_try = now + min(1.0, 0.01 * (2 ** min(p.attempts, 7)))
+        if done:
+            log.info("kvstore rebuild: %d index range(s) rebuilt", done)
+        return done
+
+    def _install_range(self, lo, hi, version, got):
+        for key, item in got.items():
+            key = bytes(key)
+            if not lo <= key_hash(key) <= hi:
+                continue                  # not ours to install
+            exp = item[2] if len(item) > 2 and item[2] else 0
+            try:
+                self.install_from_range(key, item[1], item[0], exp, version)
+            except StoreFullError:
+                log.warning("kvstore rebuild: no room to reinstall %r (%d bytes)", key, len(item[1]))
+
+    def install_from_range(self, key, value, version, expire_at_ms, range_version):
+        """Install one key of a ``fetch_hash_range`` answer given at
+        ``range_version``: it goes in only if its index range was lost at or
+        before that version and nothing was written or deleted here since.
+        Returns "installed", "stale" or "skipped". (A server wraps this to
+        forward what it installs to its own replicas.)"""
+        return _native.Engine.install(self, key, value, version, expire_at_ms, range_version)
+
+    def _range_read(self, key, version, versioned):
+        """Read-repair a key whose index range was lost: ask the source for
+        the keys of its exact hash (the key's own answer, as of a version at
+        least the loss version), install them, and read again."""
+        src = self.rebuild_source
+        if src is None or not hasattr(src, "fetch_hash_range"):
+            raise KeyLostError(key, version)
+        h = key_hash(key)
+        deadline = time.monotonic() + self.read_repair_timeout
+        while True:
+            got = self._fetch_range_bounded(src, h, version, deadline - time.monotonic())
+            if got is not None:
+                self._install_range(h, h, version, got)
+                if key not in got:
+                    self.mark_absent(key, version)
+                with self._lock:
+                    self._read_repairs += 1
+                if self.state(key) != "range":
+                    return self.get_versioned(key) if versioned else self.get(key)
+            if time.monotonic() >= deadline:
+                raise KeyLostError(key, version)
+            time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+            st = self.state(key)
+            if st != "range":
+                return self.get_versioned(key) if versioned else self.get(key)
+
+    def _fetch_range_bounded(self, src, h, version, timeout):
+        if timeout <= 0:
+            return None
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvstore-repair")
+        fut = self._pool.submit(_call_range, src, h, h + 1, version)
+        try:
+            return fut.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            return None
+        except Exception as e:
+            log.warning("kvstore read-repair: fetch_hash_range failed: %s", e)
+            return None
+
     def _lost_read(self, key, version, state, versioned):
         """Called by the engine when a read finds ``key`` LOST: read-repair
-        through the rebuild source within ``read_repair_timeout``."""
+        through the rebuild source within ``read_repair_timeout``. State
+        ``"range"``: the key's index page was lost, so whether it exists is
+        not known here; it is repaired by hash (:meth:`_range_read`)."""
+        if state == "range":
+            return self._range_read(bytes(key), version, versioned)
         if self.rebuild_source is None or state == "unrecoverable":
             cls = UnrecoverableKeyError if state == "unrecoverable" else KeyLostError
             raise cls(bytes(key), version)
@@ -438,7 +647,7 @@ class Store(_native.Engine):
         self.expire_sweep(2000)
         if self.scrub_rate > 0:
             self.scrub(max(1, int(self.scrub_rate * min(dt, 1.0))))
-        if self.loss_pending or self._pending:
+        if self.loss_pending or self._pending or self._pending_ranges:
             self.recover()
 
     def wait_recovered(self, timeout: float | None = None) -> bool:
@@ -452,7 +661,7 @@ class Store(_native.Engine):
             if self._worker is None or threading.current_thread() is self._worker:
                 self.recover()
             with self._lock:
-                if not self.loss_pending and not self._pending:
+                if not self.loss_pending and not self._pending and not self._pending_ranges:
                     return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False

@@ -22,22 +22,54 @@ SUB = 4096
 
 
 class Replica:
-    """A rebuild source: ``fetch([(key, min_version)]) -> {key: (version, value)}``.
+    """A rebuild source: ``fetch([(key, min_version)]) -> {key: (version, value)}``
+    and ``fetch_hash_range(lo, hi, min_version) -> {key: (version, value)}``.
 
-    Writers call :meth:`record` with the version ``Store.put`` returned.
+    Writers call :meth:`record` with the version ``Store.put`` returned, and
+    :meth:`record_delete` with the store's version after a delete.
     ``online = False`` makes it answer nothing (a replica that is down).
+    By name it keeps the values of deleted keys (it lags behind deletes); by
+    hash range it answers only as of what it has applied: ``applied`` is the
+    highest version recorded, capped by ``lag_to`` (a lagging replica), and a
+    range request for a later version raises SourceBehindError.
     """
 
     def __init__(self):
         self.data: dict[bytes, tuple[int, bytes]] = {}
+        self.deleted: dict[bytes, int] = {}
+        self.applied = 0
+        self.lag_to = None
         self.online = True
         self.calls = 0
+        self.range_calls = 0
         self.requested: list[tuple[bytes, int]] = []
         self.lock = threading.Lock()
 
     def record(self, key, version, value):
         with self.lock:
             self.data[bytes(key)] = (version, bytes(value))
+            self.deleted.pop(bytes(key), None)
+            self.applied = max(self.applied, version)
+
+    def record_delete(self, key, version):
+        with self.lock:
+            self.deleted[bytes(key)] = version
+            self.applied = max(self.applied, version)
+
+    def fetch_hash_range(self, lo, hi, min_version=0):
+        with self.lock:
+            self.range_calls += 1
+            if not self.online:
+                return None
+            applied = self.applied if self.lag_to is None else min(self.applied, self.lag_to)
+            if applied < min_version:
+                raise kvstore.SourceBehindError(f"replica at {applied}, asked for {min_version}")
+            out = {}
+            for key, item in self.data.items():      # (version, value[, expire_at_ms])
+                if not lo <= kvstore.key_hash(key) < hi or key in self.deleted:
+                    continue
+                out[key] = item
+            return out
 
     def forget(self, key):
         with self.lock:
@@ -55,6 +87,29 @@ class Replica:
                 if item is not None and item[0] >= min_version:
                     out[bytes(key)] = item
             return out
+
+
+class NameOnlyReplica(Replica):
+    """A rebuild source with ``fetch`` only (no ``fetch_hash_range``)."""
+
+    def __getattribute__(self, name):
+        if name == "fetch_hash_range":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def same_group_key(store, key, prefix=b"other"):
+    """A key ``prefix + N`` whose records are placed with ``key``'s (records
+    are grouped by the top bits of the key hash)."""
+    groups = store.stats()["record_groups"]
+    bits = groups.bit_length() - 1
+    if bits == 0:
+        return prefix
+    want = kvstore.key_hash(key) >> (64 - bits)
+    n = 0
+    while kvstore.key_hash(prefix + b"%d" % n) >> (64 - bits) != want:
+        n += 1
+    return prefix + b"%d" % n
 
 
 def overlaps(loc, first, last_excl):

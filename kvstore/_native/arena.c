@@ -280,9 +280,13 @@ static __attribute__((noinline)) int guarded_memcpy(void *dst, const void *src, 
                                                    uint8_t *raise_at, int lsb)
 {
     sigjmp_buf jb;
+    sigjmp_buf *volatile outer = kv_tls.jmp;      /* an enclosing guard, if any */
+    volatile int outer_active = kv_tls.active;
     kv_guard_thread_init();
     if (sigsetjmp(jb, 0)) {
         kv_guard_landed();
+        kv_tls.jmp = outer;
+        kv_tls.active = outer_active;
         return -1;
     }
     kv_guard_arm(&jb);
@@ -291,11 +295,15 @@ static __attribute__((noinline)) int guarded_memcpy(void *dst, const void *src, 
         /* Still here: SIGBUS is blocked in this thread, so the signal stays
          * queued. Never copy the poisoned bytes; report the fault. */
         kv_guard_disarm();
+        kv_tls.jmp = outer;
+        kv_tls.active = outer_active;
         kv_tls.fault_addr = (uintptr_t)raise_at;
         return -2;
     }
     memcpy(dst, src, n);
     kv_guard_disarm();
+    kv_tls.jmp = outer;
+    kv_tls.active = outer_active;
     return 0;
 }
 
@@ -576,6 +584,7 @@ long kv_arena_salvage(kv_arena *a, size_t p, char *err, size_t errlen)
         bit_set(a->poison, first + (sub >> KV_SUB_SHIFT));
         o = sub + KV_SUB_SIZE;
     }
+    if (a->salvage_delay_us) usleep(a->salvage_delay_us);
     munmap(tmp, ps);
     void *m = mmap(a->base + (p << a->page_shift), ps, PROT_READ | PROT_WRITE,
                    MAP_SHARED | MAP_FIXED | MAP_POPULATE, fd, 0);

@@ -66,6 +66,7 @@ typedef struct kv_arena {
     uint64_t salvage_failed;
     uint64_t subpages_salvaged;
     uint64_t pages_degraded;  /* salvaged into 4 KiB pages for want of a spare hugepage */
+    uint32_t salvage_delay_us; /* test hook: a slow salvage copy */
     char reason[256];         /* why a fallback happened, if one did */
 } kv_arena;
 

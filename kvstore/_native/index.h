@@ -1,42 +1,73 @@
-/* index.h - the key index, kept in ordinary process memory.
+/* index.h - the key index, kept in the arena as hash-ordered 4 KiB pages.
  *
- * Keys live here, not only in the arena: a key whose record was lost must
- * still be known by name (to report it LOST and to ask a replica for it).
- * Each key has one entry in a slab:
+ * The index is a hash-ordered table of pages. The 64-bit key hash
+ * (kv_hash(), published as kvstore.key_hash) places every key: its top
+ * bits pick a cell of the directory (2^depth cells, depth <= 28), the cell
+ * names an index page, and an index page covers a run of consecutive cells,
+ * i.e. a known hash range [lo, hi]. A full page gives cells to a neighbour
+ * with room or splits at the cell nearest its median (the directory doubles
+ * when a page covers too few cells), so pages stay about 80% full.
  *
- *     u64 loc   bits  0..39  arena offset of the record
- *               bits 40..56  key length (up to 65536)
- *               bits 57..59  state (kv_state)
- *               bits 60..63  flags (KV_F_*)
- *     u64 ver   bits  0..47  version
- *               bits 48..63  hash tag (top 16 bits of the key hash)
- *     key bytes, padded to 8
+ * The range is also kept in the allocator's metadata word for the subpage:
+ * a lost index page names the keys it held without being read.
  *
- * The slab is one large MAP_NORESERVE region addressed by 32-bit entry ids
- * (8-byte units), so a hash slot is 4 bytes. Freed entries go to a free list
- * per size. A linear walk of the slab visits every entry (the recovery scan
- * and the compactor use it). A side table holds expiry times, only for keys
- * that have one.
+ * Index page layout (little-endian):
+ *
+ *     0   u16 n          slots in use
+ *     2   u16 heap       entries occupy [heap, 4096)
+ *     4   u16 dead       bytes of freed entries inside the heap
+ *     6   u8  magic      KV_IP_MAGIC
+ *     7   u8  flags      KV_IP_LOSTRANGE: the range was lost; see lost_at
+ *     8   u64 lo         hash range covered, hi inclusive
+ *     16  u64 hi
+ *     24  u64 lost_at    store version when the range was lost (0: never)
+ *     32  u32 slot[n]    (low 16 bits of the hash << 16) | entry offset
+ *     ... free ...
+ *     heap: entries, 8-byte aligned:
+ *         u64 loc   bits  0..39 record offset, 40..56 key length,
+ *                   57..59 state, 60..63 flags (KV_F_*)
+ *         u64 ver   bits  0..47 version
+ *         key bytes padded to 8     (KV_F_LONG: u64 full hash instead; the
+ *                                    key is stored in the record)
+ *         u64 expiry (ms)           only with KV_F_TTL
+ *
+ * Tombstones (KV_ST_TOMB) exist only in pages whose range was lost: a delete
+ * there must not be undone by a rebuild from a replica.
  */
 #ifndef KV_INDEX_H
 #define KV_INDEX_H
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 enum kv_state {
-    KV_ST_FREE = 0,          /* slab entry not in use */
+    KV_ST_FREE = 0,
     KV_ST_PRESENT = 1,
     KV_ST_LOST = 2,          /* record bytes gone; version known */
     KV_ST_REBUILDING = 3,    /* being fetched from a rebuild source */
     KV_ST_UNRECOVERABLE = 4, /* no source had it before the deadline */
+    KV_ST_TOMB = 5,          /* deleted after its range was lost */
 };
 
 #define KV_F_TTL 1u
-#define KV_F_QUEUED 2u   /* in the engine's lost queue, not yet taken */
+#define KV_F_LONG 2u          /* key kept in the record, full hash in the entry */
 
 #define KV_MAX_KEY 65536u
+#define KV_INLINE_KEY 1024u   /* longer keys are stored in their record */
 #define KV_VERSION_MASK ((1ULL << 48) - 1)
+
+#define KV_IP_HDR 32u
+#define KV_IP_LOSTRANGE 1u
+#define KV_IP_MAGIC 0xA5u
+#define KV_MAX_DEPTH 28u
+
+typedef struct {
+    uint16_t n, heap, dead;
+    uint8_t magic, flags;
+    uint64_t lo, hi, lost_at;
+    uint32_t slot[];
+} kv_ipage;
 
 typedef struct {
     uint64_t loc;
@@ -49,12 +80,11 @@ static inline uint32_t kv_e_klen(const kv_entry *e) { return (uint32_t)((e->loc 
 static inline int kv_e_state(const kv_entry *e) { return (int)((e->loc >> 57) & 7); }
 static inline unsigned kv_e_flags(const kv_entry *e) { return (unsigned)(e->loc >> 60); }
 static inline uint64_t kv_e_version(const kv_entry *e) { return e->ver & KV_VERSION_MASK; }
-static inline uint16_t kv_e_tag(const kv_entry *e) { return (uint16_t)(e->ver >> 48); }
 
-static inline void kv_e_set(kv_entry *e, uint64_t off, uint32_t klen, int state, unsigned flags)
+static inline uint64_t kv_e_mkloc(uint64_t off, uint32_t klen, int state, unsigned flags)
 {
-    e->loc = (off & ((1ULL << 40) - 1)) | ((uint64_t)klen << 40) | ((uint64_t)state << 57) |
-             ((uint64_t)flags << 60);
+    return (off & ((1ULL << 40) - 1)) | ((uint64_t)klen << 40) | ((uint64_t)state << 57) |
+           ((uint64_t)flags << 60);
 }
 static inline void kv_e_set_off(kv_entry *e, uint64_t off)
 {
@@ -72,65 +102,69 @@ static inline void kv_e_set_version(kv_entry *e, uint64_t v)
 {
     e->ver = (e->ver & ~KV_VERSION_MASK) | (v & KV_VERSION_MASK);
 }
+/* Bytes of the key field. */
+static inline uint32_t kv_e_keyfield(uint32_t klen, unsigned flags)
+{
+    return (flags & KV_F_LONG) ? 8 : (klen + 7) & ~7u;
+}
+static inline uint32_t kv_e_size(uint32_t klen, unsigned flags)
+{
+    return 16 + kv_e_keyfield(klen, flags) + ((flags & KV_F_TTL) ? 8 : 0);
+}
+static inline uint32_t kv_e_bytes(const kv_entry *e) { return kv_e_size(kv_e_klen(e), kv_e_flags(e)); }
+static inline uint64_t *kv_e_ttlp(kv_entry *e)
+{
+    return (uint64_t *)(e->key + kv_e_keyfield(kv_e_klen(e), kv_e_flags(e)));
+}
+static inline uint64_t kv_e_ttl(const kv_entry *e)
+{
+    if (!(kv_e_flags(e) & KV_F_TTL)) return 0;
+    uint64_t x;
+    memcpy(&x, e->key + kv_e_keyfield(kv_e_klen(e), kv_e_flags(e)), 8);
+    return x;
+}
+static inline uint64_t kv_e_fullhash(const kv_entry *e)
+{
+    uint64_t x;
+    memcpy(&x, e->key, 8);
+    return x;
+}
 
-/* Size of an entry in 8-byte units. */
-static inline uint32_t kv_e_units(uint32_t klen) { return 2 + (klen + 7) / 8; }
+static inline kv_entry *kv_ip_entry(kv_ipage *p, uint32_t i)
+{
+    return (kv_entry *)((uint8_t *)p + (p->slot[i] & 0xFFFF));
+}
+static inline uint16_t kv_tag(uint64_t h) { return (uint16_t)h; }
 
-typedef struct {
-    uint8_t *slab;           /* MAP_NORESERVE region */
-    size_t slab_cap;         /* bytes reserved */
-    uint64_t slab_top;       /* units in use (bump) */
-    uint32_t *free_heads;    /* per size in units; 0 = empty */
-    uint64_t slab_free_units;
-    uint32_t *slots;         /* 0 empty, UINT32_MAX tombstone, else entry id */
-    size_t cap;              /* power of two */
-    size_t count;            /* entries in the table (any state but FREE) */
-    size_t tombs;
-    /* expiry side table: entry id -> absolute expiry (ms, CLOCK_REALTIME) */
-    uint32_t *ttl_ids;
-    uint64_t *ttl_exp;
-    size_t ttl_cap, ttl_count;
-} kv_index;
-
-int kv_index_init(kv_index *ix);
-void kv_index_free(kv_index *ix);
-/* Drop every entry (keeps the reserved memory). */
-void kv_index_clear(kv_index *ix);
+/* Directory cell of hash h at depth D, and the hash range of a cell. */
+static inline uint64_t kv_cell(unsigned D, uint64_t h) { return D ? h >> (64 - D) : 0; }
+static inline uint64_t kv_cell_lo(unsigned D, uint64_t c) { return D ? c << (64 - D) : 0; }
+static inline uint64_t kv_cell_hi(unsigned D, uint64_t c) { return D ? kv_cell_lo(D, c) | (~0ULL >> D) : ~0ULL; }
 
 uint64_t kv_hash(const void *key, size_t klen);
 
-static inline kv_entry *kv_ix_entry(const kv_index *ix, uint32_t id)
+void kv_ip_init(kv_ipage *p, uint64_t lo, uint64_t hi, unsigned flags, uint64_t lost_at);
+/* Bytes free in the page once compacted. */
+static inline uint32_t kv_ip_free(const kv_ipage *p)
 {
-    return (kv_entry *)(ix->slab + (size_t)id * 8);
+    return (uint32_t)p->heap + p->dead - (KV_IP_HDR + 4u * p->n);
 }
-
-/* Find the entry for key (any non-FREE state). Returns its id or 0. */
-uint32_t kv_index_find(const kv_index *ix, const void *key, uint32_t klen, uint64_t h);
-
-/* Create an entry for a key known to be absent; state and offset set by the
- * caller. Returns the id, or 0 when out of memory. */
-uint32_t kv_index_insert(kv_index *ix, const void *key, uint32_t klen, uint64_t h);
-
-/* Remove entry id from the table and free it (and its expiry). */
-void kv_index_remove(kv_index *ix, uint32_t id);
-
-/* Slab walk: first entry id at or after `from` units (0 when none). Visits
- * FREE entries too; the caller skips them. */
-static inline uint32_t kv_index_next(const kv_index *ix, uint64_t from)
+/* Free bytes for one more entry of `size` bytes (slot included)? */
+static inline int kv_ip_fits(const kv_ipage *p, uint32_t size)
 {
-    return from < ix->slab_top ? (uint32_t)(from ? from : 1) : 0;
+    return (uint32_t)p->heap >= KV_IP_HDR + 4u * (p->n + 1u) + size;
 }
-static inline uint64_t kv_index_after(const kv_index *ix, uint32_t id)
+static inline int kv_ip_fits_compacted(const kv_ipage *p, uint32_t size)
 {
-    return (uint64_t)id + kv_e_units(kv_e_klen(kv_ix_entry(ix, id)));
+    return (uint32_t)p->heap + p->dead >= KV_IP_HDR + 4u * (p->n + 1u) + size;
 }
-
-/* Expiry side table. */
-int kv_ttl_set(kv_index *ix, uint32_t id, uint64_t exp_ms);
-uint64_t kv_ttl_get(const kv_index *ix, uint32_t id);     /* 0 = none */
-void kv_ttl_del(kv_index *ix, uint32_t id);
-
-/* Bytes of process memory used by the index (slab in use + tables). */
-size_t kv_index_memory(const kv_index *ix);
+/* Append an entry (caller checked kv_ip_fits); returns it. */
+kv_entry *kv_ip_add(kv_ipage *p, uint16_t tag, uint32_t size);
+/* Remove slot i (its bytes become dead). */
+void kv_ip_del(kv_ipage *p, uint32_t i);
+/* Squeeze the dead bytes out (uses a 4 KiB buffer on the stack). */
+void kv_ip_compact(kv_ipage *p);
+/* Sanity of a page read from memory: 1 if plausible. */
+int kv_ip_plausible(const kv_ipage *p);
 
 #endif

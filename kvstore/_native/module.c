@@ -6,10 +6,13 @@
  *            and benchmarks.
  *   Engine - the record store on an Arena; kvstore.Store subclasses it so
  *            get/put/... are C methods called straight from Python.
- * All methods run with the GIL held and never release it: the GIL is the
- * engine's lock. The only call back into Python is the read of a LOST key,
- * which calls self._lost_read(key, version, state, versioned) when the
- * subclass defines it (read-repair), else raises KeyLostError.
+ * All methods run with the GIL held: the GIL is the engine's lock. The one
+ * place it is let go is the copy of a lost hugepage during salvage (the
+ * page is quarantined; an access that meets it waits for the copy). The
+ * only call back into Python is the read of a LOST key, which calls
+ * self._lost_read(key, version, state, versioned) when the subclass defines
+ * it (read-repair; state "range" when the key's index page was lost), else
+ * raises KeyLostError.
  *
  * Multi-phase init; exceptions come from kvstore.errors and are kept in the
  * module state; each object caches its module state pointer.
@@ -22,6 +25,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "alloc.h"
 #include "arena.h"
@@ -466,6 +470,15 @@ static PyObject *Arena_pointer_chase(ArenaObject *self, PyObject *args)
     return PyFloat_FromDouble(ns);
 }
 
+static PyObject *Arena__set_salvage_delay(ArenaObject *self, PyObject *arg)
+{
+    ARENA_OPEN(self);
+    unsigned long us = PyLong_AsUnsignedLong(arg);
+    if (us == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    self->a->salvage_delay_us = (uint32_t)us;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Arena_close(ArenaObject *self, PyObject *unused)
 {
     if (self->engines > 0) {
@@ -515,6 +528,8 @@ static PyMethodDef Arena_methods[] = {
     {"stats", (PyCFunction)Arena_stats, METH_NOARGS, "Counters and configuration."},
     {"pointer_chase", (PyCFunction)Arena_pointer_chase, METH_VARARGS,
      "pointer_chase(nbytes, steps, seed=1) -> ns per step over healthy subpages (overwrites them)."},
+    {"_set_salvage_delay", (PyCFunction)Arena__set_salvage_delay, METH_O,
+     "Test hook: sleep this many microseconds inside every salvage copy."},
     {"close", (PyCFunction)Arena_close, METH_NOARGS, "Unmap the arena (idempotent)."},
     {NULL}};
 
@@ -571,7 +586,7 @@ static int engine_unusable(EngineObject *self)
     if (self->gen != g_fork_gen) {
         PyErr_SetString(self->st->Error,
                         "this store was opened in the parent process: a forked child must open its own "
-                        "Store (the arena is shared memory and the index is not)");
+                        "Store (the arena, index included, is shared memory)");
         return 1;
     }
     return 0;
@@ -606,16 +621,24 @@ static int value_arg(EngineObject *self, PyObject *o, Py_buffer *v)
     return 0;
 }
 
-/* Look key up: KV_OK / KV_ABSENT / KV_LOSTKEY with *id, or -1 with an
+/* Look key up: KV_OK / KV_ABSENT / KV_LOSTKEY with *info, or -1 with an
  * exception set (bad key). */
-static int lookup(EngineObject *self, PyObject *key, uint32_t *id, uint64_t now)
+static int lookup(EngineObject *self, PyObject *key, kv_info *info, uint64_t now, int want_len)
 {
     Py_buffer k;
     if (key_arg(self, key, &k)) return -1;
-    int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), id, now);
+    int rc = kv_eng_info(&self->e, k.buf, (uint32_t)k.len, now, want_len, info);
     put_bytes(&k);
+    if (rc == KV_AGAIN) {
+        PyErr_SetString(self->st->MemoryFaultError, "repeated memory faults while looking the key up");
+        return -1;
+    }
     return rc;
 }
+
+/* The engine's lock is the GIL: a salvage copy lets it go. */
+static void *gil_unlock(void) { return PyEval_SaveThread(); }
+static void gil_relock(void *tok) { PyEval_RestoreThread((PyThreadState *)tok); }
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
 {
@@ -655,6 +678,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         PyErr_NoMemory();
         return -1;
     }
+    self->e.unlock = gil_unlock;
+    self->e.relock = gil_relock;
     Py_INCREF(ao);
     self->arena = ao;
     ao->engines++;
@@ -712,27 +737,11 @@ static void Engine_dealloc(EngineObject *self)
     Py_DECREF(tp);
 }
 
-/* The key is LOST: let the subclass repair it, else raise KeyLostError. */
-static PyObject *lost_read(EngineObject *self, PyObject *key, uint32_t id, int versioned)
+static PyObject *raise_lost(EngineObject *self, PyObject *key, const kv_info *info)
 {
-    kv_entry *ent = kv_ix_entry(&self->e.ix, id);
-    unsigned long long ver = kv_e_version(ent);
-    int state = kv_e_state(ent);
-    if (Py_TYPE(self) != (PyTypeObject *)self->st->EngineType) {
-        PyObject *args[] = {(PyObject *)self, key, NULL, NULL, versioned ? Py_True : Py_False};
-        args[2] = PyLong_FromUnsignedLongLong(ver);
-        args[3] = PyUnicode_FromString(state_names[state]);
-        PyObject *r = NULL;
-        if (args[2] && args[3])
-            r = PyObject_VectorcallMethod(self->st->str_lost_read, args, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET * 0,
-                                          NULL);
-        Py_XDECREF(args[2]);
-        Py_XDECREF(args[3]);
-        if (r || !PyErr_ExceptionMatches(PyExc_AttributeError)) return r;
-        PyErr_Clear();
-    }
     PyObject *exc = PyObject_CallFunction(
-        state == KV_ST_UNRECOVERABLE ? self->st->UnrecoverableKeyError : self->st->KeyLostError, "OK", key, ver);
+        info->state == KV_ST_UNRECOVERABLE ? self->st->UnrecoverableKeyError : self->st->KeyLostError, "OK", key,
+        (unsigned long long)info->version);
     if (exc) {
         PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
         Py_DECREF(exc);
@@ -740,44 +749,73 @@ static PyObject *lost_read(EngineObject *self, PyObject *key, uint32_t id, int v
     return NULL;
 }
 
-/* Read PRESENT entry id into a new bytes object; NULL with *lost=1 when the
- * record turned out to be lost. */
-static PyObject *read_value(EngineObject *self, uint32_t id, int *lost)
+/* The key is LOST (or its index range is): let the subclass repair it
+ * (state "range" when the key's index page was lost), else raise
+ * KeyLostError. */
+static PyObject *lost_read(EngineObject *self, PyObject *key, const kv_info *info, int versioned)
 {
-    uint32_t vlen;
+    if (Py_TYPE(self) != (PyTypeObject *)self->st->EngineType) {
+        PyObject *args[] = {(PyObject *)self, key, NULL, NULL, versioned ? Py_True : Py_False};
+        args[2] = PyLong_FromUnsignedLongLong(info->version);
+        args[3] = PyUnicode_FromString(info->range_lost ? "range" : state_names[info->state]);
+        PyObject *r = NULL;
+        if (args[2] && args[3])
+            r = PyObject_VectorcallMethod(self->st->str_lost_read, args, 5, NULL);
+        Py_XDECREF(args[2]);
+        Py_XDECREF(args[3]);
+        if (r || !PyErr_ExceptionMatches(PyExc_AttributeError)) return r;
+        PyErr_Clear();
+    }
+    return raise_lost(self, key, info);
+}
+
+/* Value destination: a bytes object (replaced if the read is retried). */
+static void *bytes_buf(void *ctx, size_t n)
+{
+    PyObject **o = ctx;
+    Py_CLEAR(*o);
+    *o = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    return *o ? PyBytes_AS_STRING(*o) : NULL;
+}
+
+/* Read key: the value (new reference), Py_None (absent, borrowed as new
+ * ref), or NULL with *lost set and info filled (lost), or NULL with an
+ * exception. */
+static PyObject *read_key(EngineObject *self, PyObject *key, kv_info *info, uint64_t now, int *lost)
+{
+    Py_buffer k;
     *lost = 0;
-    if (kv_eng_value_len(&self->e, id, &vlen) != KV_OK) {
+    if (key_arg(self, key, &k)) return NULL;
+    PyObject *val = NULL;
+    int rc = kv_eng_get(&self->e, k.buf, (uint32_t)k.len, now, bytes_buf, &val, info);
+    put_bytes(&k);
+    if (rc == KV_OK) return val;
+    Py_XDECREF(val);
+    if (rc == KV_ABSENT) Py_RETURN_NONE;
+    if (rc == KV_LOSTKEY) {
         *lost = 1;
         return NULL;
     }
-    PyObject *b = PyBytes_FromStringAndSize(NULL, vlen);
-    if (!b) return NULL;
-    if (kv_eng_value_read(&self->e, id, vlen, PyBytes_AS_STRING(b)) != KV_OK) {
-        Py_DECREF(b);
-        *lost = 1;
+    if (rc == KV_AGAIN) {
+        PyErr_SetString(self->st->MemoryFaultError, "repeated memory faults while reading the key");
         return NULL;
     }
-    return b;
+    if (!PyErr_Occurred()) PyErr_NoMemory();
+    return NULL;
 }
 
 static PyObject *get_impl(EngineObject *self, PyObject *key, int versioned)
 {
     ENGINE_OK(self);
-    uint32_t id = 0;
-    int rc = lookup(self, key, &id, 0);
-    if (rc < 0) return NULL;
-    if (rc == KV_ABSENT) Py_RETURN_NONE;
-    if (rc == KV_OK) {
-        int lost;
-        PyObject *b = read_value(self, id, &lost);
-        if (b) {
-            if (!versioned) return b;
-            PyObject *t = Py_BuildValue("(KN)", (unsigned long long)kv_e_version(kv_ix_entry(&self->e.ix, id)), b);
-            return t;
-        }
-        if (!lost) return NULL;
+    kv_info info;
+    int lost;
+    PyObject *b = read_key(self, key, &info, 0, &lost);
+    if (b) {
+        if (!versioned || b == Py_None) return b;
+        return Py_BuildValue("(KN)", (unsigned long long)info.version, b);
     }
-    return lost_read(self, key, id, versioned);
+    if (!lost) return NULL;
+    return lost_read(self, key, &info, versioned);
 }
 
 static PyObject *Engine_get(EngineObject *self, PyObject *key) { return get_impl(self, key, 0); }
@@ -879,14 +917,28 @@ static PyObject *Engine_delete(EngineObject *self, PyObject *key)
     if (key_arg(self, key, &k)) return NULL;
     int r = kv_eng_delete(&self->e, k.buf, (uint32_t)k.len);
     put_bytes(&k);
+    if (r < 0) {
+        PyErr_SetString(self->st->StoreFullError,
+                        "no room to record the delete of a key whose index range is being rebuilt; nothing was changed");
+        return NULL;
+    }
     return PyBool_FromLong(r);
 }
 
+/* exists: a LOST key exists; a key in a lost index range is read (repaired)
+ * to find out. */
 static int exists_impl(EngineObject *self, PyObject *key)
 {
-    uint32_t id = 0;
-    int rc = lookup(self, key, &id, 0);
+    kv_info info;
+    int rc = lookup(self, key, &info, 0, 0);
     if (rc < 0) return -1;
+    if (rc == KV_LOSTKEY && info.range_lost) {
+        PyObject *v = lost_read(self, key, &info, 0);
+        if (!v) return -1;
+        int r = v != Py_None;
+        Py_DECREF(v);
+        return r;
+    }
     return rc != KV_ABSENT;
 }
 
@@ -907,7 +959,7 @@ static Py_ssize_t Engine_len(EngineObject *self)
 {
     if ((!self->ready || self->gen != g_fork_gen) && engine_unusable(self)) return -1;
     kv_eng_check(&self->e);
-    return (Py_ssize_t)self->e.ix.count;
+    return (Py_ssize_t)self->e.nkeys;
 }
 
 /* mget(keys, marker=None): a list of values; None for absent keys. A LOST
@@ -917,33 +969,29 @@ static PyObject *Engine_mget(EngineObject *self, PyObject *args)
     PyObject *keys, *marker = Py_None;
     if (!PyArg_ParseTuple(args, "O|O:mget", &keys, &marker)) return NULL;
     ENGINE_OK(self);
-    PyObject *seq = PySequence_Fast(keys, "mget() needs a sequence of keys");
-    if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    /* a tuple of our own: the GIL may be let go during a salvage, and the
+     * caller's list could change meanwhile */
+    PyObject *seq = PyTuple_Check(keys) ? Py_NewRef(keys) : PySequence_Tuple(keys);
+    if (!seq) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "mget() needs a sequence of keys");
+        }
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
     PyObject *out = PyList_New(n);
     if (!out) goto fail;
-    uint64_t now = 0;
+    uint64_t now = kv_now_ms();
     for (Py_ssize_t i = 0; i < n; i++) {
-        Py_buffer k;
-        if (key_arg(self, items[i], &k)) goto fail;
-        uint32_t id = 0;
-        if (!now) now = kv_now_ms();
-        int rc = kv_eng_lookup(&self->e, k.buf, (uint32_t)k.len, kv_hash(k.buf, (size_t)k.len), &id, now);
-        put_bytes(&k);
-        PyObject *val = NULL;
-        if (rc == KV_ABSENT) {
-            val = Py_NewRef(Py_None);
-        } else {
-            int lost = rc == KV_LOSTKEY;
-            if (!lost) {
-                val = read_value(self, id, &lost);
-                if (!val && !lost) goto fail;
-            }
-            if (lost) {
-                if (marker != Py_None) val = Py_NewRef(marker);
-                else if (!(val = lost_read(self, items[i], id, 0))) goto fail;
-            }
+        kv_info info;
+        int lost;
+        PyObject *val = read_key(self, items[i], &info, now, &lost);
+        if (!val) {
+            if (!lost) goto fail;
+            if (marker != Py_None) val = Py_NewRef(marker);
+            else if (!(val = lost_read(self, items[i], &info, 0))) goto fail;
         }
         PyList_SET_ITEM(out, i, val);
     }
@@ -1000,16 +1048,20 @@ static PyObject *Engine_expire_at_ms(EngineObject *self, PyObject *args)
     unsigned long long at;
     if (!PyArg_ParseTuple(args, "OK:expire_at_ms", &key, &at)) return NULL;
     ENGINE_OK(self);
-    uint32_t id = 0;
-    int rc = lookup(self, key, &id, 0);
-    if (rc < 0) return NULL;
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    int had = 0;
+    int rc = kv_eng_set_ttl(&self->e, k.buf, (uint32_t)k.len, at, &had);
+    put_bytes(&k);
     if (rc == KV_ABSENT) Py_RETURN_FALSE;
-    if (at == 0) {
-        int had = (kv_e_flags(kv_ix_entry(&self->e.ix, id)) & KV_F_TTL) != 0;
-        if (had) kv_ttl_del(&self->e.ix, id);
-        return PyBool_FromLong(had);
+    if (rc == KV_LOSTKEY) {
+        kv_info info;
+        int r = lookup(self, key, &info, 0, 0);
+        if (r < 0) return NULL;
+        return raise_lost(self, key, &info);
     }
-    if (kv_ttl_set(&self->e.ix, id, at) != 0) return PyErr_NoMemory();
+    if (rc == KV_FULL) return put_error(self, KV_FULL, 16);
+    if (at == 0) return PyBool_FromLong(had);
     Py_RETURN_TRUE;
 }
 
@@ -1017,77 +1069,212 @@ static PyObject *Engine_expire_at_ms(EngineObject *self, PyObject *args)
 static PyObject *Engine_ttl_ms(EngineObject *self, PyObject *key)
 {
     ENGINE_OK(self);
-    uint32_t id = 0;
+    kv_info info;
     uint64_t now = kv_now_ms();
-    int rc = lookup(self, key, &id, now);
+    int rc = lookup(self, key, &info, now, 0);
     if (rc < 0) return NULL;
     if (rc == KV_ABSENT) return PyLong_FromLong(-2);
-    if (!(kv_e_flags(kv_ix_entry(&self->e.ix, id)) & KV_F_TTL)) return PyLong_FromLong(-1);
-    uint64_t exp = kv_ttl_get(&self->e.ix, id);
-    return PyLong_FromUnsignedLongLong(exp > now ? exp - now : 0);
+    if (rc == KV_LOSTKEY && info.range_lost) return raise_lost(self, key, &info);
+    if (!info.expire_ms) return PyLong_FromLong(-1);
+    return PyLong_FromUnsignedLongLong(info.expire_ms > now ? info.expire_ms - now : 0);
 }
 
 /* expire_at(key) -> absolute expiry ms or 0 (used by replication/fetch). */
 static PyObject *Engine_expire_at(EngineObject *self, PyObject *key)
 {
     ENGINE_OK(self);
-    uint32_t id = 0;
-    int rc = lookup(self, key, &id, 0);
+    kv_info info;
+    int rc = lookup(self, key, &info, 0, 0);
     if (rc < 0) return NULL;
-    if (rc == KV_ABSENT) return PyLong_FromLong(0);
-    return PyLong_FromUnsignedLongLong(kv_ttl_get(&self->e.ix, id));
+    if (rc == KV_ABSENT || info.range_lost) return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLongLong(info.expire_ms);
+}
+
+/* ---- scans over the index, page by page (copies) ---- */
+
+typedef struct {
+    EngineObject *self;
+    PyObject *list;
+    int what;                 /* 0 keys, 1 lost keys, 2 entries with hashes, 3 lost ranges */
+    uint64_t lo, hi, now;
+} scan_ctx;
+
+static void *scan_keybuf(void *ctx, size_t n)
+{
+    PyObject **o = ctx;
+    Py_CLEAR(*o);
+    *o = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    return *o ? PyBytes_AS_STRING(*o) : NULL;
+}
+
+static int scan_visit(void *vctx, const kv_ipage *p, uint64_t plo, uint64_t phi)
+{
+    scan_ctx *c = vctx;
+    if (!p || (p->flags & KV_IP_LOSTRANGE)) {
+        if (c->what == 2 || c->what == 3) {
+            uint64_t lo = plo < c->lo ? c->lo : plo, hi = phi > c->hi ? c->hi : phi;
+            PyObject *t = Py_BuildValue("(sKKK)", "range", (unsigned long long)lo, (unsigned long long)hi,
+                                        (unsigned long long)(p ? p->lost_at : c->self->e.version));
+            if (!t || PyList_Append(c->list, t) != 0) {
+                Py_XDECREF(t);
+                return -1;
+            }
+            Py_DECREF(t);
+        }
+        if (!p) return 0;
+    }
+    if (c->what == 3) return 0;
+    kv_ipage *pp = (kv_ipage *)p;
+    for (uint32_t i = 0; i < p->n; i++) {
+        const kv_entry *en = kv_ip_entry(pp, i);
+        int st = kv_e_state(en);
+        if (st == KV_ST_TOMB || st == KV_ST_FREE) continue;
+        if (c->what == 1 && st < KV_ST_LOST) continue;
+        if (c->what == 0 && (kv_e_flags(en) & KV_F_TTL) && kv_e_ttl(en) && kv_e_ttl(en) <= c->now) continue;
+        uint32_t klen = kv_e_klen(en);
+        PyObject *k = NULL;
+        uint64_t h;
+        if (kv_e_flags(en) & KV_F_LONG) {
+            h = kv_e_fullhash(en);
+            if (st != KV_ST_PRESENT) {
+                if (c->what == 2 && h >= c->lo && h <= c->hi) {
+                    PyObject *t = Py_BuildValue("(sKKK)", "range", (unsigned long long)h, (unsigned long long)h,
+                                                (unsigned long long)kv_e_version(en));
+                    if (!t || PyList_Append(c->list, t) != 0) {
+                        Py_XDECREF(t);
+                        return -1;
+                    }
+                    Py_DECREF(t);
+                }
+                continue;         /* the name went with the record */
+            }
+            if (c->what == 2 && (h < c->lo || h > c->hi)) continue;
+            if (kv_eng_read_longkey(&c->self->e, kv_e_off(en), klen, scan_keybuf, &k) != KV_OK) {
+                Py_XDECREF(k);
+                if (PyErr_Occurred()) return -1;
+                continue;
+            }
+        } else {
+            if (c->what == 2) {
+                h = kv_hash(en->key, klen);
+                if (h < c->lo || h > c->hi) continue;
+            }
+            k = PyBytes_FromStringAndSize((const char *)en->key, klen);
+            if (!k) return -1;
+        }
+        PyObject *item = k;
+        if (c->what == 1)
+            item = Py_BuildValue("(NKs)", k, (unsigned long long)kv_e_version(en), state_names[st]);
+        else if (c->what == 2)
+            item = Py_BuildValue("(sNKs)", "key", k, (unsigned long long)kv_e_version(en), state_names[st]);
+        if (!item || PyList_Append(c->list, item) != 0) {
+            Py_XDECREF(item);
+            return -1;
+        }
+        Py_DECREF(item);
+    }
+    return 0;
+}
+
+static PyObject *scan_list(EngineObject *self, int what, uint64_t lo, uint64_t hi)
+{
+    scan_ctx c = {self, PyList_New(0), what, lo, hi, kv_now_ms()};
+    if (!c.list) return NULL;
+    if (kv_eng_scan(&self->e, lo, hi, scan_visit, &c) != 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(self->st->MemoryFaultError, "the index directory is unreadable");
+        Py_DECREF(c.list);
+        return NULL;
+    }
+    return c.list;
 }
 
 static PyObject *Engine_keys(EngineObject *self, PyObject *unused)
 {
     ENGINE_OK(self);
-    kv_eng_check(&self->e);
-    PyObject *l = PyList_New(0);
+    return scan_list(self, 0, 0, ~0ULL);
+}
+
+static PyObject *Engine_lost_keys(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OK(self);
+    return scan_list(self, 1, 0, ~0ULL);
+}
+
+/* scan_range(lo, hi) -> [("key", key, version, state) | ("range", lo, hi, lost_at)]
+ * for every key with lo <= key_hash(key) <= hi (hi inclusive), and every
+ * part of [lo, hi] whose index was lost (not known here). */
+static PyObject *Engine_scan_range(EngineObject *self, PyObject *args)
+{
+    unsigned long long lo, hi;
+    if (!PyArg_ParseTuple(args, "KK:scan_range", &lo, &hi)) return NULL;
+    ENGINE_OK(self);
+    if (lo > hi) return PyList_New(0);
+    return scan_list(self, 2, lo, hi);
+}
+
+/* lost_ranges() -> [(lo, hi, lost_at)]: index ranges currently not known. */
+static PyObject *Engine_lost_ranges(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OK(self);
+    PyObject *l = scan_list(self, 3, 0, ~0ULL);
     if (!l) return NULL;
-    uint64_t now = kv_now_ms();
-    kv_index *ix = &self->e.ix;
-    for (uint64_t u = 1; u < ix->slab_top;) {
-        uint32_t id = (uint32_t)u;
-        kv_entry *ent = kv_ix_entry(ix, id);
-        u += kv_e_units(kv_e_klen(ent));
-        if (kv_e_state(ent) == KV_ST_FREE) continue;
-        if (kv_e_flags(ent) & KV_F_TTL) {
-            uint64_t exp = kv_ttl_get(ix, id);
-            if (exp && exp <= now) continue;
-        }
-        PyObject *k = PyBytes_FromStringAndSize((const char *)ent->key, kv_e_klen(ent));
-        if (!k || PyList_Append(l, k) != 0) {
-            Py_XDECREF(k);
-            Py_DECREF(l);
-            return NULL;
-        }
-        Py_DECREF(k);
+    Py_ssize_t n = PyList_GET_SIZE(l);
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(l, i);
+        PyList_SET_ITEM(out, i, PyTuple_GetSlice(t, 1, 4));
     }
-    return l;
+    Py_DECREF(l);
+    return out;
 }
 
 static PyObject *Engine_locate(EngineObject *self, PyObject *key)
 {
     ENGINE_OK(self);
-    uint32_t id = 0;
-    int rc = lookup(self, key, &id, 0);
+    kv_info info;
+    int rc = lookup(self, key, &info, 0, 1);
     if (rc < 0) return NULL;
     if (rc == KV_ABSENT) {
         PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
     }
-    size_t len = rc == KV_OK ? kv_eng_record_len(&self->e, id) : 0;
-    if (rc != KV_OK || len == 0) {
-        kv_entry *ent = kv_ix_entry(&self->e.ix, id);
-        PyObject *exc = PyObject_CallFunction(self->st->KeyLostError, "OK", key,
-                                              (unsigned long long)kv_e_version(ent));
-        if (exc) {
-            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-            Py_DECREF(exc);
-        }
+    if (rc != KV_OK || info.rec_len == 0) return raise_lost(self, key, &info);
+    return Py_BuildValue("(Kn)", (unsigned long long)info.rec_off, (Py_ssize_t)info.rec_len);
+}
+
+/* locate_entry(key) -> (arena offset, length) of the key's index entry. */
+static PyObject *Engine_locate_entry(EngineObject *self, PyObject *key)
+{
+    ENGINE_OK(self);
+    kv_info info;
+    int rc = lookup(self, key, &info, 0, 0);
+    if (rc < 0) return NULL;
+    if (rc == KV_ABSENT) {
+        PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
     }
-    return Py_BuildValue("(Kn)", (unsigned long long)kv_e_off(kv_ix_entry(&self->e.ix, id)), (Py_ssize_t)len);
+    if (info.range_lost) return raise_lost(self, key, &info);
+    return Py_BuildValue("(Kn)", (unsigned long long)info.entry_off, (Py_ssize_t)info.entry_len);
+}
+
+/* subpage_kind(s) -> ("free" | "records" | "large" | "lost" | "directory" |
+ * "index", lo, hi): what the allocator holds in subpage s; for an index page
+ * its hash range [lo, hi] (hi inclusive), else (kind, 0, 0). */
+static PyObject *Engine_subpage_kind(EngineObject *self, PyObject *arg)
+{
+    ENGINE_OK(self);
+    size_t s = PyLong_AsSize_t(arg);
+    if (s == (size_t)-1 && PyErr_Occurred()) return NULL;
+    if (s >= self->e.al.nsub) {
+        PyErr_Format(PyExc_IndexError, "subpage %zu outside the store (%zu subpages)", s, self->e.al.nsub);
+        return NULL;
+    }
+    kv_meta m = self->e.al.meta[s];
+    static const char *names[] = {"free", "records", "large", "large", "lost", "index", "directory", "?"};
+    int k = kv_sp_kind(m);
+    if (k == KV_SP_INDEX)
+        return Py_BuildValue("(sKK)", "index", (unsigned long long)kv_sp_ilo(m), (unsigned long long)kv_sp_ihi(m));
+    return Py_BuildValue("(sii)", names[k], 0, 0);
 }
 
 static PyObject *Engine_recover(EngineObject *self, PyObject *unused)
@@ -1095,12 +1282,14 @@ static PyObject *Engine_recover(EngineObject *self, PyObject *unused)
     ENGINE_OK(self);
     kv_recover_stats s;
     kv_eng_recover(&self->e, &s);
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:s}", "ranges", (unsigned long long)s.ranges,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:s}", "ranges", (unsigned long long)s.ranges,
                          "subpages", (unsigned long long)s.subpages, "keys_lost",
                          (unsigned long long)s.keys_lost, "pages_salvaged", (unsigned long long)s.pages_salvaged,
                          "subpages_salvaged", (unsigned long long)s.subpages_salvaged, "salvage_failed",
                          (unsigned long long)s.salvage_failed, "subpages_quarantined",
-                         (unsigned long long)s.subpages_quarantined, "salvage_error", s.salvage_error);
+                         (unsigned long long)s.subpages_quarantined, "index_pages_lost",
+                         (unsigned long long)s.index_pages_lost, "orphans_reclaimed",
+                         (unsigned long long)s.orphans_reclaimed, "salvage_error", s.salvage_error);
 }
 
 static int state_from_name(PyObject *o)
@@ -1115,7 +1304,8 @@ static int state_from_name(PyObject *o)
 /* take_lost(max=0, mark=None) -> [(key, version, state)]: every key that
  * became LOST since the last call, exactly once, with its state now ("present"
  * if it was repaired or rewritten meanwhile); those still LOST move to state
- * `mark` ("rebuilding") when given. */
+ * `mark` ("rebuilding") when given. Keys deleted since, or whose index range
+ * was lost since (see take_lost_ranges), are left out. */
 static PyObject *Engine_take_lost(EngineObject *self, PyObject *args)
 {
     Py_ssize_t max = 0;
@@ -1129,14 +1319,16 @@ static PyObject *Engine_take_lost(EngineObject *self, PyObject *args)
     size_t take = max > 0 && (size_t)max < e->lostq_n ? (size_t)max : e->lostq_n;
     PyObject *l = PyList_New(0);
     if (!l) return NULL;
-    for (size_t i = 0; i < take; i++) {
-        kv_entry *ent = kv_ix_entry(&e->ix, e->lostq[i]);
-        if (!(kv_e_flags(ent) & KV_F_QUEUED)) continue;     /* deleted (maybe reused) since */
-        kv_e_set_flags(ent, kv_e_flags(ent) & ~KV_F_QUEUED);
-        int st = kv_e_state(ent);
-        if (to >= 0 && st == KV_ST_LOST) kv_e_set_state(ent, st = to);
-        PyObject *t = Py_BuildValue("(y#Ks)", ent->key, (Py_ssize_t)kv_e_klen(ent),
-                                    (unsigned long long)kv_e_version(ent), state_names[st]);
+    size_t i = 0;
+    for (; i < take; i++) {
+        kv_lostkey *q = &e->lostq[i];
+        kv_info info;
+        int rc = kv_eng_info(e, q->key, q->klen, 0, 0, &info);
+        if (rc == KV_ABSENT || rc == KV_AGAIN || (rc == KV_LOSTKEY && info.range_lost)) continue;
+        int st = rc == KV_OK ? KV_ST_PRESENT : info.state;
+        if (to >= 0 && st == KV_ST_LOST && kv_eng_set_state(e, q->key, q->klen, to)) st = to;
+        PyObject *t = Py_BuildValue("(y#Ks)", q->key, (Py_ssize_t)q->klen, (unsigned long long)info.version,
+                                    state_names[st]);
         if (!t || PyList_Append(l, t) != 0) {
             Py_XDECREF(t);
             Py_DECREF(l);
@@ -1144,8 +1336,35 @@ static PyObject *Engine_take_lost(EngineObject *self, PyObject *args)
         }
         Py_DECREF(t);
     }
-    memmove(e->lostq, e->lostq + take, (e->lostq_n - take) * sizeof *e->lostq);
-    e->lostq_n -= take;
+    if (take) {
+        for (size_t j = 0; j < take; j++) free(e->lostq[j].key);
+        memmove(e->lostq, e->lostq + take, (e->lostq_n - take) * sizeof *e->lostq);
+        e->lostq_n -= take;
+    }
+    return l;
+}
+
+/* take_lost_ranges() -> [(lo, hi, version)]: hash ranges (hi inclusive)
+ * whose index entries were lost since the last call, with the store's
+ * version at the loss: a source must have applied every write up to that
+ * version before its answer for the range can be installed. */
+static PyObject *Engine_take_lost_ranges(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OK(self);
+    kv_eng_check(&self->e);
+    kv_engine *e = &self->e;
+    PyObject *l = PyList_New((Py_ssize_t)e->lr_n);
+    if (!l) return NULL;
+    for (size_t i = 0; i < e->lr_n; i++) {
+        PyObject *t = Py_BuildValue("(KKK)", (unsigned long long)e->lranges[i].lo,
+                                    (unsigned long long)e->lranges[i].hi, (unsigned long long)e->lranges[i].version);
+        if (!t) {
+            Py_DECREF(l);
+            return NULL;
+        }
+        PyList_SET_ITEM(l, (Py_ssize_t)i, t);
+    }
+    e->lr_n = 0;
     return l;
 }
 
@@ -1158,63 +1377,49 @@ static PyObject *Engine_set_state(EngineObject *self, PyObject *args)
     ENGINE_OK(self);
     int to = state_from_name(state);
     if (to < 0) return NULL;
-    uint32_t id = 0;
-    int rc = lookup(self, key, &id, 0);
-    if (rc < 0) return NULL;
-    if (rc != KV_LOSTKEY) Py_RETURN_FALSE;
-    kv_e_set_state(kv_ix_entry(&self->e.ix, id), to);
-    Py_RETURN_TRUE;
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    int r = kv_eng_set_state(&self->e, k.buf, (uint32_t)k.len, to);
+    put_bytes(&k);
+    return PyBool_FromLong(r);
 }
 
-/* state(key) -> "absent" | "present" | "lost" | "rebuilding" | "unrecoverable" */
+/* state(key) -> "absent" | "present" | "lost" | "rebuilding" | "unrecoverable"
+ * | "range" (its index range was lost and is not rebuilt yet) */
 static PyObject *Engine_state(EngineObject *self, PyObject *key)
 {
     ENGINE_OK(self);
-    uint32_t id = 0;
-    int rc = lookup(self, key, &id, 0);
+    kv_info info;
+    int rc = lookup(self, key, &info, 0, 0);
     if (rc < 0) return NULL;
     if (rc == KV_ABSENT) return PyUnicode_FromString("absent");
-    return PyUnicode_FromString(state_names[kv_e_state(kv_ix_entry(&self->e.ix, id))]);
+    if (rc == KV_OK) return PyUnicode_FromString("present");
+    return PyUnicode_FromString(info.range_lost ? "range" : state_names[info.state]);
 }
 
-static PyObject *Engine_lost_keys(EngineObject *self, PyObject *unused)
+/* install(key, value, version, expire_at_ms=0, from_range=0) ->
+ * "installed" | "stale" | "skipped". from_range: the version the source had
+ * applied up to, when the value came from fetch_hash_range. */
+static PyObject *Engine_install(EngineObject *self, PyObject *args, PyObject *kw)
 {
-    ENGINE_OK(self);
-    kv_eng_check(&self->e);
-    PyObject *l = PyList_New(0);
-    if (!l) return NULL;
-    kv_index *ix = &self->e.ix;
-    for (uint64_t u = 1; u < ix->slab_top && self->e.n_lost;) {
-        kv_entry *ent = kv_ix_entry(ix, (uint32_t)u);
-        u += kv_e_units(kv_e_klen(ent));
-        int s = kv_e_state(ent);
-        if (s < KV_ST_LOST) continue;
-        PyObject *t = Py_BuildValue("(y#Ks)", ent->key, (Py_ssize_t)kv_e_klen(ent),
-                                    (unsigned long long)kv_e_version(ent), state_names[s]);
-        if (!t || PyList_Append(l, t) != 0) {
-            Py_XDECREF(t);
-            Py_DECREF(l);
-            return NULL;
-        }
-        Py_DECREF(t);
-    }
-    return l;
-}
-
-/* install(key, value, version) -> "installed" | "stale" | "skipped" */
-static PyObject *Engine_install(EngineObject *self, PyObject *args)
-{
+    static char *kwlist[] = {"key", "value", "version", "expire_at_ms", "from_range", NULL};
     PyObject *key, *value;
-    unsigned long long version;
-    if (!PyArg_ParseTuple(args, "OOK:install", &key, &value, &version)) return NULL;
+    unsigned long long version, exp = 0, from_range = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOK|KK:install", kwlist, &key, &value, &version, &exp,
+                                     &from_range))
+        return NULL;
     ENGINE_OK(self);
+    if (version > KV_VERSION_MASK) {
+        PyErr_SetString(PyExc_ValueError, "version must be below 2**48");
+        return NULL;
+    }
     Py_buffer k, v;
     if (key_arg(self, key, &k)) return NULL;
     if (value_arg(self, value, &v)) {
         put_bytes(&k);
         return NULL;
     }
-    int rc = kv_eng_install(&self->e, k.buf, (uint32_t)k.len, v.buf, (size_t)v.len, version);
+    int rc = kv_eng_install(&self->e, k.buf, (uint32_t)k.len, v.buf, (size_t)v.len, version, exp, from_range);
     size_t need = KV_REC_HDR + (size_t)v.len;
     put_bytes(&k);
     put_bytes(&v);
@@ -1224,6 +1429,31 @@ static PyObject *Engine_install(EngineObject *self, PyObject *args)
     case KV_SKIP: return PyUnicode_FromString("skipped");
     default: return put_error(self, rc, need);
     }
+}
+
+/* mark_absent(key, version) -> bool: a source caught up to version has no
+ * such key (its index range was lost at or before version). */
+static PyObject *Engine_mark_absent(EngineObject *self, PyObject *args)
+{
+    PyObject *key;
+    unsigned long long version;
+    if (!PyArg_ParseTuple(args, "OK:mark_absent", &key, &version)) return NULL;
+    ENGINE_OK(self);
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    int rc = kv_eng_mark_absent(&self->e, k.buf, (uint32_t)k.len, version);
+    put_bytes(&k);
+    if (rc == KV_FULL) return put_error(self, rc, 16);
+    return PyBool_FromLong(rc == KV_OK);
+}
+
+/* range_done(lo, hi, version) -> index pages that are known again. */
+static PyObject *Engine_range_done(EngineObject *self, PyObject *args)
+{
+    unsigned long long lo, hi, version;
+    if (!PyArg_ParseTuple(args, "KKK:range_done", &lo, &hi, &version)) return NULL;
+    ENGINE_OK(self);
+    return PyLong_FromSize_t(kv_eng_range_done(&self->e, lo, hi, version));
 }
 
 static PyObject *Engine_scrub(EngineObject *self, PyObject *arg)
@@ -1256,7 +1486,10 @@ static PyObject *Engine_compact(EngineObject *self, PyObject *args)
 static PyObject *Engine_flush(EngineObject *self, PyObject *unused)
 {
     ENGINE_OK(self);
-    kv_eng_flush(&self->e);
+    if (kv_eng_flush(&self->e) != 0) {
+        PyErr_SetString(self->st->StoreFullError, "no healthy memory left for an empty index");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -1270,15 +1503,26 @@ static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
 #define U(x) PyLong_FromUnsignedLongLong((unsigned long long)(x))
     if (dset(d, "capacity", U(e->al.nsub * 4096ULL)) || dset(d, "used", U(e->al.live_bytes)) ||
         dset(d, "dead_bytes", U(e->al.dead_bytes)) || dset(d, "free_subpages", U(e->al.nfree)) ||
-        dset(d, "quarantined_subpages", U(e->al.nlost)) || dset(d, "keys", U(e->ix.count)) ||
+        dset(d, "quarantined_subpages", U(e->al.nlost)) || dset(d, "keys", U(e->nkeys)) ||
         dset(d, "lost_keys", U(e->n_lost)) || dset(d, "keys_lost_total", U(e->c_lost_keys)) ||
         dset(d, "rebuilt_keys", U(e->c_rebuilt)) || dset(d, "checksum_failures", U(e->c_checksum_fail)) ||
         dset(d, "faults_on_access", U(e->c_faults_on_read)) || dset(d, "expired_keys", U(e->c_expired)) ||
-        dset(d, "keys_with_ttl", U(e->ix.ttl_count)) || dset(d, "compactions", U(e->c_compactions)) ||
+        dset(d, "keys_with_ttl", U(e->n_ttl)) || dset(d, "compactions", U(e->c_compactions)) ||
         dset(d, "records_moved", U(e->c_moved)) || dset(d, "scrubbed_bytes", U(e->c_scrubbed_bytes)) ||
         dset(d, "scrub_found", U(e->c_scrub_found)) || dset(d, "recoveries", U(e->c_recoveries)) ||
-        dset(d, "index_bytes", U(kv_index_memory(&e->ix))) ||
-        dset(d, "allocator_bytes", U(e->al.nsub * 4 + (e->al.nsub + 63) / 64 * 8)) ||
+        dset(d, "index_bytes", U(kv_eng_index_bytes(e))) ||
+        dset(d, "index_pages", U(e->al.nindex > e->dir_n ? e->al.nindex - e->dir_n : 0)) ||
+        dset(d, "index_directory_bytes", U(e->dir_n * 4096ULL)) ||
+        dset(d, "index_depth", U(e->gdepth)) || dset(d, "record_groups", U(1ULL << e->al.gbits)) || dset(d, "index_splits", U(e->c_splits)) || dset(d, "index_moves", U(e->c_moves)) ||
+        dset(d, "index_pages_lost", U(e->c_index_pages_lost)) ||
+        dset(d, "keys_lost_in_ranges", U(e->c_range_keys)) ||
+        dset(d, "index_ranges_rebuilt", U(e->c_ranges_rebuilt)) ||
+        dset(d, "index_directory_rebuilds", U(e->c_dir_rebuilds)) ||
+        dset(d, "index_pages_scrubbed", U(e->c_index_scrubbed)) ||
+        dset(d, "orphans_reclaimed", U(e->c_orphans)) ||
+        dset(d, "records_bytes", U((e->al.nsub - e->al.nfree - e->al.nlost - e->al.nindex) * 4096ULL)) ||
+        dset(d, "allocator_bytes", U(e->al.nsub * (sizeof(kv_meta) + 3 * sizeof(uint32_t)) +
+                                     (e->al.nsub + 63) / 64 * 8 + ((size_t)1 << e->al.gbits) * 12)) ||
         dset(d, "version", U(e->version)) || dset(d, "max_key", PyLong_FromSsize_t(self->max_key)) ||
         dset(d, "max_value", PyLong_FromSsize_t(self->max_value)) ||
         dset(d, "last_salvage_error",
@@ -1297,19 +1541,22 @@ static PyObject *Engine__corrupt(EngineObject *self, PyObject *args)
     Py_ssize_t byte;
     if (!PyArg_ParseTuple(args, "On:_corrupt", &key, &byte)) return NULL;
     ENGINE_OK(self);
-    uint32_t id = 0;
-    int rc = lookup(self, key, &id, 0);
+    kv_info info;
+    int rc = lookup(self, key, &info, 0, 1);
     if (rc < 0) return NULL;
     if (rc != KV_OK) {
         PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
     }
-    size_t len = kv_eng_record_len(&self->e, id);
-    if (byte < 0 || (size_t)byte >= len) {
-        PyErr_Format(PyExc_IndexError, "byte %zd outside the %zu-byte record", byte, len);
+    if (byte < 0 || (size_t)byte >= info.rec_len) {
+        PyErr_Format(PyExc_IndexError, "byte %zd outside the %u-byte record", byte, info.rec_len);
         return NULL;
     }
-    if (kv_eng_corrupt(&self->e, id, (size_t)byte) != 0) return fault_error(self->st, "corrupt", 0);
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    rc = kv_eng_corrupt(&self->e, k.buf, (uint32_t)k.len, (size_t)byte);
+    put_bytes(&k);
+    if (rc != KV_OK) return fault_error(self->st, "corrupt", 0);
     Py_RETURN_NONE;
 }
 
@@ -1337,6 +1584,12 @@ static PyObject *Engine_resp_fast(EngineObject *self, PyObject *args)
 
 static PyObject *Engine_close(EngineObject *self, PyObject *unused)
 {
+    /* another thread may be copying a lost hugepage with the GIL let go */
+    while (self->ready && __atomic_load_n(&self->e.in_salvage, __ATOMIC_ACQUIRE)) {
+        Py_BEGIN_ALLOW_THREADS
+        usleep(1000);
+        Py_END_ALLOW_THREADS
+    }
     if (self->arena && self->ready) {
         ArenaObject *ao = self->arena;
         Py_INCREF(ao);
@@ -1363,11 +1616,17 @@ static PyObject *Engine_get_version(EngineObject *self, void *c)
     ENGINE_OK(self);
     return PyLong_FromUnsignedLongLong(self->e.version);
 }
+static PyObject *Engine_get_salvaging(EngineObject *self, void *c)
+{
+    ENGINE_OK(self);
+    return PyBool_FromLong(__atomic_load_n(&self->e.in_salvage, __ATOMIC_ACQUIRE));
+}
 static PyObject *Engine_get_loss_pending(EngineObject *self, void *c)
 {
     ENGINE_OK(self);
     return PyBool_FromLong(__atomic_load_n(&self->e.arena->pending_flag, __ATOMIC_ACQUIRE) != 0 ||
-                           self->e.lostq_n != 0);
+                           self->e.lostq_n != 0 || self->e.lr_n != 0 ||
+                           __atomic_load_n(&self->e.in_salvage, __ATOMIC_ACQUIRE));
 }
 
 static PyMethodDef Engine_methods[] = {
@@ -1395,8 +1654,22 @@ static PyMethodDef Engine_methods[] = {
     {"lost_keys", (PyCFunction)Engine_lost_keys, METH_NOARGS, "lost_keys() -> [(key, version, state)]."},
     {"state", (PyCFunction)Engine_state, METH_O,
      "state(key) -> 'absent', 'present', 'lost', 'rebuilding' or 'unrecoverable'."},
-    {"install", (PyCFunction)Engine_install, METH_VARARGS,
-     "install(key, value, version) -> 'installed' | 'stale' | 'skipped'."},
+    {"install", (PyCFunction)(void (*)(void))Engine_install, METH_VARARGS | METH_KEYWORDS,
+     "install(key, value, version, expire_at_ms=0, from_range=0) -> 'installed' | 'stale' | 'skipped'."},
+    {"mark_absent", (PyCFunction)Engine_mark_absent, METH_VARARGS,
+     "mark_absent(key, version) -> bool: in a lost index range, a source caught up to version lacks key."},
+    {"range_done", (PyCFunction)Engine_range_done, METH_VARARGS,
+     "range_done(lo, hi, version) -> pages: the lost index range [lo, hi] was rebuilt at version."},
+    {"take_lost_ranges", (PyCFunction)Engine_take_lost_ranges, METH_NOARGS,
+     "take_lost_ranges() -> [(lo, hi, version)] newly lost index ranges (hi inclusive)."},
+    {"lost_ranges", (PyCFunction)Engine_lost_ranges, METH_NOARGS,
+     "lost_ranges() -> [(lo, hi, version)] index ranges not known now (hi inclusive)."},
+    {"scan_range", (PyCFunction)Engine_scan_range, METH_VARARGS,
+     "scan_range(lo, hi) -> [('key', key, version, state) | ('range', lo, hi, version)]."},
+    {"subpage_kind", (PyCFunction)Engine_subpage_kind, METH_O,
+     "subpage_kind(s) -> (kind, lo, hi): what subpage s holds; an index page's hash range."},
+    {"locate_entry", (PyCFunction)Engine_locate_entry, METH_O,
+     "locate_entry(key) -> (arena offset, length) of the key's index entry."},
     {"scrub", (PyCFunction)Engine_scrub, METH_O, "scrub(max_bytes) -> (bytes examined, records failed)."},
     {"expire_sweep", (PyCFunction)Engine_expire_sweep, METH_O, "expire_sweep(budget) -> keys expired."},
     {"compact", (PyCFunction)Engine_compact, METH_VARARGS, "compact(max_subpages=4096) -> records moved."},
@@ -1430,7 +1703,10 @@ static PyGetSetDef Engine_getset[] = {
     {"arena", (getter)Engine_get_arena, NULL, "The Arena.", NULL},
     {"loss_fd", (getter)Engine_get_loss_fd, NULL, "eventfd readable when memory was lost.", NULL},
     {"version", (getter)Engine_get_version, NULL, "Last version handed out.", NULL},
-    {"loss_pending", (getter)Engine_get_loss_pending, NULL, "True while losses await processing.", NULL},
+    {"loss_pending", (getter)Engine_get_loss_pending, NULL,
+     "True while losses await processing (a salvage copy in progress included).", NULL},
+    {"salvaging", (getter)Engine_get_salvaging, NULL,
+     "True while a lost hugepage is being copied (other threads keep running).", NULL},
     {NULL}};
 
 static PyMemberDef Engine_members[] = {
@@ -1468,6 +1744,15 @@ static PyObject *mod_xxh64(PyObject *m, PyObject *args, PyObject *kw)
     Py_buffer v;
     if (get_bytes(data, &v, "data")) return NULL;
     uint64_t h = kv_xxh64(v.buf, (size_t)v.len, seed);
+    put_bytes(&v);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+static PyObject *mod_key_hash(PyObject *m, PyObject *arg)
+{
+    Py_buffer v;
+    if (get_bytes(arg, &v, "key")) return NULL;
+    uint64_t h = kv_hash(v.buf, (size_t)v.len);
     put_bytes(&v);
     return PyLong_FromUnsignedLongLong(h);
 }
@@ -1532,6 +1817,8 @@ static PyObject *mod_record_checksum(PyObject *m, PyObject *args)
 static PyMethodDef mod_methods[] = {
     {"xxh64", (PyCFunction)(void (*)(void))mod_xxh64, METH_VARARGS | METH_KEYWORDS,
      "xxh64(data, seed=0) -> int: XXH64 digest (same as xxhash.xxh64_intdigest)."},
+    {"key_hash", mod_key_hash, METH_O,
+     "key_hash(key) -> the 64-bit hash the store places keys by (XXH64, seed 0x6b7673746f7265)."},
     {"probe", mod_probe, METH_NOARGS, "What the kernel supports: keep_ue, hwpoison; and handler state."},
     {"handler_installed", mod_handler_installed, METH_NOARGS, "True if our SIGBUS handler is installed."},
     {"install_handler", mod_install_handler, METH_NOARGS, "(Re)install our SIGBUS handler on top."},

@@ -85,6 +85,25 @@ static int is_cmd(const char *s, size_t n, const char *name)
     return n == 3 && (s[0] | 0x20) == name[0] && (s[1] | 0x20) == name[1] && (s[2] | 0x20) == name[2];
 }
 
+/* Value destination for kv_eng_get: "$<len>\r\n" then the value, written
+ * after the replies so far (o->n moves only when the command completes). */
+typedef struct {
+    obuf *o;
+    size_t hn, vlen;
+} obuf_val;
+
+static void *obuf_val_buf(void *ctx, size_t n)
+{
+    obuf_val *v = ctx;
+    char hdr[32];
+    int hn = snprintf(hdr, sizeof hdr, "$%zu\r\n", n);
+    if (ob_reserve(v->o, (size_t)hn + n + 2)) return NULL;
+    memcpy(v->o->p + v->o->n, hdr, (size_t)hn);
+    v->hn = (size_t)hn;
+    v->vlen = n;
+    return v->o->p + v->o->n + hn;
+}
+
 size_t kv_resp_fast(kv_engine *e, const char *b, size_t len, int flags, size_t max_key, size_t max_value,
                     size_t max_out, char **out, size_t *outlen, size_t *ncmds)
 {
@@ -105,26 +124,23 @@ size_t kv_resp_fast(kv_engine *e, const char *b, size_t len, int flags, size_t m
         if (parse_bulk(b, len, &i, &key, &kn, max_key) != 1) break;
         if (set && parse_bulk(b, len, &i, &val, &vn, max_value) != 1) break;
         if (get) {
-            uint32_t id = 0, vlen;
             if (!now) now = kv_now_ms();
-            int rc = kv_eng_lookup(e, key, (uint32_t)kn, kv_hash(key, kn), &id, now);
+            obuf_val ov = {&o, 0};
+            kv_info info;
+            size_t mark = o.n;
+            int rc = kv_eng_get(e, key, (uint32_t)kn, now, obuf_val_buf, &ov, &info);
             if (rc == KV_ABSENT) {
+                o.n = mark;
                 if (flags & KV_RESP_RESP3 ? ob_put(&o, "_\r\n", 3) : ob_put(&o, "$-1\r\n", 5)) break;
-            } else if (rc != KV_OK || kv_eng_value_len(e, id, &vlen) != KV_OK) {
+            } else if (rc != KV_OK) {
+                o.n = mark;
                 break;                        /* lost: the Python layer repairs or reports */
             } else {
-                char hdr[32];
-                int hn = snprintf(hdr, sizeof hdr, "$%u\r\n", vlen);
-                size_t mark = o.n;
-                if (ob_reserve(&o, (size_t)hn + vlen + 2)) break;
-                memcpy(o.p + o.n, hdr, (size_t)hn);
-                if (kv_eng_value_read(e, id, vlen, o.p + o.n + hn) != KV_OK) {
+                o.n = mark + ov.hn + ov.vlen;
+                if (ob_put(&o, "\r\n", 2)) {
                     o.n = mark;
                     break;
                 }
-                o.n += (size_t)hn + vlen;
-                memcpy(o.p + o.n, "\r\n", 2);
-                o.n += 2;
             }
         } else {
             uint64_t ver;

@@ -94,6 +94,11 @@ def ao(request, mce_helper):
     return observe("ao", request.param, mce_helper)
 
 
+@pytest.fixture(scope="module", params=["1G", "2M"])
+def index(request, mce_helper):
+    return observe("index", request.param, mce_helper)
+
+
 @pytest.fixture
 def child_env():
     env = dict(os.environ)

@@ -23,6 +23,13 @@ Scenarios (DESIGN.md sections 1, 5, 6):
     Same loss with salvage switched off (``Store.salvage = False``): every key
     on the page is LOST and rebuilt from a second Store on 4 KiB pages acting
     as the rebuild source.
+``index``
+    The store poisons the 4 KiB index page holding one key's entry
+    (``locate_entry``). Kernel: AR inside madvise, the whole hugepage lost and
+    salvaged as in ``own``; the index page is the one subpage that stays
+    lost. Its hash range becomes LOST (every key of it, no other), a second
+    Store on 4 KiB pages rebuilds it with ``fetch_hash_range``, the orphaned
+    records are reclaimed, and every key then reads its value.
 ``ao``
     Another process maps the same memfd and poisons a subpage. The store
     process (which asked for early kill) gets ``BUS_MCEERR_AO`` and recovers
@@ -58,11 +65,11 @@ PAGE_BYTES = {"1G": 1 << 30, "2M": 1 << 21}
 PAGE_SHIFT = {"1G": 30, "2M": 21}
 SYSFS_DIR = {"1G": "hugepages-1048576kB", "2M": "hugepages-2048kB"}
 MFD_HUGE = {"1G": getattr(os, "MFD_HUGE_1GB", 30 << 26), "2M": getattr(os, "MFD_HUGE_2MB", 21 << 26)}
-SCENARIOS = ("own", "no_spare", "no_salvage", "ao")
-SIM_KIND = {"own": "ar", "no_spare": "ar", "no_salvage": "ar", "ao": "ao"}
+SCENARIOS = ("own", "no_spare", "no_salvage", "ao", "index")
+SIM_KIND = {"own": "ar", "no_spare": "ar", "no_salvage": "ar", "ao": "ao", "index": "ar"}
 # Hugepages a scenario needs free at its start: the store's pages, plus a
 # spare for salvage where the scenario salvages into a hugepage.
-PAGES_NEEDED = {"own": 2, "no_spare": 1, "no_salvage": 2, "ao": 2}
+PAGES_NEEDED = {"own": 2, "no_spare": 1, "no_salvage": 2, "ao": 2, "index": 2}
 BUS_MCEERR_AR, BUS_MCEERR_AO = 4, 5
 
 
@@ -261,6 +268,8 @@ def run(scenario: str, ps: str, mode: str, helper: str | None = None, n_keys: in
         raise Unavailable("takes every free hugepage of the machine for a moment: runs inside the lab VM "
                           "(or set KVSTORE_LAB_HOLD_POOL=1)")
     require_pages(ps, PAGES_NEEDED[scenario])
+    if scenario == "index":
+        return run_index(ps, mode, n_keys=max(n_keys, 4000), sim_policy=sim_policy)
     kind = "hwpoison" if mode == "kernel" else SIM_KIND[scenario]
     policy = "auto" if mode == "kernel" else sim_policy
     pb = PAGE_BYTES[ps]
@@ -410,6 +419,94 @@ def run(scenario: str, ps: str, mode: str, helper: str | None = None, n_keys: in
         store.close()
         if replica is not None:
             replica.close()
+
+
+class _Gate:
+    """A rebuild source that can be held back (answers "not caught up yet")."""
+
+    def __init__(self, source):
+        self.source, self.open = source, False
+
+    def fetch(self, requests):
+        return self.source.fetch(requests) if self.open else {}
+
+    def fetch_hash_range(self, lo, hi, min_version=0):
+        if not self.open:
+            raise kvstore.SourceBehindError("held back by the scenario")
+        return self.source.fetch_hash_range(lo, hi, min_version=min_version)
+
+
+def run_index(ps: str, mode: str, n_keys: int = 4000, sim_policy: str = "mainline") -> dict:
+    """The ``index`` scenario: a memory error on an index page."""
+    kind = "hwpoison" if mode == "kernel" else SIM_KIND["index"]
+    policy = "auto" if mode == "kernel" else sim_policy
+    pb = PAGE_BYTES[ps]
+    data = make_data(n_keys)
+    obs = {"scenario": "index", "page_size": ps, "mode": mode, "kind": kind, "where": "vm" if in_lab_vm() else
+           "host", "kernel_release": os.uname().release, "keys_total": len(data)}
+    replica = kvstore.Store("64MiB", page_size="4K", recovery="manual")
+    gate = _Gate(replica)
+    t0 = time.monotonic()
+    try:
+        store = kvstore.Store(pb, page_size=ps, kernel_policy=policy, recovery="manual", rebuild_source=gate,
+                              rebuild_deadline=120.0, read_repair_timeout=0.05)
+    except kvstore.ArenaError as e:
+        replica.close()
+        raise Unavailable(f"no {ps} arena: {e}") from e
+    try:
+        a = store.arena
+        obs.update(keep_ue=a.keep_ue, kernel_policy=a.kernel_policy, backing=a.backing)
+        for k, v in data.items():
+            replica.put_versioned(k, v, store.put(k, v))
+        keys = sorted(data)
+        victim = keys[len(keys) // 2]
+        eoff, _elen = store.locate_entry(victim)
+        sub = eoff // SUB
+        kind_before, lo, hi = store.subpage_kind(sub)
+        in_range = {k for k in keys if lo <= kvstore.key_hash(k) <= hi}
+        obs.update(victim_subpage=sub, subpage_kind=kind_before, keys_in_range=len(in_range))
+        st0 = a.stats()
+        used0 = store.stats()["used"]
+        # ------------------------------------------------------- the fault
+        store.faults.inject(eoff, kind)
+        if kind == "ar":
+            try:
+                a.read(sub * SUB, 1)
+                obs["touch"] = "read succeeded"
+            except kvstore.MemoryFaultError:
+                obs["touch"] = "MemoryFaultError"
+        st1 = a.stats()
+        sig = _signal_deltas(st0, st1)
+        lost_now = st1["lost_subpages"] - st0["lost_subpages"]
+        obs.update(signals=sig, signal=_signal_label(sig), lost_subpages_at_signal=lost_now,
+                   lsb=_lsb_from(lost_now), survived=True)
+        if mode == "kernel":
+            obs["kernel"] = {"pread_victim": pread_fact(a.fd, SUB, sub * SUB)}
+        # ------------------------------------------------------- recovery
+        r = store.recover()                    # the source is held back: what is LOST?
+        obs["recover"] = {k: r[k] for k in ("subpages", "index_pages_lost", "orphans_reclaimed",
+                                            "pages_salvaged", "salvage_failed")}
+        states = {k: store.state(k) for k in keys}
+        obs["range_keys_lost"] = sum(1 for k in in_range if states[k] == "range")
+        obs["other_keys_lost"] = sum(1 for k in keys if k not in in_range and states[k] != "present")
+        obs["used_after_orphans"] = store.stats()["used"]
+        obs["used_before"] = used0
+        obs["live_bytes_outside_range"] = sum(8 + len(data[k]) for k in keys if k not in in_range)
+        gate.open = True
+        obs["wait_recovered"] = store.wait_recovered(timeout=120)
+        st2 = store.stats()
+        obs.update(ranges_rebuilt=st2["ranges_rebuilt"], subpages_lost_after=st2["lost_subpages"],
+                   pages_salvaged=st2["pages_salvaged"], index_pages_lost=st2["index_pages_lost"])
+        bad = verify(store, data, keys)
+        obs["wrong"] = len(bad)
+        obs["wrong_examples"] = {k.decode(): why for k, why in list(bad.items())[:5]}
+        obs["keys_after"] = len(store)
+        obs["signals_total"] = _signal_deltas(st0, a.stats())
+        obs["seconds"] = round(time.monotonic() - t0, 2)
+        return obs
+    finally:
+        store.close()
+        replica.close()
 
 
 def _second_error(store, data, rmap, keys, lost_before, sub1, kind) -> dict:

@@ -127,6 +127,21 @@ def test_without_salvage_every_key_on_the_page_is_lost_and_rebuilt(no_salvage):
 
 # ------------------------------------------ AO from another process's poison
 
+def test_index_page_error_loses_its_hash_range_only_and_it_comes_back(index):
+    """A real UE on an index page (scenario ``index``)."""
+    assert index["survived"] and index["subpage_kind"] == "index", index
+    lsb, subpages = lost_extent(index)
+    assert index["lsb"] == lsb and index["lost_subpages_at_signal"] == subpages, index
+    assert index["kernel"]["pread_victim"] == "EIO", index
+    assert index["recover"]["index_pages_lost"] == 1, index
+    assert index["range_keys_lost"] == index["keys_in_range"] > 0, index
+    assert index["other_keys_lost"] == 0, index
+    assert index["used_after_orphans"] == index["live_bytes_outside_range"], index
+    assert index["wait_recovered"] and index["ranges_rebuilt"] == 1, index
+    assert index["wrong"] == 0 and index["keys_after"] == index["keys_total"], index
+    assert index["subpages_lost_after"] == 1, index
+
+
 def test_ao_reaches_the_store_when_another_process_poisons(ao):
     helper = ao["helper"]
     assert not helper.get("failed") and helper["rc"] == 0, show(ao)
