@@ -15,6 +15,7 @@ from . import resp_keys as rk
 from . import resp_multi as rm
 from . import resp_server as rs
 from .adapters import arity_error, build_native, build_resp
+from .cluster.commands import cluster_rows
 from .ops import keys as kops
 from .registry import Command, CommandTable
 
@@ -261,7 +262,7 @@ def native_rows():
 def build_table():
     """A new :class:`.registry.CommandTable` holding every row."""
     table = CommandTable(arity_error, build_resp, build_native)
-    for row in resp_rows() + native_rows():
+    for row in resp_rows() + native_rows() + cluster_rows():
         table.add(row)
     table.resp_multi = rm.MultiTable(table)
     return table
