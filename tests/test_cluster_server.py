@@ -458,9 +458,11 @@ def test_stale_epoch_write_refused_and_cluster_keeps_its_map(c3x2):
         topo = Topology(EtcdClient(c3x2.state["etcd"]), c3x2.state["name"])
         m, rev = await topo.load_map()
         old = m.copy()
-        old.epoch = m.epoch         # not epoch + 1: a writer with a stale view
+        old.epoch = m.epoch         # a writer that read the map one epoch ago
         with pytest.raises(StaleEpochError):
-            await topo.cas_map(old, rev, m.epoch - 1)
+            await topo.cas_map(old, rev - 1, m.epoch - 1)
+        m2, rev2 = await topo.load_map()
+        assert (m2.epoch, rev2) == (m.epoch, rev)
         return m.epoch
     epoch = asyncio.run(go())
     info = redis.Redis(port=c3x2.base).execute_command("CLUSTER", "INFO").decode()

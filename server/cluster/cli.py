@@ -14,7 +14,8 @@ ports BASE, BASE+1, ... (the first ``shards`` become the primaries), logs to
 ``DIR/node-PORT.log`` and records what it started in ``DIR/cluster.json``
 (``down`` stops exactly that). In the foreground it shows a status table
 every second until Ctrl-C, then stops everything; with ``--detach`` it
-returns once every slot has a live primary.
+returns once every slot has a live primary and every server it started is
+placed in the slot map.
 
 ``status --json`` prints ``{"name", "epoch", "healthy", "nodes": [{"id",
 "host", "port", "pid", "role", "shard", "slots": [[lo, hi]], "offset",
@@ -203,7 +204,7 @@ def _spawn_node(d, port, node_id, etcd_url, name, args):
     return {"id": node_id, "port": port, "pid": proc.pid, "log": logpath, "argv": flags}, proc
 
 
-def _wait_healthy(etcd_url, name, procs, timeout):
+def _wait_healthy(etcd_url, name, procs, timeout, placed=0):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -213,9 +214,11 @@ def _wait_healthy(etcd_url, name, procs, timeout):
                                  f"during start; see its log ({' '.join(p.args[-8:])})")
         try:
             doc = cluster_status(etcd_url, name)
-            if doc["healthy"]:
+            n = sum(1 for x in doc["nodes"] if x["alive"] and x["role"] != "none")
+            if doc["healthy"] and n >= placed:
                 return doc
-            last = "not every slot has a live primary yet"
+            last = (f"{n} of {placed} servers placed" if doc["healthy"]
+                    else "not every slot has a live primary yet")
         except (EtcdError, TopologyError, OSError) as e:
             last = str(e)
         time.sleep(0.2)
@@ -257,7 +260,7 @@ def cmd_up(args):
             if i == args.shards - 1:
                 # primaries register first, so they are placed as primaries
                 _wait_members(st["etcd"], args.name, args.shards, procs, 60.0)
-        doc = _wait_healthy(st["etcd"], args.name, procs, 60.0)
+        doc = _wait_healthy(st["etcd"], args.name, procs, 60.0, placed=total)
     except BaseException:
         _stop_all(st)
         raise
