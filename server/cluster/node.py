@@ -109,9 +109,11 @@ class ClusterMode(ClusterNode):
 
     async def start(self, start_timeout=None):
         self.agent.start_timeout = start_timeout
-        await self.agent.start()
+        # route before the first map arrives: keyed commands answer
+        # CLUSTERDOWN until then (and the C fast path stands aside)
         self.server.table.add_hook(self.route)
         self.server.repl.configure_writes()
+        await self.agent.start()
         return self
 
     async def stop(self):
