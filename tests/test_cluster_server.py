@@ -518,3 +518,97 @@ def _try_set(rc, k, v):
         return rc.set(k, v)
     except Exception:  # noqa: BLE001 - the handover may still be settling
         return False
+
+
+# -- history checker (Jepsen-style, bounded: two faults, ~20 s)
+
+def test_history_checker_kill9_and_sigstop(tmp_path):
+    """Writers (one per key, unique values), readers, a kill -9 and a SIGSTOP
+    longer than the lease of whichever node is primary. Afterwards: every
+    acknowledged write is present or superseded by a later attempted write of
+    the same writer, and no read returned a value nobody tried to write."""
+    c = Cluster(tmp_path / "hist", 1, 2, "--min-replica-acks", "1")
+    keys = [b"h:%d" % i for i in range(4)]
+    attempts = {k: [] for k in keys}       # per key, in order: [value, "ok"|"err"]
+    reads = []                             # (key, value)
+    stop = threading.Event()
+    start_port = c.base
+
+    def client():
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=start_port, socket_timeout=2)
+
+    def writer(k):
+        rc, i = None, 0
+        while not stop.is_set():
+            i += 1
+            v = b"%s=%d" % (k, i)
+            rec = [v, "err"]
+            attempts[k].append(rec)
+            try:
+                rc = rc or client()
+                if rc.set(k, v):
+                    rec[1] = "ok"
+            except Exception:  # noqa: BLE001 - indeterminate: may or may not be applied
+                rc = None
+                time.sleep(0.05)
+
+    def reader():
+        rc = None
+        while not stop.is_set():
+            for k in keys:
+                try:
+                    rc = rc or client()
+                    reads.append((k, rc.get(k)))
+                except Exception:  # noqa: BLE001
+                    rc = None
+                    time.sleep(0.05)
+
+    try:
+        c.wait_placed()
+        start_port = next(n["port"] for n in c.status()["nodes"] if n["role"] == "replica")
+        threads = [threading.Thread(target=writer, args=(k,)) for k in keys] + \
+                  [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        victim = c.primary_of(0)
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for(lambda: (c.primary_of(0) or victim)["id"] != victim["id"], 30, 0.2, "failover 1")
+        time.sleep(1.5)
+        paused = c.primary_of(0)
+        os.kill(paused["pid"], signal.SIGSTOP)
+        try:
+            wait_for(lambda: (c.primary_of(0) or paused)["id"] != paused["id"], 30, 0.2,
+                     "failover 2")
+        finally:
+            os.kill(paused["pid"], signal.SIGCONT)
+        time.sleep(2.0)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        rc = client()
+        final = {k: rc.get(k) for k in keys}
+        rc.close()
+        written = {k: {a[0] for a in attempts[k]} for k in keys}
+        bad_reads = [(k, v) for k, v in reads if v is not None and v not in written[k]]
+        assert not bad_reads, f"reads of values nobody wrote: {bad_reads[:5]}"
+        lost = []
+        n_ok = 0
+        for k in keys:
+            vals = [a[0] for a in attempts[k]]
+            oks = [i for i, a in enumerate(attempts[k]) if a[1] == "ok"]
+            n_ok += len(oks)
+            if not oks:
+                continue
+            # the final value is the last acked write or a later attempt
+            if final[k] not in vals[oks[-1]:]:
+                lost.append((k, vals[oks[-1]], final[k]))
+        assert not lost, f"acknowledged writes lost: {lost}"
+        assert n_ok > 100 and len(reads) > 100, (n_ok, len(reads))
+    except BaseException:
+        stop.set()
+        print(c.logs())
+        raise
+    finally:
+        stop.set()
+        c.down()
