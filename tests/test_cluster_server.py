@@ -612,3 +612,56 @@ def test_history_checker_kill9_and_sigstop(tmp_path):
     finally:
         stop.set()
         c.down()
+
+
+def test_held_ack_released_after_fencing_is_refused(tmp_path):
+    """--min-replica-acks: a write whose replica ack only arrives after the
+    primary lost its lease deadline is answered -CLUSTERDOWN, never OK."""
+    import asyncio
+
+    from etcdutil import EtcdProc
+
+    from kvstore.server.cluster import EtcdClient, Topology
+    from serverutil import start_server
+    e = EtcdProc.start_new()
+    procs = []
+    try:
+        asyncio.run(Topology(EtcdClient(e.url), "acks").create(1, 1))
+        url = f"etcd://{e.url.split('://')[1]}/acks"
+        common = ["--cluster", url, "--capacity", "16MiB", "--min-replica-acks", "1",
+                  "--min-replica-timeout", "20"]
+        p = start_server(*common)
+        procs.append(p)
+        pr = redis.Redis(port=p.port, socket_timeout=30)
+        wait_for(lambda: b"kvstore_role:primary" in pr.execute_command("CLUSTER", "INFO"), 30,
+                 0.1, "the first node to be primary")
+        r = start_server(*common)
+        procs.append(r)
+        wait_for(lambda: pr.info("replication").get("connected_slaves") == 1 and
+                 b"cluster_state:ok" in pr.execute_command("CLUSTER", "INFO"), 30, 0.1,
+                 "the replica to sync")
+        assert pr.set(b"k", b"acked")            # the normal path: acked by the replica
+        os.kill(r.pid, signal.SIGSTOP)           # no acks from now on
+        s = socket.create_connection(("127.0.0.1", p.port), timeout=30)
+        try:
+            s.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$4\r\nheld\r\n")
+            time.sleep(0.3)
+            e.pause()                            # the primary cannot renew its lease
+            try:
+                wait_for(lambda: b"kvstore_fenced:1" in
+                         redis.Redis(port=p.port, socket_timeout=5).execute_command("CLUSTER", "INFO"),
+                         20, 0.1, "the primary to fence itself")
+            finally:
+                os.kill(r.pid, signal.SIGCONT)   # the replica acks now, after the deadline
+            reply = s.recv(4096)
+        finally:
+            os.kill(r.pid, signal.SIGCONT)
+            e.resume()
+            s.close()
+        assert reply.startswith(b"-CLUSTERDOWN"), reply
+        assert b"fenced before the write was acknowledged" in reply
+    finally:
+        for x in procs:
+            x.stop()
+        e.stop()
+        e.cleanup()
