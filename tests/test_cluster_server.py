@@ -12,6 +12,11 @@ Clusters are started the way a user starts one, with ``kvstore-cluster up
   printed, not asserted: speed lives in bench/), with ``--min-replica-acks
   1`` every acknowledged write is present afterwards, and the old primary,
   restarted with its node id, rejoins as a replica of the new one;
+* fencing: a primary SIGSTOPped past its lease answers the write queued
+  meanwhile with -CLUSTERDOWN; a write held for --min-replica-acks whose ack
+  arrives after the primary fenced is answered -CLUSTERDOWN, never OK;
+* a bounded history check (writers with unique values, readers, kill -9 and
+  SIGSTOP): acknowledged writes survive, no read returns an unwritten value;
 * bad input at start: a cluster name that does not exist, etcd down, a stale
   slot-map epoch.
 """
