@@ -484,7 +484,9 @@ def test_sigstop_primary_is_fenced_and_manual_failover(tmp_path):
         victim = c.primary_of(0, doc)
         other = next(n for n in doc["nodes"] if n["id"] != victim["id"])
         key = b"paused-key"
-        assert redis.Redis(port=victim["port"]).set(key, b"before")
+        vr = redis.Redis(port=victim["port"])
+        assert vr.set(key, b"before")
+        assert vr.execute_command("WAIT", 2, 10000) == 2     # replication is asynchronous here
         s = socket.create_connection(("127.0.0.1", victim["port"]), timeout=30)
         os.kill(victim["pid"], signal.SIGSTOP)
         try:
