@@ -672,3 +672,34 @@ def test_held_ack_released_after_fencing_is_refused(tmp_path):
             x.stop()
         e.stop()
         e.cleanup()
+
+
+def test_add_node_and_remove_node(tmp_path):
+    c = Cluster(tmp_path / "addrm", 1, 1)
+    try:
+        c.wait_placed()
+        r = subprocess.run(CLI + ["add-node", "--dir", c.dir], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0 and "replica of shard 0" in r.stdout, r.stdout + r.stderr
+        doc = c.status()
+        assert len(doc["nodes"]) == 3 and doc["healthy"]
+        new = max(doc["nodes"], key=lambda n: n["port"])
+        assert new["role"] == "replica" and new["port"] == c.base + 2
+        prim = c.primary_of(0, doc)
+        r = subprocess.run(CLI + ["remove-node", "--dir", c.dir, prim["id"]], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0 and "fail it over first" in r.stderr
+        r = subprocess.run(CLI + ["remove-node", "--dir", c.dir, str(new["port"])],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "done" in r.stdout, r.stdout + r.stderr
+        doc = c.status()
+        assert [n["id"] for n in doc["nodes"] if n["id"] == new["id"]] == []
+        assert len(doc["nodes"]) == 2 and doc["healthy"]
+        r = subprocess.run(CLI + ["reshard", "--dir", c.dir], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 2 and "not supported yet" in r.stderr
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.down()

@@ -6,7 +6,9 @@
     kvstore-cluster status (--dir DIR | --etcd URL --name NAME) [--json]
     kvstore-cluster down --dir DIR
     kvstore-cluster failover (--dir DIR | --etcd URL --name NAME) --shard S [--to NODE]
-    kvstore-cluster reshard / add-node / remove-node   (not supported yet: see --help)
+    kvstore-cluster add-node --dir DIR [--port P]
+    kvstore-cluster remove-node --dir DIR NODE_ID_OR_PORT
+    kvstore-cluster reshard            (not supported yet: no key migration)
 
 ``up`` starts its own etcd under ``DIR/etcd`` unless ``--etcd`` names one,
 creates the cluster in it, starts ``shards * (replicas + 1)`` servers on
@@ -239,7 +241,9 @@ def cmd_up(args):
     if busy:
         raise SystemExit(f"kvstore-cluster: ports in use: {busy} (choose another --port)")
     st = {"name": args.name, "etcd": args.etcd, "etcd_pid": None, "nodes": [],
-          "shards": args.shards, "replicas": args.replicas, "started": time.time()}
+          "shards": args.shards, "replicas": args.replicas, "started": time.time(),
+          "ttl": args.ttl, "capacity": args.capacity, "min_replica_acks": args.min_replica_acks,
+          "fault_injection": args.fault_injection}
     etcd_proc = None
     procs = []
     try:
@@ -375,9 +379,71 @@ def cmd_failover(args):
     return 0 if r.get("status") == "done" else 1
 
 
+def cmd_add_node(args):
+    st = _load(args.dir)
+    d = os.path.abspath(args.dir)
+    port = args.port or max(n["port"] for n in st["nodes"]) + 1
+    if not _port_free(port):
+        raise SystemExit(f"kvstore-cluster: port {port} is in use (give --port)")
+    opts = argparse.Namespace(ttl=st.get("ttl", 3), capacity=st.get("capacity", "64MiB"),
+                              min_replica_acks=st.get("min_replica_acks", 0),
+                              fault_injection=st.get("fault_injection", False))
+    node, proc = _spawn_node(d, port, new_node_id(), st["etcd"], st["name"], opts)
+    st["nodes"].append(node)
+    _save(d, st)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"kvstore-cluster: the new server exited (rc={proc.returncode}); "
+                             f"see {node['log']}")
+        try:
+            doc = cluster_status(st["etcd"], st["name"])
+            me = next((n for n in doc["nodes"] if n["id"] == node["id"]), None)
+            if me is not None and me["role"] != "none":
+                print(f"added {node['id']} on port {port}: {me['role']} of shard {me['shard']}")
+                return 0
+        except (EtcdError, TopologyError, OSError):
+            pass
+        time.sleep(0.2)
+    print(f"kvstore-cluster: {node['id']} on port {port} started but was not placed within "
+          f"{args.timeout:g} s", file=sys.stderr)
+    return 1
+
+
+def cmd_remove_node(args):
+    st = _load(args.dir)
+    node = next((n for n in st["nodes"] if n["id"] == args.node or
+                 (args.node.isdigit() and n["port"] == int(args.node))), None)
+    if node is None:
+        raise SystemExit(f"kvstore-cluster: no node {args.node!r} was started from {args.dir}")
+    doc = cluster_status(st["etcd"], st["name"])
+    me = next((n for n in doc["nodes"] if n["id"] == node["id"]), None)
+    if me is not None and me["role"] == "primary":
+        raise SystemExit(f"kvstore-cluster: {node['id']} is the primary of shard {me['shard']}: "
+                         f"fail it over first (kvstore-cluster failover --shard {me['shard']})")
+    # stop it first (its lease goes with it), or the controller would place it again
+    _stop_pid(node["pid"], node["id"])
+
+    async def go():
+        topo = Topology(EtcdClient(st["etcd"], timeout=2.0), st["name"])
+        rid = await topo.request("remove-node", node=node["id"])
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            r = await topo.request_status(rid)
+            if r and r.get("status") != "pending":
+                return r
+            await asyncio.sleep(0.1)
+        return {"status": "pending", "detail": "the controller did not answer in time"}
+    r = asyncio.run(go()) if me is not None else {"status": "done", "detail": "not in the map"}
+    st["nodes"] = [n for n in st["nodes"] if n["id"] != node["id"]]
+    _save(os.path.abspath(args.dir), st)
+    print(f"remove {node['id']}: {r.get('status')} {r.get('detail', '')}".rstrip())
+    return 0 if r.get("status") == "done" else 1
+
+
 def cmd_unsupported(args):
     print(f"kvstore-cluster {args.cmd}: not supported yet (online resharding needs the key "
-          f"transfer between shards, which is not built); the slot map operations exist in "
+          f"transfer between shards, which is not built); the slot-map steps (migrate, migrate-done) exist in "
           f"kvstore.server.cluster.controller", file=sys.stderr)
     return 2
 
@@ -412,15 +478,29 @@ def build_parser():
             s.add_argument("--timeout", type=float, default=10.0)
     dn = sub.add_parser("down", help="stop what 'up' started")
     dn.add_argument("--dir", default="kvstore-cluster")
-    for name in ("reshard", "add-node", "remove-node"):
-        s = sub.add_parser(name, help="NOT SUPPORTED YET: needs key migration between shards")
-        s.add_argument("rest", nargs=argparse.REMAINDER)
+    an = sub.add_parser("add-node", help="start one more server; the controller places it "
+                        "as a replica of the shard with the fewest replicas")
+    an.add_argument("--dir", default="kvstore-cluster")
+    an.add_argument("--port", type=int, help="default: one above the highest port in use")
+    an.add_argument("--timeout", type=float, default=30.0)
+    rn = sub.add_parser("remove-node", help="stop a replica started from --dir and remove it "
+                        "from the slot map (a primary must be failed over first)")
+    rn.add_argument("--dir", default="kvstore-cluster")
+    rn.add_argument("node", help="node id or port")
+    rn.add_argument("--timeout", type=float, default=10.0)
+    s = sub.add_parser("reshard", help="NOT SUPPORTED YET: moving slots needs the key "
+                       "transfer between shards, which is not built")
+    s.add_argument("rest", nargs="*")
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    fn = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "failover": cmd_failover}.get(
+    p = build_parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.cmd != "reshard":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    fn = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "failover": cmd_failover,
+          "add-node": cmd_add_node, "remove-node": cmd_remove_node}.get(
         args.cmd, cmd_unsupported)
     try:
         return fn(args)
