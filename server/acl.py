@@ -182,6 +182,9 @@ cluster|slots slow
 cluster|shards slow
 cluster|myid slow
 cluster|keyslot slow
+cluster|myshardid slow
+cluster|countkeysinslot slow
+cluster|getkeysinslot slow
 cluster|help slow
 cluster|meet admin slow dangerous
 cluster|forget admin slow dangerous
@@ -193,6 +196,9 @@ cluster|delslots admin slow dangerous
 cluster|setslot admin slow dangerous
 cluster|saveconfig admin slow dangerous
 shutdown admin slow dangerous
+asking fast connection
+readonly fast connection
+readwrite fast connection
 kv.stats slow dangerous
 kv.lost keyspace read slow dangerous
 kv.digest keyspace read slow
@@ -225,6 +231,7 @@ NATIVE_COMMANDS = {
     "dbsize": "dbsize", "stats": "kv.stats", "lost": "kv.lost", "inject": "kv.inject",
     "flushall": "flushall", "fetch": "kv.fetch", "sync": "sync", "replicaof": "replicaof",
     "wait": "wait", "digest": "kv.digest", "role": "role", "restart": "kv.restart",
+    "cluster": "cluster",
 }
 
 # Key access a command needs on the keys it names, from Redis 7's key specs:
