@@ -13,6 +13,12 @@
     async with AsyncClient.from_url("kv://:secret@127.0.0.1:7379") as kv:
         await kv.get(b"user:1")
 
+A cluster (``kvstore-server --cluster``): :class:`ClusterClient` /
+:class:`AsyncClusterClient` take startup nodes (``ClusterClient([("127.0.0.1",
+7000)])`` or ``ClusterClient.from_url("kv://h1:p1,h2:p2")``), route each key
+to its hash slot's primary, follow MOVED/ASK, ride out failovers, and split
+mget/mput/pipelines by slot (:mod:`kvstore.client._cluster`).
+
 Keys and values are bytes-like (a ``str`` is a TypeError: encode it). A key
 lost to a memory error raises :class:`KeyLostError` (retried while it is
 being rebuilt); it is never reported as absent. ``mget(keys,
@@ -36,6 +42,9 @@ from kvstore.errors import (  # noqa: F401
 )
 
 from ._async import AsyncClient, AsyncConnection, AsyncConnectionPool, AsyncPipeline
+from ._cluster import (
+    AsyncClusterClient, AsyncClusterPipeline, ClusterClient, ClusterPipeline, parse_cluster_url,
+)
 from ._commands import LOST
 from ._config import DEFAULT_PORT, parse_url
 from ._protocol import (  # noqa: F401
@@ -45,6 +54,8 @@ from ._sync import Client, Connection, ConnectionPool, Pipeline
 
 __all__ = [
     "Client", "AsyncClient", "Pipeline", "AsyncPipeline",
+    "ClusterClient", "AsyncClusterClient", "ClusterPipeline", "AsyncClusterPipeline",
+    "parse_cluster_url",
     "Connection", "ConnectionPool", "AsyncConnection", "AsyncConnectionPool",
     "LOST", "DEFAULT_PORT", "parse_url",
     "AuthenticationError", "DisabledError", "InjectionDisabledError", "ServerProtocolError",
