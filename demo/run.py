@@ -16,6 +16,7 @@ come back; 0 otherwise.
     python -m kvstore.demo                        # 10 s, 100k keys, 20 UEs/s
     python -m kvstore.demo --seconds 30 --ue-rate 100 --kernel-policy mainline
     python -m kvstore.demo --embedded             # both stores in this process
+    python -m kvstore.demo --cluster              # 3 shards, a primary killed (demo/cluster.py)
 
 ``--kernel-policy keep_ue`` (the default) is simulated unless the kernel
 really has ``MFD_MF_KEEP_UE_MAPPED``: the handler acts as such a kernel
@@ -557,9 +558,10 @@ def _kinds(text):
 def build_parser():
     ap = argparse.ArgumentParser(prog="kvstore-demo", description=__doc__.split("\n\n")[0],
                                  epilog="Exit status: 0 if every answer was right, 1 otherwise.")
-    ap.add_argument("--seconds", type=_positive(float), default=10.0,
-                    help="how long the load runs (default 10)")
-    ap.add_argument("--keys", type=_positive(int), default=100_000, help="keys loaded (default 100k)")
+    ap.add_argument("--seconds", type=_positive(float), default=None,
+                    help="how long the load runs (default 10; 20 with --cluster)")
+    ap.add_argument("--keys", type=_positive(int), default=None,
+                    help="keys loaded (default 100k; 30k with --cluster)")
     ap.add_argument("--ue-rate", type=_rate, default=20.0,
                     help="memory errors injected per second (default 20; 0 = none)")
     ap.add_argument("--kinds", type=_kinds, default=["ao", "ar"],
@@ -569,7 +571,8 @@ def build_parser():
     ap.add_argument("--batch", type=_positive(int), default=32,
                     help="operations per pipelined batch of a client thread (default 32)")
     ap.add_argument("--write-ratio", type=_ratio, default=0.2, help="share of puts (default 0.2)")
-    ap.add_argument("--capacity", default="256MiB", help="arena size of each store (default 256MiB)")
+    ap.add_argument("--capacity", default=None,
+                    help="arena size of each store (default 256MiB; 64MiB with --cluster)")
     ap.add_argument("--page-size", default="auto",
                     help='primary pages: "auto" (hugepages if reserved), "1G", "2M" or "4K"; '
                          "the replica always uses 4K")
@@ -578,6 +581,15 @@ def build_parser():
     ap.add_argument("--plain", action="store_true", help="plain lines instead of the live table")
     ap.add_argument("--embedded", action="store_true",
                     help="run both stores in this process instead of two servers")
+    ap.add_argument("--cluster", action="store_true",
+                    help="a cluster on etcd instead: shards, ClusterClient, a primary killed "
+                         "with kill -9 mid-run")
+    ap.add_argument("--shards", type=_positive(int), default=3, help="--cluster: shards (default 3)")
+    ap.add_argument("--replicas", type=_positive(int), default=1,
+                    help="--cluster: replicas per shard (default 1)")
+    ap.add_argument("--kill-at", type=_positive(float), default=None,
+                    help="--cluster: seconds into the run when shard 0's primary is killed "
+                         "(default a third of --seconds)")
     return ap
 
 
@@ -586,7 +598,16 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.cluster and args.embedded:
+        ap.error("--cluster and --embedded exclude each other")
+    if args.seconds is None:
+        args.seconds = 20.0 if args.cluster else 10.0
+    if args.keys is None:
+        args.keys = 30_000 if args.cluster else 100_000
+    if args.capacity is None:
+        args.capacity = "64MiB" if args.cluster else "256MiB"
     try:
         import kvstore.store  # noqa: F401 - the C engine, for Store and the servers
     except ImportError:
@@ -607,6 +628,14 @@ def main(argv=None) -> int:
                   "(pip install -e .) or run with --embedded", file=sys.stderr)
             return 2
     try:
+        if args.cluster:
+            import shutil
+            if shutil.which("etcd") is None:
+                print("kvstore-demo: --cluster needs etcd (apt-get install etcd-server)",
+                      file=sys.stderr)
+                return 2
+            from .cluster import run_cluster
+            return run_cluster(args)
         return run_embedded(args) if args.embedded else run_servers(args)
     except KeyboardInterrupt:
         print("\nkvstore-demo: interrupted", file=sys.stderr)
