@@ -124,3 +124,55 @@ def test_bad_flags(flags, message):
     rc, out, err = run_demo(*flags, timeout=30)
     assert rc == 2 and message in err, (rc, out, err)
     assert "Traceback" not in err
+
+
+# -- the cluster demo (real etcd, three shards, a primary killed mid-run)
+
+def _needs_etcd():
+    import shutil
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+
+
+@pytest.mark.timeout(240)
+def test_cluster_demo_survives_kill9_and_memory_errors():
+    _needs_etcd()
+    rc, out, err = run_demo("--cluster", "--seconds", "14", "--kill-at", "3", "--keys", "6000",
+                            "--plain", timeout=220)
+    assert rc == 0, f"exit {rc}\nstdout:\n{out}\nstderr:\n{err}"
+    n = summary_numbers(out)
+    assert n["wrong"] == 0 and n["still_lost"] == 0, out
+    assert re.search(r"^  acked writes missing\s+0$", out, re.M), out
+    assert n["ues"] > 0 and n["lost"] > 0 and n["rebuilt"] > 0, out
+    # the kill and the failover were seen live, then in the summary
+    assert re.search(r"kill -9 of the primary of shard 0 \(port \d+", out), out
+    assert re.search(r"failover: port \d+ is shard 0's primary", out), out
+    assert re.search(r"^  failover\s+shard 0: port \d+ killed, port \d+ promoted after", out,
+                     re.M), out
+    assert "result: OK" in out and "\x1b[" not in out
+
+
+@pytest.mark.timeout(180)
+def test_cluster_demo_fails_on_wrong_answers():
+    _needs_etcd()
+    code = ("import sys\n"
+            "from kvstore.client import _cluster\n"
+            "orig = _cluster.ClusterPipeline.put\n"
+            "def put(self, key, value, ttl=None):\n"
+            "    return orig(self, key, value + b'!' if key.endswith(b'7') else value, ttl)\n"
+            "_cluster.ClusterPipeline.put = put\n"
+            "from kvstore import demo\n"
+            "sys.exit(demo.main(sys.argv[1:]))\n")
+    rc, out, err = run_demo("--cluster", "--seconds", "2", "--kill-at", "60", "--keys", "2000",
+                            "--plain", "--ue-rate", "0", code=code, timeout=160)
+    assert rc == 1, f"exit {rc}\n{out}\n{err}"
+    assert summary_numbers(out)["wrong"] > 0 and "result: FAILED" in out, out
+    kept = re.search(r"cluster logs kept in (\S+)\)", err)
+    assert kept, err
+    import shutil
+    shutil.rmtree(kept.group(1), ignore_errors=True)
+
+
+def test_cluster_and_embedded_exclude_each_other():
+    rc, out, err = run_demo("--cluster", "--embedded", timeout=30)
+    assert rc == 2 and "exclude each other" in err, (rc, out, err)
