@@ -22,7 +22,10 @@ def test_client_imports_without_the_engine():
         import sys
         sys.modules["kvstore._native"] = None          # as if never built
         import kvstore.client, kvstore.errors, kvstore.wire
-        from kvstore.client import LOST, Client, AsyncClient
+        from kvstore.client import LOST, Client, AsyncClient, ClusterClient
+        from kvstore.slots import key_slot
+        assert key_slot(b"123456789") == 0x31C3 % 16384
+        assert "kvstore.server" not in sys.modules, "the client imported the server"
         assert "kvstore.store" not in sys.modules, "the engine was imported"
         assert repr(LOST) == "kvstore.client.LOST"
         frame = kvstore.client._protocol.encode_request(1, "get", [b"k"])
