@@ -137,10 +137,13 @@ class Tally:
         self.lock = threading.Lock()
         self.ops = self.wrong = self.errors = self.lost_retried = 0
         self.messages = []
+        self.kinds = {}             # error code (or class name) -> count of calls
 
     def error(self, n, exc):
         with self.lock:
             self.errors += n
+            kind = getattr(exc, "code", None) or type(exc).__name__
+            self.kinds[kind] = self.kinds.get(kind, 0) + 1
             if len(self.messages) < 5:
                 self.messages.append(f"{type(exc).__name__}: {exc}")
 
