@@ -7,7 +7,9 @@ is never resent once it may have been applied. Then against real clusters
 mget/mput/pipelines split by slot and put back in order, keyless commands over
 every primary, MOVED after a manual failover, and ``kill -9`` of a primary under
 a write load with ``--min-replica-acks 1``: writes to its slots resume and
-every acknowledged write is present afterwards.
+every acknowledged write is present afterwards. Last, a bounded history check
+through the client with etcd killed and restarted, connections cut and a
+primary killed.
 """
 
 import asyncio
@@ -419,3 +421,107 @@ def test_kill9_of_a_primary_mid_load(tmp_path):
     finally:
         stop.set()
         c.down()
+
+
+@pytest.mark.slow
+@needs_etcd
+@needs_engine
+def test_history_through_cluster_client_with_etcd_restart_and_cuts(tmp_path):
+    """Jepsen-style, bounded (~25 s): writers with unique values and readers
+    through ClusterClient on a 1 x 2 cluster (--min-replica-acks 1), while
+    etcd is killed and restarted, every client connection is cut (CLIENT
+    KILL), the replication links are cut (KV.REPL DROP), and a primary is
+    killed. Afterwards: every acknowledged write is present or superseded by
+    a later attempted write of the same key, no read returned a value nobody
+    wrote, and writes succeeded after every fault."""
+    redis = pytest.importorskip("redis")
+    from etcdutil import EtcdProc
+    from test_cluster_server import Cluster
+    e = EtcdProc.start_new()
+    c = None
+    stop = threading.Event()
+    keys = [b"hc:%d" % i for i in range(4)]
+    attempts = {k: [] for k in keys}    # per key, in order: [value, "ok"|"err", time]
+    reads = []
+    marks = {}
+    try:
+        c = Cluster(tmp_path / "hc", 1, 2, "--min-replica-acks", "1", "--etcd", e.url)
+        doc = c.wait_placed()
+        nodes = [("127.0.0.1", n["port"]) for n in doc["nodes"]]
+        client = ClusterClient(nodes, socket_timeout=3, cluster_retry_timeout=15,
+                               retry_backoff=0.02)
+
+        def writer(k):
+            i = 0
+            while not stop.is_set():
+                i += 1
+                rec = [b"%s=%d" % (k, i), "err", None]
+                attempts[k].append(rec)
+                try:
+                    client.put(k, rec[0])
+                    rec[1] = "ok"
+                except errors.Error:
+                    time.sleep(0.02)         # indeterminate: may or may not be applied
+                rec[2] = time.monotonic()
+
+        def reader():
+            while not stop.is_set():
+                try:
+                    reads.extend(zip(keys, client.mget(keys)))
+                except errors.Error:
+                    time.sleep(0.02)
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in keys] + \
+                  [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+
+        def acked_since(t0, n=20):
+            return sum(1 for k in keys for a in attempts[k] if a[1] == "ok" and a[2] > t0) >= n
+
+        time.sleep(1.0)
+        marks["etcd"] = time.monotonic()
+        e.kill()
+        time.sleep(2.0)                      # past the fence deadline (TTL/2), below the TTL
+        e.start()
+        wait_for(lambda: acked_since(marks["etcd"]), 30, 0.05, "writes after etcd restart")
+        marks["cut"] = time.monotonic()
+        for n in c.status()["nodes"]:
+            r = redis.Redis(port=n["port"], socket_timeout=5)
+            r.execute_command("CLIENT", "KILL", "TYPE", "normal")
+            r.execute_command("KV.REPL", "DROP")
+            r.close()
+        wait_for(lambda: acked_since(marks["cut"]), 30, 0.05, "writes after the cuts")
+        victim = c.primary_of(0)
+        marks["kill"] = time.monotonic()
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for(lambda: acked_since(marks["kill"]), 30, 0.05, "writes after kill -9")
+        stop.set()
+        for t in threads:
+            t.join(30)
+        final = dict(zip(keys, client.mget(keys)))
+        client.close()
+        written = {k: {a[0] for a in attempts[k]} for k in keys}
+        bad_reads = [(k, v) for k, v in reads if v is not None and v not in written[k]]
+        assert not bad_reads, f"reads of values nobody wrote: {bad_reads[:5]}"
+        lost = []
+        n_ok = 0
+        for k in keys:
+            vals = [a[0] for a in attempts[k]]
+            oks = [i for i, a in enumerate(attempts[k]) if a[1] == "ok"]
+            n_ok += len(oks)
+            if oks and final[k] not in vals[oks[-1]:]:
+                lost.append((k, vals[oks[-1]], final[k]))
+        assert not lost, f"acknowledged writes lost: {lost}"
+        assert n_ok > 100 and len(reads) > 100, (n_ok, len(reads))
+    except BaseException:
+        stop.set()
+        if c is not None:
+            print(c.logs())
+        raise
+    finally:
+        stop.set()
+        if c is not None:
+            c.down()
+        e.stop()
+        e.cleanup()
