@@ -1,12 +1,16 @@
 """Throughput of kvstore.client: sync, threaded, asyncio and pipelined.
 
-    python -m bench.client_throughput [--quick] [--url kv://host:port]
+    python -m bench.client_throughput [--quick] [--url kv://host:port] [--cluster N]
 
 Starts a kvstore-server on a free 127.0.0.1 port (unless --url names a
 running one), loads ``--keys`` keys of 16 bytes with 64-byte values, then
 measures each mode for a fixed number of operations and prints a markdown
 table: ops/s, client CPU microseconds per op (this process) and server CPU
 microseconds per op (from /proc/PID/stat, only for a server we started).
+``--cluster N`` adds rows for :class:`kvstore.client.ClusterClient` against a
+local cluster of N primaries (``kvstore-cluster up --replicas 0 --detach``,
+its own etcd): the same keys spread over the shards, each pipeline and mget
+split by slot (server CPU is the sum over the cluster's servers).
 Measures; asserts nothing.
 """
 
@@ -28,9 +32,13 @@ _CLK = os.sysconf("SC_CLK_TCK")
 
 
 def proc_cpu(pid):
-    """utime + stime of ``pid`` in seconds (None if unknown)."""
+    """utime + stime of ``pid`` (or the sum over a list of pids) in seconds
+    (None if unknown)."""
     if pid is None:
         return None
+    if isinstance(pid, list):
+        parts = [proc_cpu(p) for p in pid]
+        return None if None in parts else sum(parts)
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -156,6 +164,50 @@ class Bench:
 
         asyncio.run(main())
 
+    def cluster(self, nodes, nshards, nops, batch, tasks):
+        """ClusterClient rows (``nodes``: startup addresses)."""
+        from kvstore.client import AsyncClusterClient, ClusterClient
+        keys, value = self.keys, self.value
+        sample = [random.choice(keys) for _ in range(nops)]
+        label = f"cluster ({nshards} shards)"
+        with ClusterClient(nodes, socket_timeout=30) as c:
+            c.ping()
+            c.get(keys[0])
+            self.measure(f"{label}, sync", "put", 1, nops,
+                         lambda: [c.put(k, value) for k in sample])
+            self.measure(f"{label}, sync", "get", 1, nops, lambda: [c.get(k) for k in sample])
+            big = sample * 5
+
+            def run(op):
+                for i in range(0, len(big), batch):
+                    pipe = c.pipeline()
+                    for k in big[i:i + batch]:
+                        if op == "put":
+                            pipe.put(k, value)
+                        else:
+                            pipe.get(k)
+                    pipe.execute()
+            self.measure(f"{label}, pipeline {batch}/batch", "put", 1, len(big),
+                         lambda: run("put"))
+            self.measure(f"{label}, pipeline {batch}/batch", "get", 1, len(big),
+                         lambda: run("get"))
+            self.measure(f"{label}, mget {batch} keys", "get", 1, len(big),
+                         lambda: [c.mget(big[i:i + batch]) for i in range(0, len(big), batch)])
+        per = nops // tasks
+        parts = [sample[i * per:(i + 1) * per] for i in range(tasks)]
+
+        async def main():
+            async with AsyncClusterClient(nodes, socket_timeout=30, max_connections=tasks) as c:
+                await c.get(keys[0])
+
+                async def worker(part):
+                    for k in part:
+                        await c.get(k)
+                await self.ameasure(f"{label}, asyncio {tasks} tasks", "get", tasks,
+                                    per * tasks,
+                                    lambda: asyncio.gather(*(worker(p) for p in parts)))
+        asyncio.run(main())
+
     def table(self):
         lines = ["| mode | op | concurrency | ops | seconds | ops/s | client CPU us/op | server CPU us/op |",
                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -174,6 +226,8 @@ def main(argv=None):
     ap.add_argument("--value-size", type=int, default=64, help="value bytes (default 64)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra kvstore-server argument (repeatable)")
+    ap.add_argument("--cluster", type=int, metavar="N", default=0,
+                    help="also bench ClusterClient against a local cluster of N primaries")
     args = ap.parse_args(argv)
 
     n = 5_000 if args.quick else 40_000
@@ -196,6 +250,8 @@ def main(argv=None):
         bench.threads(n, 4)
         bench.pipelined(n * 5, 100)
         bench.asyncio_(n, 32, 100)
+        if args.cluster:
+            run_cluster_rows(bench, args.cluster, n)
         print()
         print(f"kvstore.client throughput against kvstore-server on {host}:{port}; "
               f"{args.keys} keys of 16 B, values of {args.value_size} B; "
@@ -206,6 +262,39 @@ def main(argv=None):
         if proc is not None:
             proc.stop(timeout=15)
     return 0
+
+
+def run_cluster_rows(bench, nshards, n):
+    """Start a local cluster (``kvstore-cluster up``), load the keys, add its rows."""
+    import json
+    import socket
+    import subprocess
+    import tempfile
+    from kvstore.client import ClusterClient
+    cli = [sys.executable, "-m", "kvstore.server.cluster.cli"]
+    d = tempfile.mkdtemp(prefix="kvstore-bench-cluster-")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        base = s.getsockname()[1]
+    r = subprocess.run(cli + ["up", "--shards", str(nshards), "--replicas", "0", "--port",
+                              str(base), "--dir", d, "--detach", "--capacity", "256MiB"],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        print(f"kvstore-cluster up failed:\n{r.stdout}{r.stderr}", file=sys.stderr)
+        return
+    try:
+        with open(os.path.join(d, "cluster.json")) as f:
+            st = json.load(f)
+        nodes = [("127.0.0.1", x["port"]) for x in st["nodes"]]
+        saved = bench.server_pid
+        bench.server_pid = [x["pid"] for x in st["nodes"]]
+        with ClusterClient(nodes, socket_timeout=30) as c:
+            for i in range(0, len(bench.keys), 500):
+                c.mput({k: bench.value for k in bench.keys[i:i + 500]})
+        bench.cluster(nodes, nshards, n, 100, 32)
+        bench.server_pid = saved
+    finally:
+        subprocess.run(cli + ["down", "--dir", d], capture_output=True, timeout=60)
 
 
 if __name__ == "__main__":

@@ -64,10 +64,10 @@ from kvstore import errors
 from kvstore.slots import SLOTS, key_slot
 
 from . import _protocol
-from ._async import AsyncConnectionPool
-from ._commands import Command, CommandsMixin, decode_reply
+from ._async import AsyncConnection, AsyncConnectionPool
+from ._commands import Command, CommandsMixin, as_bytes, decode_reply
 from ._config import DEFAULT_PORT, client_retry_policy, parse_url
-from ._sync import ConnectionPool, _collect
+from ._sync import Connection, ConnectionPool
 
 __all__ = ["ClusterClient", "AsyncClusterClient", "ClusterPipeline", "AsyncClusterPipeline",
            "parse_cluster_url"]
@@ -503,7 +503,6 @@ class _ClusterBase(CommandsMixin):
 
     def node_for_key(self, key):
         """``(host, port)`` of the primary the cache names for ``key`` (None if unknown)."""
-        from ._commands import as_bytes
         return self._router.table[key_slot(as_bytes(key))]
 
     def primaries(self):
@@ -582,7 +581,6 @@ class ClusterClient(_ClusterBase):
     def refresh_slots(self):
         """Reload the slot map from the first node that answers; raise
         ConnectionError if none does."""
-        from ._sync import Connection
         router = self._router
         errs = []
         for addr in router.candidates():
@@ -779,7 +777,6 @@ class AsyncClusterClient(_ClusterBase):
 
     async def refresh_slots(self):
         """Reload the slot map from the first node that answers."""
-        from ._async import AsyncConnection
         router = self._router
         errs = []
         for addr in router.candidates():
