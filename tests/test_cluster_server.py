@@ -304,6 +304,11 @@ def test_native_cluster_op_and_moved_error(c3x2):
                        {"slot": slot, "host": "127.0.0.1", "port": owner["port"]}]
         status, res = conn.call(Command("mget", [[b"a", b"b"]]))
         assert status == 1 and res[0] == "CROSSSLOT"
+        # every keyed native op is routed, not only get/put
+        for op, args in (("incr", [key]), ("incrbyfloat", [key, 1.5]), ("persist", [key]),
+                         ("inject", ["ao", "key", key])):
+            status, res = conn.call(Command(op, args))
+            assert status == 1 and res[0] == "MOVED", (op, res)
         assert conn.call(Command("cluster", ["keyslot", key])) == (0, slot)
         assert conn.call(Command("cluster", ["myid"])) == (0, other["id"])
         status, nodes = conn.call(Command("cluster", ["nodes"]))

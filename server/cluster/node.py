@@ -73,13 +73,18 @@ def _moved(kind, slot, addr):
 _NATIVE_KEYS = {
     "get": lambda a: a[:1], "getv": lambda a: a[:1], "put": lambda a: a[:1],
     "delete": lambda a: a[:1], "exists": lambda a: a[:1], "expire": lambda a: a[:1],
-    "ttl": lambda a: a[:1],
+    "ttl": lambda a: a[:1], "persist": lambda a: a[:1], "incr": lambda a: a[:1],
+    "incrbyfloat": lambda a: a[:1],
+    "inject": lambda a: a[2:3] if len(a) == 3 and a[1] == "key" else (),
     "mget": lambda a: a[0] if a and type(a[0]) is list else (),
     "mput": lambda a: a[0][::2] if a and type(a[0]) is list else (),
 }
 
 #: Native ops that read (a replica in READONLY mode may serve them).
 _NATIVE_READS = {"get", "getv", "exists", "ttl", "mget"}
+
+# Not routed: ``fetch`` (a peer op between the members of one shard, the
+# rebuild source) and keyless ops.
 
 
 class ClusterMode(ClusterNode):
