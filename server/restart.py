@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import socket
+import stat
 import sys
 import time
 
@@ -83,6 +84,13 @@ def listeners():
     fds, _ = inherited()
     out = []
     for fd in fds.get("listen", []):
+        try:
+            ok = stat.S_ISSOCK(os.fstat(fd).st_mode)
+        except OSError:
+            ok = False
+        if not ok:
+            event("error", "inherited_fd_ignored", fd=fd, name="listen", detail="not a socket")
+            continue
         s = socket.socket(fileno=fd)
         s.setblocking(False)
         out.append(s)
@@ -184,6 +192,15 @@ async def _drain(server, timeout):
 async def _restart(server, reason):
     await asyncio.sleep(0)               # the requesting client's reply is written first
     t0 = time.time()
+    # Nothing new is read: a command not answered by now was never
+    # acknowledged, and the replication offset stops moving.
+    for conn in list(server.clients.values()):
+        t = getattr(conn, "transport", None)
+        if t is not None and not t.is_closing():
+            try:
+                t.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
     state = state_of(server)
     state["t0"] = t0
     await _drain(server, 1.0)
