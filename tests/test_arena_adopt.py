@@ -268,3 +268,27 @@ def test_crash_point_leaves_nothing_served_wrong(point, action):
         assert got in ({want[k]} | new.get(k, set()) | {None})
     if action != "compact":          # (compaction's deletes take lost keys too)
         assert lost_before <= {k for k, _v, _s in b.lost_keys()} | {b"key:7"}
+
+
+def _free_2m():
+    try:
+        with open("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages") as f:
+            return int(f.read())
+    except OSError:
+        return 0
+
+
+def test_adopted_hugepages_are_the_same_pages():
+    if _free_2m() < 16:
+        pytest.skip("needs 16 free 2 MiB hugepages (the pool is shared; none reserved here)")
+    try:
+        a = kvstore.Store("16MiB", page_size="2M", recovery="manual")
+    except ArenaError as e:
+        pytest.skip(f"no 2 MiB hugepages now: {e}")
+    for i in range(3000):
+        a.put(b"h%d" % i, b"x" * 200)
+    before = _free_2m()
+    b = _adopt(a)
+    assert b.arena.backing == "hugetlb-2M" and b.arena.page_size == 2 << 20
+    assert _free_2m() == before            # no new pages: the same memfd pages mapped again
+    assert b.get(b"h123") == b"x" * 200
