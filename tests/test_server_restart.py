@@ -40,6 +40,36 @@ def _serving(srv, old_run_id=None, timeout=30):
     return wait_for(ok, timeout, 0.01, "the server serving again")
 
 
+class Connector:
+    """Opens new TCP connections in a loop: counts the refused ones (the
+    listening socket must stay open across a restart)."""
+
+    def __init__(self, srv):
+        self.srv = srv
+        self.ok = self.refused = 0
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.srv.port), timeout=5):
+                    self.ok += 1
+            except ConnectionRefusedError:
+                self.refused += 1
+            except OSError:
+                pass
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.t.join(30)
+
+
 class Load:
     """A client writing and reading its own keys; remembers acknowledged
     values and every answer that was wrong."""
@@ -104,7 +134,7 @@ def test_kv_restart_under_load_keeps_everything_and_replica_partial_syncs():
         wait_synced(p, rep)
         before = r.info("server")
         ttl_before = r.pttl("k1")
-        with Load(p, "load") as load:
+        with Load(p, "load") as load, Connector(p) as conns:
             time.sleep(0.3)
             # keys lost just before the hand-over: rebuilt from the replica after it
             for i in (500, 900):
@@ -114,6 +144,7 @@ def test_kv_restart_under_load_keeps_everything_and_replica_partial_syncs():
             time.sleep(0.5)
         assert not load.wrong, load.wrong[:5]
         assert len(load.acked) > 10
+        assert conns.refused == 0 and conns.ok > 10
         assert info["process_id"] == before["process_id"]          # same process, re-executed
         assert info["uptime_in_seconds"] <= before["uptime_in_seconds"] + 1
         r = rc(p)
@@ -175,13 +206,14 @@ def test_supervised_worker_killed_mid_write_load():
         r = rc(p)
         worker = r.info("server")["process_id"]
         assert worker != p.pid                       # the parent is not the worker
-        with Load(p, "w") as load:
+        with Load(p, "w") as load, Connector(p) as conns:
             time.sleep(0.5)
             os.kill(worker, signal.SIGKILL)
             info = _serving(p, None)
             wait_for(lambda: rc(p).info("server")["process_id"] != worker, 30, what="a new worker")
             time.sleep(0.5)
         assert not load.wrong, load.wrong[:5]
+        assert conns.refused == 0 and conns.ok > 10      # the parent keeps the socket listening
         r = rc(p)
         for k, v in load.acked.items():
             try:
