@@ -203,18 +203,32 @@ class Store(_native.Engine):
                  rebuild_source=None, *, max_key: int = 65536, max_value: int = 512 << 20,
                  recovery: str = "thread", scrub_rate: int = 0, read_repair_timeout: float = 1.0,
                  rebuild_deadline: float = 30.0, rebuild_batch: int = 256,
-                 maintenance_interval: float = 0.05):
+                 maintenance_interval: float = 0.05, adopt_fd: int | None = None):
         if recovery not in ("thread", "manual"):
             raise ValueError('recovery must be "thread" or "manual"')
         if rebuild_source is not None and not (callable(rebuild_source) or hasattr(rebuild_source, "fetch")):
             raise TypeError("rebuild_source must be callable or have a fetch(requests) method")
         cap = parse_size(capacity)
-        arena = _native.Arena(cap, page_size, kernel_policy)
+        self._adopt_started = time.monotonic()
+        if adopt_fd is not None:
+            # the memfd of an earlier process (a restart): its store, validated
+            arena = _native.Arena.adopt(adopt_fd, kernel_policy)
+            cap = -1
+        else:
+            arena = _native.Arena(cap, page_size, kernel_policy)
         try:
-            super().__init__(arena, cap, max_key, max_value)
+            super().__init__(arena, cap, max_key, max_value, adopt=adopt_fd is not None)
         except BaseException:
             arena.close()
             raise
+        if adopt_fd is not None:
+            cap = self.engine_stats()["capacity"]
+            r = self.adopt_report()
+            log.info("kvstore adopt: generation=%d keys=%d index_pages=%d (bad %d) records=%d (bad %d) "
+                     "lost_keys=%d lost_ranges=%d version=%d in %.3fs; record checksums are verified "
+                     "in the background", r["generation"], r["keys"], r["index_pages"], r["index_pages_bad"],
+                     r["records"], r["records_bad"], r["lost_keys"], r["lost_ranges"], r["version"],
+                     time.monotonic() - self._adopt_started)
         if arena.fallback_reason:
             log.warning("kvstore arena: %s", arena.fallback_reason)
         log.info("kvstore arena: backing=%s page_size=%d keep_ue=%s kernel_policy=%s capacity=%d",
@@ -239,6 +253,10 @@ class Store(_native.Engine):
         self._unrecoverable = 0
         self._rebuild_fetches = 0
         self._last_maint = time.monotonic()
+        # after adoption: the lost keys and ranges found are queued for the
+        # rebuilder, and record checksums are verified in the background
+        self._adopt_kick = adopt_fd is not None
+        self._verify_done_at = None if adopt_fd is not None else 0.0
         self._pool = None
         self._stop = threading.Event()
         self._worker = None
@@ -645,10 +663,39 @@ class Store(_native.Engine):
         dt = max(0.0, now - self._last_maint)
         self._last_maint = now
         self.expire_sweep(2000)
+        if self._adopt_kick:
+            self._adopt_kick = False
+            self.recover()
+        if self._verify_done_at is None:
+            self.verify_step()
         if self.scrub_rate > 0:
             self.scrub(max(1, int(self.scrub_rate * min(dt, 1.0))))
         if self.loss_pending or self._pending or self._pending_ranges:
             self.recover()
+
+    @property
+    def adopted(self) -> bool:
+        """True when this store adopted the arena of an earlier process."""
+        return self.adopt_report() is not None
+
+    @property
+    def verified(self) -> bool:
+        """False while an adopted store still has records whose checksum the
+        background pass has not checked (a read checks its own record)."""
+        return self.engine_stats()["unverified_subpages"] == 0
+
+    def verify_step(self, max_bytes: int = 64 << 20) -> bool:
+        """One step of the background verification after adoption (a scrub
+        of up to ``max_bytes``). True once every record was checked."""
+        if self._verify_done_at is not None:
+            return True
+        self.scrub(max_bytes)
+        if self.engine_stats()["unverified_subpages"] == 0:
+            self._verify_done_at = time.monotonic()
+            log.info("kvstore adopt: every record verified %.3fs after adoption started",
+                     self._verify_done_at - self._adopt_started)
+            return True
+        return False
 
     def wait_recovered(self, timeout: float | None = None) -> bool:
         """Block until no loss awaits processing and no rebuild is pending

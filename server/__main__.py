@@ -13,6 +13,9 @@ def main(argv=None):
         print(f"kvstore-server: {e}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
+    if config.supervise:
+        from .supervise import supervise
+        return supervise(sys.argv[1:] if argv is None else list(argv))
     from .app import run
     try:
         return run(config)

@@ -13,6 +13,7 @@ listeners, stop reading from clients, let queued replies flush (bounded by
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from .commands import build_table
 from .handshake import Handshake
 from .info import info_sections
 from .logs import event
+from . import restart
 from .replication import Replication
 from .writes import WritePath
 
@@ -44,6 +46,7 @@ class Server:
         self.clients = {}
         self._next_id = 0
         self.started = time.time()
+        self.run_id = os.urandom(20).hex()    # new in every process (INFO server)
         self.stopping = False
         self.port = None
         self.addresses = []
@@ -121,11 +124,12 @@ class Server:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def _make_store(self):
+    def _make_store(self, adopt_fd=None):
         c = self.config
         return kvstore.Store(capacity=c.capacity, page_size=c.page_size,
                              kernel_policy=c.kernel_policy, rebuild_source=None,
-                             max_key=c.max_key, max_value=c.max_value, recovery="manual")
+                             max_key=c.max_key, max_value=c.max_value, recovery="manual",
+                             adopt_fd=adopt_fd)
 
     async def start(self):
         """Create the store (unless given), listen, return [(host, port), ...]."""
@@ -133,7 +137,8 @@ class Server:
         self.loop_name = type(loop).__module__.split(".")[0]
         self._stop = asyncio.Event()
         if self.store is None:
-            self.store = self._make_store()
+            # an arena handed over by the previous process (restart.py) is adopted
+            self.store, self._adopted = restart.adopt_store(self._make_store, self._make_store)
             event("info", "store_opened", **_store_fields(self.store))
         if getattr(self.config, "maxmemory_clients_percent", 0):
             self.config.maxmemory_clients = int(
@@ -142,12 +147,17 @@ class Server:
         self.writes = WritePath(self.store)
         self.writes.reply_index = self._reply_index
         self.repl = Replication(self)     # subscribes to the write path
+        restart.restore(self, getattr(self, "_adopted", False))
 
         self._apply_fd_limit()
         port = self.config.port
-        for host in self.config.hosts:
-            srv = await loop.create_server(lambda: Handshake(self), host, port,
-                                           reuse_address=True, backlog=1024)
+        handed = restart.listeners()      # sockets kept open across a restart
+        for host in (self.config.hosts if not handed else handed):
+            if handed:
+                srv = await loop.create_server(lambda: Handshake(self), sock=host, backlog=1024)
+            else:
+                srv = await loop.create_server(lambda: Handshake(self), host, port,
+                                               reuse_address=True, backlog=1024)
             self._listeners.append(srv)
             for sock in srv.sockets:
                 addr = sock.getsockname()
@@ -174,6 +184,7 @@ class Server:
             event("info", "listening", host=host, port=p, loop=self.loop_name, pid=_pid())
         self._warn_exposed()
         self._start_metrics()
+        restart.announce(self)
         return self.addresses
 
     def _apply_fd_limit(self):
@@ -531,6 +542,7 @@ def run(config, store=None):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)
+        loop.add_signal_handler(signal.SIGUSR2, lambda: restart.request_restart(server, "SIGUSR2"))
         await server.serve()
 
     try:

@@ -15,6 +15,7 @@ from . import resp_admin as ra
 from . import resp_keys as rk
 from . import resp_multi as rm
 from . import resp_server as rs
+from . import restart
 from .acl import CATEGORIES, COMMAND_CATEGORIES
 from .adapters import arity_error, build_native, build_resp
 from .cluster.commands import cluster_rows
@@ -327,6 +328,10 @@ def resp_rows():
                 group='server',
                 resp=ra.cmd_latency,
                 summary='LATENCY LATEST|HISTOGRAM|RESET|HELP'),
+        Command('KV.RESTART', 1, ('admin', 'noscript'), (0, 0, 0),
+                group='kvstore',
+                resp=restart.cmd_kv_restart,
+                summary='Re-execute the server, handing over the arena and the listening socket'),
         Command('KV.REPL', 2, ('admin',), (0, 0, 0),
                 group='kvstore',
                 resp=rs.cmd_kv_repl,
@@ -363,6 +368,7 @@ def native_rows():
         Command(None, 0, native='incr', native_fn=nops.incr),
         Command(None, 0, native='incrbyfloat', native_fn=nops.incrbyfloat),
         Command(None, 0, native='scan', native_fn=nops.scan),
+        Command(None, 0, native='restart', native_fn=restart.native_restart),
     ]
 
 

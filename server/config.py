@@ -65,6 +65,7 @@ class ServerConfig:
     resp_fast: bool = True             # plain RESP GET/SET run in C (engine.resp_fast)
     # replication (server/replication.py)
     replica_of: str = ""               # "HOST:PORT": start as a replica of that primary
+    supervise: bool = False            # run under a parent that restarts the worker (supervise.py)
     masterauth: str = ""               # password for the primary (default: requirepass)
     repl_backlog_size: int = 64 * 1024 * 1024
     min_replica_acks: int = 0          # 0 = asynchronous replication
@@ -237,6 +238,10 @@ def build_parser():
                    help="seconds to wait for etcd at start (default 30)")
     p.add_argument("--announce-host",
                    help="address announced to the cluster and clients (default: first --bind)")
+    p.add_argument("--supervise", action="store_true", default=None,
+                   help="run the server in a worker under a small parent that keeps the arena "
+                        "and the listening socket and restarts the worker when it dies; the "
+                        "new worker adopts the memory (server/supervise.py)")
     return p
 
 

@@ -54,7 +54,7 @@ def info_sections(server, wanted):
             "redis_version": REDIS_VERSION, "kvstore_version": kvstore.__version__,
             "redis_mode": "standalone", "os": f"{platform.system()} {platform.release()} {platform.machine()}",
             "arch_bits": 64 if sys.maxsize > 2**32 else 32, "multiplexing_api": server.loop_name,
-            "process_id": os.getpid(), "tcp_port": server.port, "uptime_in_seconds": up,
+            "process_id": os.getpid(), "run_id": getattr(server, "run_id", ""), "tcp_port": server.port, "uptime_in_seconds": up,
             "uptime_in_days": up // 86400, "executable": sys.executable,
             "python_version": platform.python_version(),
         },

@@ -118,18 +118,18 @@ def _drain(pipe):
 
 
 def start_server(*flags, timeout=60.0, env=None, cwd=None, name="kvstore-server",
-                 preexec_fn=None):
+                 preexec_fn=None, pass_fds=()):
     """Start kvstore-server with ``flags`` (on a free port unless ``--port``
     is given) and wait until it listens; RuntimeError with its output if it
     does not within ``timeout`` seconds. ``preexec_fn`` runs in the child
-    before exec (e.g. to lower a resource limit)."""
+    before exec (e.g. to lower a resource limit); ``pass_fds`` stay open in it."""
     flags = list(flags)
     if "--port" not in flags:
         flags += ["--port", "0"]
     logfile = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
     proc = subprocess.Popen(server_command(*flags),
                             stdout=subprocess.PIPE, stderr=logfile, stdin=subprocess.DEVNULL,
-                            cwd=cwd, env=env, preexec_fn=preexec_fn)
+                            cwd=cwd, env=env, preexec_fn=preexec_fn, pass_fds=pass_fds)
     deadline = time.monotonic() + timeout
     buf = b""
     while time.monotonic() < deadline:

@@ -32,7 +32,7 @@ ODD = [b"", b"x", b"0", b"-1", b"1.5", b"nan", b"inf", b"-inf", b"1e400",
 
 # Commands that change the server's role, block, close the connection or
 # start a transaction: run elsewhere.
-SKIP = {"REPLICAOF", "SLAVEOF", "WAIT", "QUIT", "RESET", "MULTI", "KV.REPL", "SHUTDOWN",
+SKIP = {"REPLICAOF", "SLAVEOF", "WAIT", "QUIT", "RESET", "MULTI", "KV.REPL", "SHUTDOWN", "KV.RESTART",
         "SYNC", "PSYNC", "MONITOR", "SUBSCRIBE", "PSUBSCRIBE", "DEBUG", "ACL", "HELLO",
         "AUTH", "CLIENT"}
 
@@ -84,7 +84,7 @@ def test_resp_commands_with_odd_arguments():
 NATIVE_ODD = [None, True, 1.5, math.nan, math.inf, -math.inf, -1, 0, 2**63, 2**64 - 1, -2**63,
               "str", b"bin", b"\xff", [], {}, [[1]], {"a": 1}, [b"k", b"v"], [b"k"]]
 
-NATIVE_SKIP = {"sync", "replicaof", "wait"}
+NATIVE_SKIP = {"sync", "replicaof", "wait", "restart"}
 
 
 def test_native_ops_with_odd_arguments():

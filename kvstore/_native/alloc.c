@@ -71,6 +71,10 @@ void kv_alloc_reset(kv_alloc *al)
     al->nfree = 0;
     for (size_t s = 0; s < al->nsub; s++) {
         if (kv_sp_kind(al->meta[s]) == KV_SP_LOST) continue;
+        if (kv_sp_kind(al->meta[s]) == KV_SP_HDR) {
+            fb_clr(al, s);
+            continue;
+        }
         al->meta[s] = 0;
         fb_set(al, s);
         al->nfree++;
@@ -252,6 +256,32 @@ void kv_alloc_release(kv_alloc *al, uint64_t off, size_t len)
         }
         al->live_bytes -= n * SUB;
     }
+}
+
+int kv_alloc_claim(kv_alloc *al, size_t s, kv_meta m)
+{
+    if (s >= al->nsub || !fb_get(al, s)) return -1;
+    fb_clr(al, s);
+    al->nfree--;
+    al->meta[s] = m;
+    switch (kv_sp_kind(m)) {
+    case KV_SP_INDEX:
+    case KV_SP_DIR:
+        al->nindex++;
+        break;
+    case KV_SP_SMALL:
+        al->live_bytes += kv_sp_live(m);
+        al->dead_bytes += kv_sp_fill(m) - kv_sp_live(m);
+        if (kv_sp_gbits(m) == al->gbits) g_link(al, s, kv_sp_gprefix(m));
+        break;
+    case KV_SP_HEAD:
+        al->live_bytes += kv_sp_run(m) * SUB;
+        if (kv_sp_gbits(m) == al->gbits) g_link(al, s, kv_sp_gprefix(m));
+        break;
+    default:
+        break;
+    }
+    return 0;
 }
 
 void kv_alloc_quarantine(kv_alloc *al, size_t s)

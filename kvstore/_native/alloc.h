@@ -25,6 +25,7 @@
  *                 of its highest (an index page: its hash range is known
  *                 from this word alone)
  *     DIR:        a subpage of the index directory
+ *     HDR:        the arena header (subpage 0, see adopt.h)
  *
  * A SMALL subpage whose live bytes drop to zero becomes FREE again; LOST
  * subpages (quarantined) are never handed out while the arena lives. Space
@@ -37,7 +38,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum { KV_SP_FREE = 0, KV_SP_SMALL = 1, KV_SP_HEAD = 2, KV_SP_CONT = 3, KV_SP_LOST = 4, KV_SP_INDEX = 5, KV_SP_DIR = 6 };
+enum { KV_SP_FREE = 0, KV_SP_SMALL = 1, KV_SP_HEAD = 2, KV_SP_CONT = 3, KV_SP_LOST = 4, KV_SP_INDEX = 5, KV_SP_DIR = 6,
+       KV_SP_HDR = 7 /* the arena header (subpage 0): never handed out */ };
 
 #define KV_GROUP_MAX_BITS 19u
 #define KV_NONE UINT32_MAX
@@ -111,6 +113,11 @@ void kv_alloc_release(kv_alloc *al, uint64_t off, size_t len);
 int64_t kv_alloc_take_meta(kv_alloc *al, size_t n, kv_meta m, int use_reserve);
 /* Give back index subpages [s, s+n) (LOST ones stay quarantined). */
 void kv_alloc_give(kv_alloc *al, size_t s, size_t n);
+
+/* Adoption (adopt.c): mark free subpage s as used with metadata word m (a
+ * SMALL or LARGE_HEAD word joins its group's list; SMALL counts its live and
+ * dead bytes, LARGE_HEAD its run). 0, or -1 if s is not free. */
+int kv_alloc_claim(kv_alloc *al, size_t s, kv_meta m);
 
 /* Quarantine subpage s (its records, if any, have been invalidated). */
 void kv_alloc_quarantine(kv_alloc *al, size_t s);

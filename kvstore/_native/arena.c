@@ -12,7 +12,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/magic.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -144,6 +147,8 @@ static int try_map(kv_arena *a, size_t size, size_t ps, char *err, size_t errlen
     return 0;
 }
 
+static kv_arena *arena_setup(kv_arena *a, int policy, char *err, size_t errlen);
+
 kv_arena *kv_arena_create(size_t size, size_t page_size, int policy, char *err, size_t errlen)
 {
     if (size == 0) size = KV_SUB_SIZE;
@@ -179,7 +184,12 @@ kv_arena *kv_arena_create(size_t size, size_t page_size, int policy, char *err, 
         return NULL;
     }
     if (why[0]) snprintf(a->reason, sizeof a->reason, "fell back to %s pages: %s", page_label(a->page_size), why);
+    return arena_setup(a, policy, err, errlen);
+}
 
+/* The bookkeeping of an arena whose memfd is mapped (create and adopt). */
+static kv_arena *arena_setup(kv_arena *a, int policy, char *err, size_t errlen)
+{
     a->policy = policy >= 0 ? policy : (a->keep_ue ? KV_POLICY_KEEP_UE : KV_POLICY_MAINLINE);
     a->nsub = a->size >> KV_SUB_SHIFT;
     a->npages = a->size / a->page_size;
@@ -212,6 +222,61 @@ kv_arena *kv_arena_create(size_t size, size_t page_size, int policy, char *err, 
         return NULL;
     }
     return a;
+}
+
+kv_arena *kv_arena_adopt(int fd, int policy, char *err, size_t errlen)
+{
+    struct stat st;
+    struct statfs sf;
+    if (fstat(fd, &st) != 0 || fstatfs(fd, &sf) != 0) {
+        snprintf(err, errlen, "cannot stat the inherited arena fd %d: %s", fd, strerror(errno));
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode) || st.st_size <= 0) {
+        snprintf(err, errlen, "inherited fd %d is not an arena memfd (not a regular file with data)", fd);
+        return NULL;
+    }
+    /* hugetlbfs reports the hugepage size as the block size */
+    int huge = sf.f_type == HUGETLBFS_MAGIC;
+    size_t ps = huge ? (size_t)st.st_blksize : KV_SUB_SIZE;
+    if (ps != KV_SUB_SIZE && ps != ((size_t)1 << 21) && ps != ((size_t)1 << 30)) {
+        snprintf(err, errlen, "inherited arena fd %d has pages of %zu bytes: not supported", fd, ps);
+        return NULL;
+    }
+    size_t size = (size_t)st.st_size;
+    if (size % ps) {
+        snprintf(err, errlen, "inherited arena fd %d: %zu bytes is not a whole number of %s pages", fd, size,
+                 page_label(ps));
+        return NULL;
+    }
+    int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (nfd < 0) {
+        snprintf(err, errlen, "cannot duplicate the inherited arena fd %d: %s", fd, strerror(errno));
+        return NULL;
+    }
+    /* The same pages (hugepages included) are mapped again: no new memory. */
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, nfd, 0);
+    if (p == MAP_FAILED) {
+        snprintf(err, errlen, "mmap of the inherited arena (%zu bytes) failed: %s", size, strerror(errno));
+        close(nfd);
+        return NULL;
+    }
+    kv_arena *a = calloc(1, sizeof *a);
+    if (!a) {
+        munmap(p, size);
+        close(nfd);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    a->efd = a->hole_fd = -1;
+    a->fd = nfd;
+    a->base = p;
+    a->size = size;
+    a->page_size = ps;
+    a->page_shift = __builtin_ctzll(ps);
+    a->hugetlb = huge;
+    a->keep_ue = 0;   /* the flag is not visible on an fd; mainline is the safe guess */
+    return arena_setup(a, policy, err, errlen);
 }
 
 void kv_arena_free(kv_arena *a)

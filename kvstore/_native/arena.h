@@ -78,6 +78,12 @@ kv_arena *kv_arena_create(size_t size, size_t page_size, int policy,
                           char *err, size_t errlen);
 void kv_arena_free(kv_arena *a);
 
+/* Map an arena memfd inherited from an earlier process (the same pages: no
+ * new memory). The page size comes from the file system (hugetlbfs reports
+ * it as the block size). fd is duplicated; the caller keeps its own. NULL
+ * with a message in err on failure. */
+kv_arena *kv_arena_adopt(int fd, int policy, char *err, size_t errlen);
+
 /* Probe (once per process) whether memfd_create accepts
  * MFD_MF_KEEP_UE_MAPPED and whether MADV_HWPOISON is available. */
 int kv_probe_keep_ue(void);

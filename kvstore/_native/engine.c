@@ -3,6 +3,7 @@
  */
 #define _GNU_SOURCE
 #include "engine.h"
+#include "adopt.h"
 #include "checksum.h"
 #include "guard.h"
 
@@ -144,6 +145,7 @@ static __attribute__((noinline)) int run(kv_engine *e, kv_body body, void *args)
         kv_guard_disarm();
         kv_tls.jmp = outer;
         kv_tls.active = outer_active;
+        kv_hdr_sync_version(e);
         if (rc != KV_AGAIN) return rc;
         if (++tries > 64) return KV_AGAIN;
         wait_salvage(e);
@@ -510,10 +512,13 @@ static int dir_double(kv_engine *e)
     TOUCH(e, e->dir_sub * SUB, e->dir_n * SUB);
     uint32_t *old = CELLS(e), *nw = (uint32_t *)AP(e, (uint64_t)s2 * SUB);
     for (uint64_t c = 0; c < (1ULL << D); c++) nw[2 * c] = nw[2 * c + 1] = old[c];
-    kv_alloc_give(&e->al, e->dir_sub, e->dir_n);
+    uint64_t old_sub = e->dir_sub;
+    size_t old_n = e->dir_n;
     e->dir_sub = (uint64_t)s2;
     e->dir_n = n;
     e->gdepth = D + 1;
+    kv_hdr_sync(e);                    /* the header names the new directory before the old one is reused */
+    kv_alloc_give(&e->al, old_sub, old_n);
     g_txn_dir = -1;
     return KV_OK;
 }
@@ -772,6 +777,7 @@ static int body_upsert(kv_engine *e, void *va)
                 int rc = release_len(e, en, &rl);
                 if (rc) return rc;
                 entry_drop(e, p, (uint32_t)i, rl);
+                kv_crash_point("delete:drop");
                 a->existed = 1;
                 e->version++;
                 return 1;
@@ -832,6 +838,7 @@ static int body_upsert(kv_engine *e, void *va)
         if (longkey) memcpy(d + KV_REC_HDR, a->key, a->klen);
         memcpy(d + KV_REC_HDR + (longkey ? a->klen : 0), a->val, a->vlen);
         off = (uint64_t)o;
+        kv_crash_point(a->mode == UP_PUT ? "put:record" : "install:record");
     }
     /* commit: nothing below touches memory not checked above */
     kv_entry *ne;
@@ -852,6 +859,7 @@ static int body_upsert(kv_engine *e, void *va)
         ne = kv_ip_add(p, kv_tag(a->h), nsize);
     }
     ne->loc = kv_e_mkloc(off, a->klen, tomb ? KV_ST_TOMB : KV_ST_PRESENT, nflags);
+    kv_crash_point(a->mode == UP_PUT ? "put:entry" : a->mode == UP_TOMB ? "delete:entry" : "install:entry");
     ne->ver = v & KV_VERSION_MASK;
     if (longkey) memcpy(ne->key, &a->h, 8);
     else memcpy(ne->key, a->key, a->klen);
@@ -1173,9 +1181,10 @@ static void dir_rebuild(kv_engine *e)
         }
     }
     if (s2 < 0) return;                   /* no room: keep the old one (reads fall back) */
+    e->dir_sub = (uint64_t)s2;
+    kv_hdr_sync(e);
     for (size_t i = old; i < old + oldn; i++)
         if (!sub_lost(e, i)) kv_alloc_give(&e->al, i, 1);
-    e->dir_sub = (uint64_t)s2;
     e->c_dir_rebuilds++;
     /* cells no page covers (should not happen): give them empty lost pages */
     for (uint64_t c = 0; c < ncells; c++) {
@@ -1581,11 +1590,13 @@ int kv_eng_init(kv_engine *e, kv_arena *a, size_t capacity)
     unsigned g = 0;
     while (g < KV_GROUP_MAX_BITS && ((size_t)1 << 20) << (g + 1) <= cap) g++;
     kv_alloc_set_groups(&e->al, g);
+    kv_alloc_claim(&e->al, 0, kv_sp_mk(KV_SP_HDR));   /* the arena header (adopt.h) */
     e->salvage = 1;
     if (setup_index(e) != 0) {
         kv_alloc_free(&e->al);
         return -1;
     }
+    kv_hdr_format(e);
     return 0;
 }
 
@@ -1617,7 +1628,9 @@ int kv_eng_flush(kv_engine *e)
     e->need_sweep = 0;
     e->sweep_n = 0;
     memset(e->pgc, 0, e->al.nsub * sizeof *e->pgc);
-    return setup_index(e);
+    if (setup_index(e) != 0) return -1;
+    kv_hdr_sync(e);
+    return 0;
 }
 
 /* -------------------------------------------------------------- patrol */
@@ -1664,7 +1677,7 @@ uint64_t kv_eng_scrub(kv_engine *e, uint64_t max_bytes, uint64_t *found)
 {
     kv_eng_check(e);
     scrub_ctx w = {0};
-    size_t n = e->al.nsub, s = e->scrub_cursor;
+    size_t n = e->al.nsub, s = e->scrub_cursor, start = s;
     for (size_t k = 0; k < n && w.done < max_bytes; k++, s++) {
         if (s >= n) s = 0;
         if (kv_sp_kind(e->al.meta[s]) != KV_SP_INDEX || sub_lost(e, s)) continue;
@@ -1677,6 +1690,11 @@ uint64_t kv_eng_scrub(kv_engine *e, uint64_t max_bytes, uint64_t *found)
         }
     }
     e->scrub_cursor = s >= n ? 0 : s;
+    if (e->verify_todo) {
+        size_t passed = s >= start ? s - start : n - start + s;
+        if (passed == 0 && w.done < max_bytes) passed = n;   /* a whole lap */
+        e->verify_todo = e->verify_todo > passed ? e->verify_todo - passed : 0;
+    }
     e->c_scrubbed_bytes += w.done;
     e->c_scrub_found += w.found;
     *found = w.found;
@@ -1773,7 +1791,9 @@ static void compact_fn(kv_engine *e, size_t ps, kv_ipage *p, void *vctx)
         g_mv_len = len;
         TOUCH(e, (uint64_t)noff, len);
         memmove(AP(e, (uint64_t)noff), AP(e, off), len);
+        kv_crash_point("compact:copy");
         kv_e_set_off(en, (uint64_t)noff);
+        kv_crash_point("compact:entry");
         g_mv_off = -1;
         kv_alloc_release(al, off, len);
         w->moved++;
@@ -1853,3 +1873,17 @@ int kv_eng_corrupt(kv_engine *e, const void *key, uint32_t klen, size_t byte)
     corrupt_args a = {key, klen, kv_hash(key, klen), byte};
     return run(e, body_corrupt, &a);
 }
+
+/* ---------------------------------------------- for adopt.c (adopt.h) */
+
+void kv_eng__lostrange_push(kv_engine *e, uint64_t lo, uint64_t hi, uint64_t version)
+{
+    lostrange_push(e, lo, hi, version);
+}
+void kv_eng__lostq_push(kv_engine *e, const kv_entry *en) { lostq_push(e, en); }
+int64_t kv_eng__new_page(kv_engine *e, uint64_t lo, uint64_t hi, unsigned flags, uint64_t lost_at)
+{
+    return new_page(e, lo, hi, flags, lost_at);
+}
+int kv_eng__dir_fill(kv_engine *e, uint64_t c0, uint64_t n, uint32_t s) { return dir_fill(e, c0, n, s); }
+uint32_t kv_eng__pgc_count(const kv_ipage *p) { return pgc_count(p); }

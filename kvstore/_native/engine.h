@@ -96,6 +96,9 @@ typedef struct {
     uint32_t *pgc;                /* per index subpage: keys | lost << 10 | ttl << 20 */
     uint64_t (*sweep)[2];         /* hash ranges whose orphan records await the sweep */
     size_t sweep_n, sweep_cap;
+    uint64_t hdr_version;         /* version last written to the arena header (adopt.h) */
+    uint64_t generation;          /* processes that adopted this arena */
+    uint64_t verify_todo;         /* after adoption: subpages the scrubber has yet to pass */
     int64_t txn_off;              /* a record written but not yet referenced */
     size_t txn_len;
     /* counters */

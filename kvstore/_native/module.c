@@ -31,6 +31,7 @@
 #include "arena.h"
 #include "checksum.h"
 #include "engine.h"
+#include "adopt.h"
 #include "guard.h"
 #include "index.h"
 #include "resp.h"
@@ -512,7 +513,37 @@ ARENA_GET(fallback_reason, a->reason[0] ? PyUnicode_FromString(a->reason) : Py_N
 
 static PyObject *Arena_get_closed(ArenaObject *self, void *c) { return PyBool_FromLong(self->a == NULL); }
 
+static PyObject *Arena_adopt(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"fd", "kernel_policy", NULL};
+    int fd;
+    PyObject *pol = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|O:adopt", kwlist, &fd, &pol)) return NULL;
+    int policy;
+    if (parse_policy(pol, &policy) != 0) return NULL;
+    modstate *st = state_of(type);
+    if (!st) return NULL;
+    ArenaObject *self = (ArenaObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->st = st;
+    char err[768];
+    kv_arena *a;
+    Py_BEGIN_ALLOW_THREADS
+    a = kv_arena_adopt(fd, policy, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (!a) {
+        PyErr_SetString(st->ArenaError, err);
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->a = a;
+    return (PyObject *)self;
+}
+
 static PyMethodDef Arena_methods[] = {
+    {"adopt", (PyCFunction)(void (*)(void))Arena_adopt, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
+     "Arena.adopt(fd, kernel_policy='auto'): map an arena memfd inherited from an earlier process "
+     "(the same pages; fd is duplicated, the caller keeps its own)."},
     {"read", (PyCFunction)Arena_read, METH_VARARGS, "read(offset, n) -> bytes: guarded copy out of the arena."},
     {"write", (PyCFunction)Arena_write, METH_VARARGS, "write(offset, data): guarded copy into the arena."},
     {"inject", (PyCFunction)(void (*)(void))Arena_inject, METH_VARARGS | METH_KEYWORDS,
@@ -575,6 +606,8 @@ typedef struct {
     Py_ssize_t max_key, max_value;
     PyObject *dict;
     PyObject *weakrefs;
+    int adopted;
+    kv_adopt_report adopt;
 } EngineObject;
 
 static int engine_unusable(EngineObject *self)
@@ -642,10 +675,12 @@ static void gil_relock(void *tok) { PyEval_RestoreThread((PyThreadState *)tok); 
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"arena", "capacity", "max_key", "max_value", NULL};
+    static char *kwlist[] = {"arena", "capacity", "max_key", "max_value", "adopt", NULL};
     PyObject *arena;
     Py_ssize_t cap = -1, max_key = KV_MAX_KEY, max_value = 512 * 1024 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|nnn:Engine", kwlist, &arena, &cap, &max_key, &max_value))
+    int adopt = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|nnnp:Engine", kwlist, &arena, &cap, &max_key, &max_value,
+                                     &adopt))
         return -1;
     if (self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
@@ -674,7 +709,18 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         return -1;
     }
     size_t capacity = cap < 0 ? ao->a->size : (size_t)cap;
-    if (kv_eng_init(&self->e, ao->a, capacity) != 0) {
+    if (adopt) {
+        char err[512];
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = kv_eng_adopt(&self->e, ao->a, &self->adopt, err, sizeof err);
+        Py_END_ALLOW_THREADS
+        if (rc != 0) {
+            PyErr_SetString(st->ArenaError, err);
+            return -1;
+        }
+        self->adopted = 1;
+    } else if (kv_eng_init(&self->e, ao->a, capacity) != 0) {
         PyErr_NoMemory();
         return -1;
     }
@@ -1520,7 +1566,9 @@ static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
         dset(d, "index_directory_rebuilds", U(e->c_dir_rebuilds)) ||
         dset(d, "index_pages_scrubbed", U(e->c_index_scrubbed)) ||
         dset(d, "orphans_reclaimed", U(e->c_orphans)) ||
-        dset(d, "records_bytes", U((e->al.nsub - e->al.nfree - e->al.nlost - e->al.nindex) * 4096ULL)) ||
+        dset(d, "records_bytes", U((e->al.nsub - e->al.nfree - e->al.nlost - e->al.nindex -
+                                    (kv_sp_kind(e->al.meta[0]) == KV_SP_HDR)) * 4096ULL)) ||
+        dset(d, "generation", U(e->generation)) || dset(d, "unverified_subpages", U(e->verify_todo)) ||
         dset(d, "allocator_bytes", U(e->al.nsub * (sizeof(kv_meta) + 3 * sizeof(uint32_t)) +
                                      (e->al.nsub + 63) / 64 * 8 + ((size_t)1 << e->al.gbits) * 12)) ||
         dset(d, "version", U(e->version)) || dset(d, "max_key", PyLong_FromSsize_t(self->max_key)) ||
@@ -1629,6 +1677,19 @@ static PyObject *Engine_get_loss_pending(EngineObject *self, void *c)
                            __atomic_load_n(&self->e.in_salvage, __ATOMIC_ACQUIRE));
 }
 
+static PyObject *Engine_adopt_report(EngineObject *self, PyObject *unused)
+{
+    if (!self->adopted) Py_RETURN_NONE;
+    const kv_adopt_report *r = &self->adopt;
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsK}", "index_pages", (unsigned long long)r->index_pages,
+                         "index_pages_bad", (unsigned long long)r->index_pages_bad, "keys",
+                         (unsigned long long)r->keys, "records", (unsigned long long)r->records, "records_bad",
+                         (unsigned long long)r->records_bad, "lost_keys", (unsigned long long)r->lost_keys,
+                         "lost_ranges", (unsigned long long)r->lost_ranges, "generation",
+                         (unsigned long long)r->generation, "version", (unsigned long long)r->old_version,
+                         "layout", (unsigned long long)KV_LAYOUT_VERSION);
+}
+
 static PyMethodDef Engine_methods[] = {
     {"get", (PyCFunction)Engine_get, METH_O, "get(key) -> bytes or None; KeyLostError if the key was lost."},
     {"get_versioned", (PyCFunction)Engine_get_versioned, METH_O, "get_versioned(key) -> (version, value) or None."},
@@ -1675,6 +1736,8 @@ static PyMethodDef Engine_methods[] = {
     {"compact", (PyCFunction)Engine_compact, METH_VARARGS, "compact(max_subpages=4096) -> records moved."},
     {"flush", (PyCFunction)Engine_flush, METH_NOARGS, "Delete every key."},
     {"engine_stats", (PyCFunction)Engine_engine_stats, METH_NOARGS, "Counters of the engine and its arena."},
+    {"adopt_report", (PyCFunction)Engine_adopt_report, METH_NOARGS,
+     "What adoption found (a dict), or None when this engine formatted a fresh arena."},
     {"_corrupt", (PyCFunction)Engine__corrupt, METH_VARARGS, "Test hook: flip one byte of a key's record."},
     {"resp_fast", (PyCFunction)Engine_resp_fast, METH_VARARGS,
      "resp_fast(buffer, flags=0, max_out=0) -> (consumed, replies, n): run leading plain RESP "

@@ -1,0 +1,85 @@
+/* adopt.h - the arena header, and adoption of an arena left by an earlier
+ * process (a planned restart or a crash).
+ *
+ * Subpage 0 of every arena holds the header (allocator kind KV_SP_HDR):
+ *
+ *     0   u64 magic        KV_HDR_MAGIC ("KVARENA" + 0x01)
+ *     8   u32 layout       KV_LAYOUT_VERSION: the on-memory layout of the
+ *                          header, directory, index pages and records
+ *     12  u32 hdr_bytes    sizeof(kv_hdr)
+ *     16  u64 arena_size   bytes of the memfd
+ *     24  u64 page_size    4096, 2 MiB or 1 GiB
+ *     32  u64 nsub         capacity in subpages (the allocator's range)
+ *     40  u32 gbits        record groups (alloc.h)
+ *     44  u32 gdepth       directory depth
+ *     48  u64 dir_sub      first subpage of the directory
+ *     56  u64 dir_n        its length in subpages
+ *     64  u64 version      the store's version counter (writes and deletes)
+ *     72  u64 generation   processes that adopted this arena
+ *     80  u64 created_ms   when the arena was formatted
+ *
+ * The engine writes the directory fields whenever the directory moves and
+ * the version after every operation that took one. Everything else adoption
+ * needs is in the index and the records themselves; the allocator's
+ * metadata (process memory) is rebuilt from them.
+ */
+#ifndef KV_ADOPT_H
+#define KV_ADOPT_H
+
+#include "engine.h"
+
+#define KV_HDR_MAGIC 0x01414e4552415653ULL /* "SVARENA\x01" little-endian */
+#define KV_LAYOUT_VERSION 1u
+
+typedef struct {
+    uint64_t magic;
+    uint32_t layout, hdr_bytes;
+    uint64_t arena_size, page_size, nsub;
+    uint32_t gbits, gdepth;
+    uint64_t dir_sub, dir_n;
+    uint64_t version;
+    uint64_t generation;
+    uint64_t created_ms;
+} kv_hdr;
+
+typedef struct {
+    uint64_t index_pages;      /* index pages that verified */
+    uint64_t index_pages_bad;  /* directory runs whose page did not verify: their ranges are LOST */
+    uint64_t keys;             /* entries that are keys */
+    uint64_t records;          /* records that passed the structural checks */
+    uint64_t records_bad;      /* entries whose record did not: LOST */
+    uint64_t lost_keys;        /* entries LOST after adoption (before and now) */
+    uint64_t lost_ranges;      /* lost hash ranges queued for the rebuilder */
+    uint64_t generation;
+    uint64_t old_version;      /* the header's version counter */
+} kv_adopt_report;
+
+/* Write the whole header (format: fresh arena). */
+void kv_hdr_format(kv_engine *e);
+/* Write the fields that change (directory, version). Cheap; skipped when
+ * subpage 0 is lost (the arena can then no longer be adopted). */
+void kv_hdr_sync(kv_engine *e);
+static inline void kv_hdr_sync_version(kv_engine *e)
+{
+    if (__builtin_expect(e->version != e->hdr_version, 0)) kv_hdr_sync(e);
+}
+
+/* Adopt arena a (kv_arena_adopt) into a fresh engine e: check the header,
+ * validate the directory, the index pages and every entry against its
+ * record's bounds, rebuild the allocator's metadata and the counters.
+ * Index pages that do not verify become LOST ranges; entries whose record
+ * does not verify become LOST keys (both queued for the rebuilder). Record
+ * checksums are checked later (kv_eng_scrub; every read checks its own).
+ * 0, or -1 with a message in err (nothing adopted; e is left empty). */
+int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_t errlen);
+
+/* Test hook: abort() here when the environment variable KVSTORE_CRASH_AT
+ * names this point (see docs/DESIGN.md "Restart"). */
+void kv_crash_point_slow(const char *name);
+extern int kv_crash_armed;
+static inline void kv_crash_point(const char *name)
+{
+    if (__builtin_expect(kv_crash_armed != 0, 0)) kv_crash_point_slow(name);
+}
+
+#endif
