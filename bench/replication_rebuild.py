@@ -1,6 +1,7 @@
 """Rebuilding lost memory from a replica, against a full resync, and a UE storm.
 
     python -m bench.replication_rebuild [--quick] [--page-size 4K] [--skip-resync] [--skip-storm]
+                                        [--index-faults N] [--stall 2M|1G]
 
 Starts kvstore-server processes on free 127.0.0.1 ports (a primary and a
 replica, fault injection on) and measures:
@@ -21,6 +22,15 @@ replica, fault injection on) and measures:
    never older than already seen). A baseline of the same length/3 without
    UEs comes first. Throughput per second, client errors, wrong answers,
    dip of the storm's mean against the baseline's.
+
+1b. **One lost index page** (``--index-faults``, default faults / 2): the
+   same with the UE aimed at the index page holding a random key's entry
+   (``inject(entry=key)``); the whole hash range is rebuilt from the replica
+   over ``fetch_range``. Polls until the range is rebuilt.
+4. **Salvage stall** (``--stall 2M`` or ``1G``): a mainline server on
+   hugepages, ``--stall-clients`` processes reading random keys; one UE at
+   mid-run drops the whole hugepage and the server copies it back. The
+   longest gap between two replies a client saw, before and after the UE.
 
 Prints markdown with the command and the date. Measures; asserts nothing,
 but exits 1 when a wrong answer was seen.

@@ -235,3 +235,25 @@ def test_lagging_replica_index_ue_no_stale_no_resurrection():
         os.kill(r.pid, signal.SIGCONT)
         r.stop()
         p.stop()
+
+
+def test_fetch_range_needs_a_user_who_reads_every_key(tmp_path):
+    from serverutil import start_server
+    from test_server_native import Native
+    path = tmp_path / "users.acl"
+    path.write_text("user default on nopass ~* &* +@all\n"
+                    "user keyed on >pw ~app:* &* +@all\n"
+                    "user peer on >pw ~* &* -@all +kv.fetch\n")
+    with start_server("--aclfile", str(path), "--capacity", "16MiB") as srv:
+        n = Native(srv)
+        assert n.ok("put", b"app:1", b"v")
+        n.ok("auth", "keyed", "pw")
+        assert n.ok("get", b"app:1") == b"v"
+        assert n.err("fetch_range", 0, None, 0) == "NOPERM"      # values of keys outside ~app:*
+        n.ok("auth", "peer", "pw")
+        nxt, got = n.ok("fetch_range", 0, None, 0)
+        assert nxt is None and got[b"app:1"][1] == b"v"
+        assert n.err("fetch_range", 5, 5, 0) == "ERR"            # empty range
+        assert n.err("fetch_range", 0, None, -1) == "TYPE"
+        assert n.err("fetch_range", 0, None, 10 ** 12) == "BEHIND"
+        n.close()
