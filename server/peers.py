@@ -60,7 +60,7 @@ class PeerSource:
 
     def __init__(self, peers, password=None, loop_thread=None, wait=0.8,
                  loop_timeout=0.1, timeout=1.0, before_loop_fetch=None, loop=None,
-                 install=None, range_version=None):
+                 install=None, range_version=None, on_range_started=None):
         self._peers = peers
         self._password = password or None
         self.loop_thread = loop_thread
@@ -71,6 +71,9 @@ class PeerSource:
         self.loop = loop
         self.install = install
         self.range_version = range_version
+        #: Called (on the loop) when a background range fetch starts, so the
+        #: owner can ask the Store to retry once the answer is likely in.
+        self.on_range_started = on_range_started
         self._pool = None
         self._range_inflight = set()    # loop thread only: (lo, hi)
         self._range_ready = {}          # loop thread only: (lo, hi) -> (min_version, answer, when)
@@ -238,6 +241,8 @@ class PeerSource:
                     max_workers=2, thread_name_prefix="kvstore-peer-fetch")
             self._range_inflight.add(k)
             self._pool.submit(self._range_background, lo, hi, min_version)
+            if self.on_range_started is not None:
+                self.on_range_started()
         return None
 
     def _range_background(self, lo, hi, min_version):

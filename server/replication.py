@@ -51,6 +51,10 @@ HEARTBEAT = 1.0
 #: A replica that has not acked for this long is skipped by loop-thread fetches.
 STALE_ACK = 2.0
 
+#: Seconds after a background range fetch starts when the Store is asked to
+#: retry its lost ranges (its first retry is due 20 ms after a "not yet").
+RANGE_RETRY_AT = 0.021
+
 
 def parse_hostport(s):
     s = str(s).strip()
@@ -87,7 +91,8 @@ class Replication:
     def start(self, loop):
         self.source = PeerSource(self.peers, self.password, self.loop_thread,
                                  before_loop_fetch=self._before_loop_fetch, loop=self.loop,
-                                 install=self.store.install, range_version=self._range_version)
+                                 install=self.store.install, range_version=self._range_version,
+                                 on_range_started=self._range_started)
         self._hb_due = time.monotonic() + HEARTBEAT
         self._hb = loop.call_later(HEARTBEAT, self._heartbeat)
         if self.server.config.replica_of:
@@ -240,6 +245,18 @@ class Replication:
         if self.role == "master":
             return min_version
         return self.replica.applied_version
+
+    def _range_started(self):
+        # The Store retries a range the source could not answer yet after
+        # 20 ms (then doubling): be there when it is due, rather than at the
+        # next maintenance tick, so a loopback answer is installed at once.
+        self.loop.call_later(RANGE_RETRY_AT, self._retry_ranges)
+
+    def _retry_ranges(self):
+        try:
+            self.store.recover()
+        except Exception as e:  # noqa: BLE001 - the maintenance tick retries
+            event("error", "range_retry_failed", error=f"{type(e).__name__}: {e}")
 
     def _before_loop_fetch(self):
         if self.primary.pending:
