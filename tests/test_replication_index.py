@@ -117,9 +117,10 @@ def test_index_ue_on_primary_under_load(policy, kind):
         p.stop()
 
 
-def test_index_ue_on_replica_rebuilt_from_primary():
-    p = start()
-    r = start_replica(p)
+@pytest.mark.parametrize("policy", ["keep_ue", "mainline"])
+def test_index_ue_on_replica_rebuilt_from_primary(policy):
+    p = start(policy=policy)
+    r = start_replica(p, policy=policy)
     try:
         wait_link_up(r)
         load_keys(p)
