@@ -14,8 +14,9 @@ Stream and offsets
 Sync (native op ``sync [replid, offset, listen_port]``; PROTOCOL.md)
     Partial when ``replid`` matches and the backlog still holds ``offset``,
     else full: the snapshot of every key as ``["S", blob]`` frames, ``["E",
-    S, version]`` (version: the store's version at S), then the writes after S (queued for that replica meanwhile; every
-    entry is a complete overwrite, so the replica ends equal). The connection
+    S, version]`` (version: the store's version at S), then the writes
+    after S (queued for that replica meanwhile; every entry is a complete
+    overwrite, so the replica ends equal). The connection
     then becomes a :class:`ReplicaSession`: acks in, stream and ``["PING"]``
     out.
 
