@@ -182,6 +182,9 @@ cluster|slots slow
 cluster|shards slow
 cluster|myid slow
 cluster|keyslot slow
+cluster|myshardid slow
+cluster|countkeysinslot slow
+cluster|getkeysinslot slow
 cluster|help slow
 cluster|meet admin slow dangerous
 cluster|forget admin slow dangerous
@@ -193,6 +196,9 @@ cluster|delslots admin slow dangerous
 cluster|setslot admin slow dangerous
 cluster|saveconfig admin slow dangerous
 shutdown admin slow dangerous
+asking fast connection
+readonly fast connection
+readwrite fast connection
 kv.stats slow dangerous
 kv.lost keyspace read slow dangerous
 kv.digest keyspace read slow
@@ -226,6 +232,7 @@ NATIVE_COMMANDS = {
     "flushall": "flushall", "fetch": "kv.fetch", "fetch_range": "kv.fetch", "sync": "sync",
     "replicaof": "replicaof",
     "wait": "wait", "digest": "kv.digest", "role": "role", "restart": "kv.restart",
+    "cluster": "cluster",
 }
 
 # Key access a command needs on the keys it names, from Redis 7's key specs:

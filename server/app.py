@@ -63,6 +63,7 @@ class Server:
         self.repl = None          # replication.Replication, set by start()
         self.reply_gate = None    # set by replication while replies may wait for acks
         self.batch_out = None     # reply list of the client batch being executed
+        self.cluster = None       # cluster.node.ClusterMode with --cluster, set by start()
         self.reset_stats()
         self.stats_connections = 0
         self.stats_rejected = 0
@@ -155,6 +156,14 @@ class Server:
                     port = addr[1]        # every address listens on the same port
         self.port = port
         self.repl.start(loop)
+        if self.config.cluster:
+            from .cluster.node import ClusterMode
+            c = self.config
+            self.cluster = ClusterMode(self, c.cluster, ttl=c.cluster_ttl,
+                                       announce_host=c.announce_host or None,
+                                       node_id=c.cluster_node_id or None)
+            self.repl.configure_writes()        # fenced until the map says primary
+            await self.cluster.start(c.cluster_start_timeout)
         if self.config.idle_timeout > 0:
             self._idle_handle = loop.call_later(self._idle_period(), self._idle_sweep)
         if hasattr(self.store, "maintain"):
@@ -250,6 +259,11 @@ class Server:
         if self.stopping:
             return
         self.stopping = True
+        if self.cluster is not None:
+            try:
+                await self.cluster.stop()
+            except Exception as e:  # noqa: BLE001 - shut down the rest anyway
+                event("error", "cluster_stop_failed", error=f"{type(e).__name__}: {e}")
         if self.repl is not None:
             self.repl.stop()
         for srv in self._listeners:

@@ -17,6 +17,7 @@ from . import resp_multi as rm
 from . import resp_server as rs
 from .acl import CATEGORIES, COMMAND_CATEGORIES
 from .adapters import arity_error, build_native, build_resp
+from .cluster.commands import cluster_rows
 from .ops import keys as kops
 from .ops import keyspace as kso
 from .ops import strings as sops
@@ -379,7 +380,7 @@ def acl_categories(name):
 def build_table():
     """A new :class:`.registry.CommandTable` holding every row."""
     table = CommandTable(arity_error, build_resp, build_native)
-    for row in resp_rows() + native_rows():
+    for row in resp_rows() + native_rows() + cluster_rows():
         if row.name is not None and row.name.lower() in COMMAND_CATEGORIES:
             row.acl = acl_categories(row.name)
         table.add(row)

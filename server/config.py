@@ -70,6 +70,12 @@ class ServerConfig:
     min_replica_acks: int = 0          # 0 = asynchronous replication
     min_replica_timeout: float = 1.0   # seconds a write waits for min_replica_acks
     repl_timeout: float = 10.0         # seconds without traffic before a link is dropped
+    # cluster mode (server/cluster/node.py)
+    cluster: str = ""                  # "etcd://HOST:PORT[,HOST:PORT]/NAME"
+    cluster_ttl: int = 3               # lease TTL, seconds (failover starts after it)
+    cluster_node_id: str = ""          # keep a node's identity across restarts
+    cluster_start_timeout: float = 30.0  # seconds to wait for etcd at start
+    announce_host: str = ""            # address other nodes and clients use (default: bind)
 
     _SIZES = ("max_key", "max_value", "max_frame", "max_multibulk", "max_bulk",
               "max_inline", "max_query_buffer", "max_output_buffer", "repl_backlog_size",
@@ -117,6 +123,18 @@ class ServerConfig:
         if self.min_replica_acks < 0 or self.min_replica_timeout <= 0 or self.repl_timeout <= 0:
             raise ValueError("min_replica_acks must be >= 0, min_replica_timeout and "
                              "repl_timeout > 0")
+        if self.cluster:
+            from .cluster.node import parse_cluster_url
+            parse_cluster_url(self.cluster)
+            self.cluster_ttl = int(self.cluster_ttl)
+            if self.cluster_ttl < 2:
+                raise ValueError("cluster_ttl must be >= 2 seconds")
+            self.cluster_start_timeout = float(self.cluster_start_timeout)
+            if self.replica_of:
+                raise ValueError("--replica-of and --cluster do not go together: "
+                                 "the cluster decides who replicates whom")
+            if self.cluster_node_id and not re.fullmatch(r"[0-9a-f]{40}", self.cluster_node_id):
+                raise ValueError("cluster_node_id must be 40 lowercase hex digits")
         if self.repl_backlog_size < 1:
             raise ValueError("repl_backlog_size must be >= 1 byte")
         return self
@@ -209,6 +227,16 @@ def build_parser():
                    help="seconds a write waits for --min-replica-acks (default 1)")
     p.add_argument("--repl-timeout", type=float,
                    help="seconds without traffic before a replication link is dropped (default 10)")
+    p.add_argument("--cluster", metavar="etcd://HOST:PORT/NAME",
+                   help="join the named cluster whose state lives in that etcd")
+    p.add_argument("--cluster-ttl", type=int,
+                   help="cluster lease TTL in seconds (default 3; failover starts after it)")
+    p.add_argument("--cluster-node-id", metavar="HEX40",
+                   help="this node's cluster id (default: a new random one each start)")
+    p.add_argument("--cluster-start-timeout", type=float,
+                   help="seconds to wait for etcd at start (default 30)")
+    p.add_argument("--announce-host",
+                   help="address announced to the cluster and clients (default: first --bind)")
     return p
 
 

@@ -477,6 +477,12 @@ class Primary:
                 for idx in h.marks:
                     if idx < len(out):
                         out[idx] = self._noreplicas(out[idx], native)
+            elif h.marks:
+                refusal = self._ack_refusal()
+                if refusal is not None:     # cluster: fenced while the acks were awaited
+                    for idx in h.marks:
+                        if idx < len(out):
+                            out[idx] = self._refuse(out[idx], native, refusal)
             if not conn.closed:
                 conn.transport.write(b"".join(out))
                 if getattr(conn, "quitting", False):
@@ -495,6 +501,19 @@ class Primary:
             body = msgpack.unpackb(placeholder[4:], raw=False)
             return pack_frame(self.packer, [body[0], 0, n])
         return integer(n)
+
+    def _ack_refusal(self):
+        cluster = getattr(self.server, "cluster", None)
+        return cluster.ack_refusal() if cluster is not None else None
+
+    def _refuse(self, reply, native, refusal):
+        resp_line, triple = refusal
+        if not native:
+            return resp_line
+        body = msgpack.unpackb(reply[4:], raw=False)
+        if body[1] != 0:
+            return reply
+        return pack_frame(self.packer, [body[0], 1, triple])
 
     def _noreplicas(self, reply, native):
         if not native:

@@ -114,12 +114,16 @@ class Replication:
         """Tell the write path what client writes need now."""
         w = self.writes
         master = self.role == "master"
-        w.guard = self._guard if (not master or self.primary.min_acks) else None
+        cluster = getattr(self.server, "cluster", None)
+        w.guard = self._guard if (not master or self.primary.min_acks or cluster) else None
         w.recording = master and self.primary.backlog is not None
 
     def _guard(self):
         if self.role != "master":
             raise ReplicaReadOnlyError("You can't write against a read only replica.")
+        cluster = getattr(self.server, "cluster", None)
+        if cluster is not None:
+            cluster.check_write()       # a fenced primary refuses before writing
         p = self.primary
         if p.min_acks and p.online_count() < p.min_acks:
             raise NoReplicasError("Not enough good replicas to write.")
