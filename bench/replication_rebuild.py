@@ -1,6 +1,7 @@
 """Rebuilding lost memory from a replica, against a full resync, and a UE storm.
 
     python -m bench.replication_rebuild [--quick] [--page-size 4K] [--skip-resync] [--skip-storm]
+                                        [--index-faults N] [--stall 2M|1G]
 
 Starts kvstore-server processes on free 127.0.0.1 ports (a primary and a
 replica, fault injection on) and measures:
@@ -21,6 +22,15 @@ replica, fault injection on) and measures:
    never older than already seen). A baseline of the same length/3 without
    UEs comes first. Throughput per second, client errors, wrong answers,
    dip of the storm's mean against the baseline's.
+
+1b. **One lost index page** (``--index-faults``, default faults / 2): the
+   same with the UE aimed at the index page holding a random key's entry
+   (``inject(entry=key)``); the whole hash range is rebuilt from the replica
+   over ``fetch_range``. Polls until the range is rebuilt.
+4. **Salvage stall** (``--stall 2M`` or ``1G``): a mainline server on
+   hugepages, ``--stall-clients`` processes reading random keys; one UE at
+   mid-run drops the whole hugepage and the server copies it back. The
+   longest gap between two replies a client saw, before and after the UE.
 
 Prints markdown with the command and the date. Measures; asserts nothing,
 but exits 1 when a wrong answer was seen.
@@ -96,7 +106,10 @@ def pct(xs, q):
 
 # ---------------------------------------------------------------- 1. one subpage
 
-def bench_one_subpage(primary, nkeys, faults, value_size):
+def bench_one_subpage(primary, nkeys, faults, value_size, where="key"):
+    """``where="key"``: the UE hits a random key's record subpage; ``"entry"``:
+    the index page holding its entry (a whole hash range, rebuilt with
+    ``fetch_range``)."""
     c = primary.client()
     rnd = random.Random(42)
     times, keys_per, bytes_per = [], [], []
@@ -106,19 +119,30 @@ def bench_one_subpage(primary, nkeys, faults, value_size):
         s0 = c.stats()
         t0 = time.perf_counter()
         try:
-            c.inject("ao", key=k)
+            c.inject("ao", **{where: k})
         except Exception:  # noqa: BLE001 - key lost right now: pick another
             skipped += 1
             continue
         while True:
             s = c.stats()
-            if s["keys_lost_total"] > s0["keys_lost_total"] and s["lost_keys"] == 0:
+            if where == "entry":
+                if s["ranges_rebuilt"] > s0["ranges_rebuilt"] and s["lost_ranges"] == 0:
+                    break
+            elif s["keys_lost_total"] > s0["keys_lost_total"] and s["lost_keys"] == 0:
                 break
             if time.perf_counter() - t0 > 10:
                 raise RuntimeError("a fault was not recovered within 10 s")
         times.append(time.perf_counter() - t0)
         keys_per.append(s["keys_lost_total"] - s0["keys_lost_total"])
         bytes_per.append(s["repl_peer_bytes_fetched"] - s0["repl_peer_bytes_fetched"])
+    if where == "entry":
+        st = c.stats()
+        c.close()
+        return {"faults": len(times), "skipped": skipped, "p50_ms": pct(times, 50) * 1e3,
+                "p99_ms": pct(times, 99) * 1e3, "mean_ms": statistics.mean(times) * 1e3,
+                "keys_per_fault": statistics.mean(keys_per), "bytes_per_fault": statistics.mean(bytes_per),
+                "value_size": value_size, "unrecoverable": st["ranges_given_up"],
+                "rebuilt_total": st["ranges_rebuilt"], "lost_total": st["index_pages_lost"]}
     st = c.stats()
     c.close()
     return {"faults": len(times), "skipped": skipped, "p50_ms": pct(times, 50) * 1e3,
@@ -276,6 +300,80 @@ def bench_storm(primary, rate, secs, clients):
     return baseline, storm, s0, s1
 
 
+# ---------------------------------------------------------------- 4. salvage stall
+
+def _stall_worker(port, wid, start_at, stop_at, nkeys, q):
+    # retries=0: a LOST reply counts as a reply (the client's own retry
+    # backoff is not a server stall)
+    c = Client("127.0.0.1", port, socket_timeout=30, retries=0)
+    rnd = random.Random(wid)
+    gaps = []          # (gap seconds, time it ended)
+    errors = 0
+    while time.time() < start_at:
+        time.sleep(0.001)
+    last = time.time()
+    while True:
+        try:
+            c.get(b"s:%07d" % rnd.randrange(nkeys))
+        except Exception:  # noqa: BLE001 - a LOST answer still is an answer
+            errors += 1
+        now = time.time()
+        gaps.append((now - last, now))
+        last = now
+        if now >= stop_at:
+            break
+    c.close()
+    gaps.sort(reverse=True)
+    q.put((gaps[:50], errors, len(gaps)))
+
+
+def bench_salvage_stall(page_size, clients, nkeys=200_000, value_size=200, secs=4.0):
+    """A mainline server on ``page_size`` pages; ``clients`` processes read
+    random keys; one ``ao`` UE at mid-run makes the kernel drop the whole
+    hugepage, which the server salvages. The longest gap between two
+    replies a client saw, before the UE and from the UE on."""
+    cap = "1GiB" if page_size.upper().startswith("1G") else "128MiB"
+    p = Server("--page-size", page_size, "--kernel-policy", "mainline", "--enable-fault-injection",
+               "--capacity", cap, "--log-level", os.environ.get("BENCH_LOG", "warning"))
+    try:
+        c = p.client()
+        for base in range(0, nkeys, 2000):
+            c.mput([(b"s:%07d" % i, os.urandom(value_size)) for i in range(base, min(nkeys, base + 2000))])
+        q = mp.Queue()
+        start_at = time.time() + 0.5
+        stop_at = start_at + secs
+        procs = [mp.Process(target=_stall_worker, args=(p.port, w, start_at, stop_at, nkeys, q))
+                 for w in range(clients)]
+        for pr in procs:
+            pr.start()
+        s0 = c.stats()
+        while time.time() < start_at + secs / 2:
+            time.sleep(0.005)
+        t_ue = time.time()
+        c.inject("ao", key=b"s:%07d" % 12345)
+        while time.time() < t_ue + 10:
+            s1 = c.stats()
+            if s1["pages_salvaged"] + s1["salvage_failed"] > s0["pages_salvaged"] + s0["salvage_failed"]:
+                break
+            time.sleep(0.002)
+        t_done = time.time()
+        res = [q.get(timeout=secs + 60) for _ in procs]
+        for pr in procs:
+            pr.join(30)
+        s1 = c.stats()
+        c.close()
+        before = max((g for r in res for g, end in r[0] if end < t_ue), default=0.0)
+        after = max((g for r in res for g, end in r[0] if end >= t_ue), default=0.0)
+        return {"page_size": page_size, "capacity": cap, "clients": clients, "before_ms": before * 1e3,
+                "after_ms": after * 1e3, "detect_ms": (t_done - t_ue) * 1e3,
+                "salvaged": s1["pages_salvaged"] - s0["pages_salvaged"],
+                "failed": s1["salvage_failed"] - s0["salvage_failed"],
+                "errors": sum(r[1] for r in res), "replies": sum(r[2] for r in res),
+                "backing": s1.get("backing")}
+    finally:
+        p.stop()
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
@@ -292,6 +390,10 @@ def main(argv=None):
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--skip-resync", action="store_true")
     ap.add_argument("--skip-storm", action="store_true")
+    ap.add_argument("--index-faults", type=int, help="UEs aimed at index pages (default: --faults / 2)")
+    ap.add_argument("--stall", metavar="PAGE", help="also measure the salvage stall under the server "
+                    "with clients on PAGE pages (2M or 1G), mainline policy")
+    ap.add_argument("--stall-clients", type=int, default=3)
     a = ap.parse_args(argv)
     faults = a.faults or (200 if a.quick else 1000)
     mib = a.resync_mib or (64 if a.quick else 1024)
@@ -329,6 +431,19 @@ def main(argv=None):
                 ""]
         if one["unrecoverable"]:
             problems.append("keys ended unrecoverable with a healthy replica")
+        nidx = a.index_faults if a.index_faults is not None else faults // 2
+        if nidx:
+            ix = bench_one_subpage(p, a.keys, nidx, a.value_size, where="entry")
+            out += ["## 1b. One lost 4 KiB index page, its hash range rebuilt from the replica", "",
+                    f"Same store; {ix['faults']} faults (inject `ao` into the index page holding a "
+                    f"random key's entry, poll the primary's stats until the range is rebuilt with "
+                    f"`fetch_range` and no range is lost).", "",
+                    "| p50 | p99 | mean | keys per fault | ranges given up |",
+                    "| --- | --- | --- | --- | --- |",
+                    f"| {ix['p50_ms']:.2f} ms | {ix['p99_ms']:.2f} ms | {ix['mean_ms']:.2f} ms | "
+                    f"{ix['keys_per_fault']:.1f} | {ix['unrecoverable']} |", ""]
+            if ix["unrecoverable"]:
+                problems.append("index ranges given up with a healthy replica")
         if not a.skip_storm:
             baseline, storm, s0, s1 = bench_storm(p, a.storm_rate, secs, a.clients)
             bm = statistics.mean(baseline["series"])
@@ -379,6 +494,18 @@ def main(argv=None):
                 f"({rs['bytes'] / max(1, one['bytes_per_fault']):,.0f}x the bytes).", ""]
         if not rs["digest_equal"]:
             problems.append("resynced replica differs")
+    if a.stall:
+        st = bench_salvage_stall(a.stall, a.stall_clients)
+        out += ["## 4. Salvage stall under the server", "",
+                f"Mainline policy, {st['page_size']} pages ({st['backing']}), capacity {st['capacity']}, "
+                f"{st['clients']} client processes reading random keys; one `ao` UE at mid-run "
+                f"drops the whole hugepage, which the server copies into a spare one "
+                f"(salvaged: {st['salvaged']}, failed: {st['failed']}; seen done "
+                f"{st['detect_ms']:.0f} ms after the inject, polling). "
+                f"{st['replies']} replies, {st['errors']} errors.", "",
+                "| longest gap between replies, before the UE | from the UE on |",
+                "| --- | --- |",
+                f"| {st['before_ms']:.1f} ms | **{st['after_ms']:.1f} ms** |", ""]
     print("\n".join(out))
     if os.environ.get("BENCH_KEEP_LOGS"):
         print("server logs: " + " ".join(LOGS))

@@ -102,6 +102,11 @@ def _fetch(result):
     return {key: tuple(entry) for key, entry in result.items()}
 
 
+def _fetch_range(result):
+    nxt, got = result
+    return nxt, {key: tuple(entry) for key, entry in got.items()}
+
+
 def _mget_decoder(keys, on_lost):
     def decode(result):
         values, lost = result
@@ -230,6 +235,38 @@ class CommandsMixin:
             pairs.append([as_bytes(key), int(min_version)])
         return self._execute_command(Command("fetch", [pairs], _fetch, True))
 
+    def fetch_range_page(self, lo, hi, min_version=0, max_bytes=None):
+        """One page of a rebuild-source range fetch (native ``fetch_range``):
+        ``(next, {key: (version, value, expire_at_ms or None)})`` for keys
+        with ``lo <= kvstore.key_hash(key) < hi`` (``hi`` up to ``2**64``);
+        ``next`` is where the rest of the range starts, None when done.
+        A server that has not applied every write and delete up to
+        ``min_version`` raises :class:`kvstore.errors.SourceBehindError`."""
+        for name, v in (("lo", lo), ("hi", hi), ("min_version", min_version)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"fetch_range {name} must be an int")
+        lo, hi = int(lo), int(hi)
+        if not 0 <= lo < hi <= 1 << 64:
+            raise ValueError(f"need 0 <= lo < hi <= 2**64, not [{lo}, {hi})")
+        args = [lo, None if hi == 1 << 64 else hi, int(min_version)]
+        if max_bytes is not None:
+            args.append(int(max_bytes))
+        return self._execute_command(Command("fetch_range", args, _fetch_range, True))
+
+    def fetch_hash_range(self, lo, hi, min_version=0):
+        """Every key with ``lo <= kvstore.key_hash(key) < hi`` held by the
+        server: ``{key: (version, value, expire_at_ms or None)}``, asked
+        page by page (each page answered at ``>= min_version``, see
+        :meth:`fetch_range_page`)."""
+        out = {}
+        pos = lo
+        while True:
+            nxt, got = self.fetch_range_page(pos, hi, min_version)
+            out.update(got)
+            if nxt is None:
+                return out
+            pos = nxt
+
     # -- writes (never re-sent blindly, see the client docstring) ----------
 
     def put(self, key, value, ttl=None):
@@ -279,26 +316,31 @@ class CommandsMixin:
         """Remove every key."""
         return self._execute_command(Command("flushall", [], _bool, False))
 
-    def inject(self, kind, offset=None, key=None):
+    def inject(self, kind, offset=None, key=None, entry=None):
         """Inject a memory fault on the server (if it allows fault injection).
 
         ``kind`` is ``"ao"``, ``"ar"`` or ``"hwpoison"``; give exactly one of
-        ``offset`` (arena offset) or ``key`` (the subpage holding that key's
-        record). Returns ``{"offset": n, "subpage": s, "kind": kind}``.
+        ``offset`` (arena offset), ``key`` (the subpage holding that key's
+        record) or ``entry`` (the index page holding that key's entry: every
+        key of the page's hash range is LOST until rebuilt by hash range).
+        Returns ``{"offset": n, "subpage": s, "kind": kind}``.
         A server without fault injection raises
         :class:`~kvstore.client.InjectionDisabledError`.
         """
         if not isinstance(kind, str):
             raise TypeError("kind must be a str: 'ao', 'ar' or 'hwpoison'")
-        if (offset is None) == (key is None):
-            raise ValueError("inject needs exactly one of offset= or key=")
+        if sum(x is not None for x in (offset, key, entry)) != 1:
+            raise ValueError("inject needs exactly one of offset=, key= or entry=")
         if offset is not None:
             if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
                 raise ValueError(f"offset must be a non-negative int, not {offset!r}")
             args = [kind, "offset", int(offset)]
-        else:
+        elif key is not None:
             key = as_bytes(key)
             args = [kind, "key", key]
+        else:
+            key = as_bytes(entry)
+            args = [kind, "entry", key]
         return self._execute_command(Command("inject", args, None, False, key))
 
 

@@ -138,6 +138,7 @@ _SIMPLE_ERRORS = {
     "NOAUTH": AuthenticationError,
     "DISABLED": DisabledError,
     "PROTO": ServerProtocolError,
+    "BEHIND": errors.SourceBehindError,
 }
 
 

@@ -566,8 +566,9 @@ class Store(_native.Engine):
         """Install one key of a ``fetch_hash_range`` answer given at
         ``range_version``: it goes in only if its index range was lost at or
         before that version and nothing was written or deleted here since.
-        Returns "installed", "stale" or "skipped". (A server wraps this to
-        forward what it installs to its own replicas.)"""
+        Returns "installed", "stale" or "skipped". The ``write_observer``
+        hears of every call (a server forwards what it installs to its own
+        replicas)."""
         return _native.Engine.install(self, key, value, version, expire_at_ms, range_version)
 
     def _range_read(self, key, version, versioned):
@@ -746,6 +747,10 @@ class Store(_native.Engine):
     # writes are not: whoever issues them observes them (the server's write
     # path, server/writes.py). The observer implements
     #   installed(key, value, version, status)  after every install()
+    #   installed_range(key, value, version, expire_at_ms, status)
+    #                                            after every install_from_range()
+    #                                            (optional: without it,
+    #                                            installed() is called)
     #   read_repair(key, version)                a context manager around a
     #                                            read of a LOST key
     # and must not raise. See docs/DESIGN.md, "The write path".
@@ -758,6 +763,19 @@ class Store(_native.Engine):
         obs = self.write_observer
         if obs is not None:
             obs.installed(key, value, version, status)
+        return status
+
+    _install_from_range = install_from_range
+
+    def install_from_range(self, key, value, version, expire_at_ms, range_version):
+        status = self._install_from_range(key, value, version, expire_at_ms, range_version)
+        obs = self.write_observer
+        if obs is not None:
+            f = getattr(obs, "installed_range", None)
+            if f is not None:
+                f(key, value, version, expire_at_ms, status)
+            else:
+                obs.installed(key, value, version, status)
         return status
 
     _repair_lost_read = _lost_read

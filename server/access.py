@@ -180,6 +180,10 @@ class Access:
         if conn.kind == "native":
             op = cmd.native
             reason = user.check_native(op, _native_keys(op, args))
+            if reason is None and op == "fetch_range" and not user.allkeys:
+                # values of every key in a hash range: only for users who
+                # may read every key (~*), as peers are
+                reason = "this user has no permissions to access every key (fetch_range needs ~*)"
         else:
             name = cmd.name.lower()
             sub = args[1] if name in SUBCOMMANDS and len(args) > 1 else None

@@ -229,7 +229,8 @@ NATIVE_COMMANDS = {
     "incr": "incrby", "incrbyfloat": "incrbyfloat", "scan": "scan",
     "expire": "expire", "ttl": "ttl", "persist": "persist", "keys": "keys",
     "dbsize": "dbsize", "stats": "kv.stats", "lost": "kv.lost", "inject": "kv.inject",
-    "flushall": "flushall", "fetch": "kv.fetch", "sync": "sync", "replicaof": "replicaof",
+    "flushall": "flushall", "fetch": "kv.fetch", "fetch_range": "kv.fetch", "sync": "sync",
+    "replicaof": "replicaof",
     "wait": "wait", "digest": "kv.digest", "role": "role", "restart": "kv.restart",
     "cluster": "cluster",
 }

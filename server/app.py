@@ -412,9 +412,11 @@ class Server:
         else:
             ev[0], ev[1], ev[2] = now, ms, max(ev[2], ms)
 
-    def inject(self, kind, offset=None, key=None):
+    def inject(self, kind, offset=None, key=None, entry=None):
         faults = self.store.faults
-        if key is not None:
+        if entry is not None:
+            res = faults.inject_entry(entry, kind=kind)
+        elif key is not None:
             res = faults.inject_key(key, kind=kind)
         else:
             res = faults.inject(offset, kind=kind)

@@ -12,7 +12,7 @@ exceptions (lost keys, a full store, limits) are mapped by class.
 
 from kvstore.errors import (
     ClosedError, FaultInjectionError, KeyLostError, KeyTooLargeError, ReadOnlyError,
-    ResponseError, StoreFullError, UnrecoverableKeyError, ValueTooLargeError,
+    ResponseError, SourceBehindError, StoreFullError, UnrecoverableKeyError, ValueTooLargeError,
 )
 
 from .logs import event
@@ -88,6 +88,8 @@ ERRORS = [
      lambda e: ["BUSY", str(e) or "the server is shutting down", {}]),
     (ReplicaReadOnlyError, lambda e: e.resp_reply, lambda e: [e.code, str(e), {}]),
     (NoReplicasError, lambda e: e.resp_reply, lambda e: [e.code, str(e), {}]),
+    (SourceBehindError, lambda e: _resp_line(f"BEHIND {e}"),
+     lambda e: ["BEHIND", str(e), dict(getattr(e, "extra", None) or {})]),
     (FaultInjectionError, lambda e: _resp_line(f"ERR fault injection failed: {e}"),
      lambda e: ["ERR", f"fault injection failed: {e}", {}]),
     (OverflowError, lambda e: b"-ERR value is out of range\r\n",

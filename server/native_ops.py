@@ -146,7 +146,9 @@ def inject(conn, args):
         return sops.inject(conn, kind, offset=what)
     if where == "key":
         return sops.inject(conn, kind, key=native_key(what))
-    raise native_only("TYPE", "inject takes [kind, 'offset', n] or [kind, 'key', key]")
+    if where == "entry":
+        return sops.inject(conn, kind, entry=native_key(what))
+    raise native_only("TYPE", "inject takes [kind, 'offset', n], [kind, 'key', key] or [kind, 'entry', key]")
 
 
 def flushall(conn, args):
@@ -173,6 +175,28 @@ def fetch(conn, args):
     if total >= _BIG:
         conn.count_big(total)
     return out
+
+
+def fetch_range(conn, args):
+    """``[lo, hi, min_version]`` or ``[lo, hi, min_version, max_bytes]``:
+    ``hi`` exclusive, None for the end of the hash space (2**64)."""
+    native_args(args, 3, 4, "fetch_range")
+    lo, hi, mv = args[0], args[1], args[2]
+    mb = args[3] if len(args) > 3 else None
+    if hi is None:
+        hi = 1 << 64
+    for name, v in (("lo", lo), ("hi", hi), ("min_version", mv)):
+        if type(v) is not int or v < 0:
+            raise native_only("TYPE", f"fetch_range {name} must be a non-negative int")
+    if mb is not None and (type(mb) is not int or mb <= 0):
+        raise native_only("TYPE", "fetch_range max_bytes must be a positive int")
+    if not lo < hi <= 1 << 64:
+        raise native_only("ERR", "fetch_range needs 0 <= lo < hi <= 2**64 (hi None: 2**64)")
+    nxt, out = kops.fetch_range(conn, lo, hi, mv, mb)
+    total = sum(len(v[1]) for v in out.values())
+    if total >= _BIG:
+        conn.count_big(total)
+    return [nxt, out]
 
 
 # ---------------------------------------------------------------- replication

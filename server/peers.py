@@ -24,6 +24,20 @@ to the Store's next rebuild round so its bookkeeping ends. Without
 ``install`` the loop-thread path asks each peer once with short timeouts.
 Peers that look stalled (no acknowledgement for a while) are skipped from
 the loop, so a stopped replica cannot freeze the server.
+
+``fetch_hash_range(lo, hi, min_version)`` rebuilds a lost index range over
+the native ``fetch_range`` op, page by page (PROTOCOL.md). On a primary it
+asks its replicas (best acked first), which answer only once the primary's
+stream applied there reaches ``min_version`` (else ``BEHIND``: the next
+replica is asked, and the Store retries with backoff; the keys stay LOST
+meanwhile, never older, never resurrected). On a replica it asks its
+primary, with ``min_version`` replaced by ``range_version(min_version)``
+(the primary's version this replica has applied up to: the replica's own
+counter is not the primary's numbering, and the primary has applied
+whatever the replica has). From the loop thread it never blocks: the first
+call starts a background fetch and answers None ("not yet"); a later call
+for the same range returns what it brought. From another thread (a
+read-repair) it asks and retries until ``wait`` seconds have passed.
 """
 
 import concurrent.futures
@@ -46,7 +60,7 @@ class PeerSource:
 
     def __init__(self, peers, password=None, loop_thread=None, wait=0.8,
                  loop_timeout=0.1, timeout=1.0, before_loop_fetch=None, loop=None,
-                 install=None):
+                 install=None, range_version=None, on_range_started=None):
         self._peers = peers
         self._password = password or None
         self.loop_thread = loop_thread
@@ -56,7 +70,16 @@ class PeerSource:
         self.before_loop_fetch = before_loop_fetch
         self.loop = loop
         self.install = install
+        self.range_version = range_version
+        #: Called (on the loop) when a background range fetch starts, so the
+        #: owner can ask the Store to retry once the answer is likely in.
+        self.on_range_started = on_range_started
         self._pool = None
+        self._range_inflight = set()    # loop thread only: (lo, hi)
+        self._range_ready = {}          # loop thread only: (lo, hi) -> (min_version, answer, when)
+        self.range_fetches = 0
+        self.range_keys_fetched = 0
+        self.range_behind = 0
         self._inflight = set()      # loop thread only
         self._ready = {}            # loop thread only: key -> (version, value, when)
         self.background_installs = 0
@@ -188,3 +211,91 @@ class PeerSource:
                 break
             time.sleep(0.005)
         return got
+
+    # -- lost index ranges
+
+    def fetch_hash_range(self, lo, hi, min_version=0):
+        """``{key: (version, value, expire_at_ms or None)}`` for the keys with
+        ``lo <= key_hash(key) < hi``, from a peer that has applied every
+        write and delete up to ``min_version``; None when no peer can say yet
+        (the Store retries; see the module docstring)."""
+        lo, hi, min_version = int(lo), int(hi), int(min_version)
+        if self.range_version is not None:
+            min_version = self.range_version(min_version)
+        if threading.get_ident() != self.loop_thread or self.loop is None:
+            deadline = time.monotonic() + self.wait
+            while True:
+                got = self._range_blocking(lo, hi, min_version, False, healthy_only=False)
+                if got is not None or time.monotonic() >= deadline:
+                    return got
+                time.sleep(0.005)
+        if self.before_loop_fetch is not None:
+            self.before_loop_fetch()      # the replicas must see our writes to catch up
+        k = (lo, hi)
+        r = self._range_ready.pop(k, None)
+        if r is not None and r[0] >= min_version:
+            return r[1]
+        if k not in self._range_inflight:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=2, thread_name_prefix="kvstore-peer-fetch")
+            self._range_inflight.add(k)
+            self._pool.submit(self._range_background, lo, hi, min_version)
+            if self.on_range_started is not None:
+                self.on_range_started()
+        return None
+
+    def _range_background(self, lo, hi, min_version):
+        got = None
+        try:
+            got = self._range_blocking(lo, hi, min_version, False, healthy_only=True)
+        except Exception:  # noqa: BLE001 - the Store retries
+            self.errors += 1
+        finally:
+            try:
+                self.loop.call_soon_threadsafe(self._range_done, lo, hi, min_version, got)
+            except RuntimeError:
+                pass        # loop closed: shutting down
+
+    def _range_done(self, lo, hi, min_version, got):
+        self._range_inflight.discard((lo, hi))
+        now = time.monotonic()
+        if got is not None:
+            self._range_ready[(lo, hi)] = (min_version, got, now)
+        if len(self._range_ready) > 256:
+            self._range_ready = {k: v for k, v in self._range_ready.items() if now - v[2] < 5}
+
+    def _range_blocking(self, lo, hi, min_version, fast, healthy_only):
+        """Ask each peer in turn for the whole range (every page); the
+        first complete answer wins. None when every peer is behind or
+        unreachable."""
+        for host, port, healthy in self._peers():
+            if healthy_only and not healthy:
+                continue
+            out = {}
+            pos = lo
+            try:
+                c = self._client(host, port, fast)
+                while True:
+                    nxt, got = c.fetch_range_page(pos, hi, min_version)
+                    self.range_fetches += 1
+                    out.update(got)
+                    if nxt is None:
+                        break
+                    if not pos < nxt < hi:
+                        raise errors.ProtocolError(f"fetch_range: next {nxt} outside ({pos}, {hi})")
+                    pos = nxt
+            except errors.SourceBehindError:
+                self.range_behind += 1
+                continue
+            except (errors.Error, OSError):
+                self.errors += 1
+                with self._lock:
+                    c = self._clients.pop((host, port, fast), None)
+                if c is not None:
+                    c.close()
+                continue
+            self.range_keys_fetched += len(out)
+            self.bytes_fetched += sum(len(v[1]) for v in out.values())
+            return out
+        return None

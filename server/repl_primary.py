@@ -2,7 +2,7 @@
 
 Stream and offsets
     Each write is one msgpack entry: ``["p", key, version, value, exp]``
-    (exp: 0 none, > 0 absolute ms, -1 keep), ``["d", key]``,
+    (exp: 0 none, > 0 absolute ms, -1 keep), ``["d", key, version]``,
     ``["e", key, exp_ms]`` (0 removes the expiry), ``["f"]`` (flushall). The
     entries come from the server's write path (:mod:`.writes`) after each
     command, and from keys the Store rebuilt. The replication offset counts
@@ -14,8 +14,9 @@ Stream and offsets
 Sync (native op ``sync [replid, offset, listen_port]``; PROTOCOL.md)
     Partial when ``replid`` matches and the backlog still holds ``offset``,
     else full: the snapshot of every key as ``["S", blob]`` frames, ``["E",
-    S]``, then the writes after S (queued for that replica meanwhile; every
-    entry is a complete overwrite, so the replica ends equal). The connection
+    S, version]`` (version: the store's version at S), then the writes
+    after S (queued for that replica meanwhile; every entry is a complete
+    overwrite, so the replica ends equal). The connection
     then becomes a :class:`ReplicaSession`: acks in, stream and ``["PING"]``
     out.
 
@@ -218,11 +219,11 @@ class Primary:
         pack = self.pack
         self.feed(b"".join([pack(e) for e in entries]), reply_index)
 
-    def on_install(self, key, value, version):
+    def on_install(self, key, value, version, expire_at_ms=-1):
         # A rebuild is not a client write, but a replica that synced while
         # the key was lost here must still get it.
         if self.backlog is not None:
-            self.feed(self.pack(("p", key, version, value, -1)))
+            self.feed(self.pack(("p", key, version, value, expire_at_ms)))
 
     def feed(self, blob, reply_index=None):
         self.pending.append(blob)
@@ -279,12 +280,13 @@ class Primary:
             if replid is not None:
                 self.stats["sync_partial_err"] += 1
             at = self.backlog.end
+        at_version = self.store.version
         event("info", "replica_sync", addr=conn.addr, mode=mode, offset=at,
               requested=offset if type(offset) is int else -1, listen_port=sess.listen_port)
-        self.loop.call_soon(self._takeover, conn, sess, mode, at)
+        self.loop.call_soon(self._takeover, conn, sess, mode, at, at_version)
         return {"mode": mode, "replid": self.replid, "offset": at}
 
-    def _takeover(self, conn, sess, mode, at):
+    def _takeover(self, conn, sess, mode, at, at_version=0):
         if conn.closed or conn.transport is None or conn.transport.is_closing():
             return
         self.server.replace(conn, sess)
@@ -306,9 +308,9 @@ class Primary:
         else:
             sess.queue = list(since)
             sess.queued_bytes = sum(len(b) for _s, b in since)
-            self.loop.create_task(self._full_sync(sess, at))
+            self.loop.create_task(self._full_sync(sess, at, at_version))
 
-    async def _full_sync(self, sess, at):
+    async def _full_sync(self, sess, at, at_version=0):
         t0 = time.perf_counter()
         st = self.store
         keys = list(st.keys())
@@ -347,7 +349,7 @@ class Primary:
         if buf:
             sess.send(["S", b"".join(buf)])
             nbytes += size
-        sess.send(["E", at])
+        sess.send(["E", at, at_version])
         for start, blob in sess.queue:
             sess.send(["W", start, blob])
         sess.queue = []

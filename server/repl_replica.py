@@ -34,6 +34,12 @@ class Replica:
         self.master_replid = None
         self.applied = 0               # primary offset applied
         self.max_version = 0           # highest version applied from the stream
+        #: Every write and delete the primary made up to this version (its
+        #: numbering) is applied here: the version the snapshot was taken at
+        #: (``["E", offset, version]``), raised by each stream entry with a
+        #: version (``p``, ``d``). A range request at ``min_version`` is
+        #: answered only once this reaches it (PROTOCOL.md, ``fetch_range``).
+        self.applied_version = 0
         self.ahead = {}                # key -> version rebuilt ahead of the stream
 
     def start(self, host, port):
@@ -52,7 +58,16 @@ class Replica:
         self.stop()
         self.master = None
         self.applied = 0
+        self.applied_version = 0
         self.ahead.clear()
+
+    def caught_up(self, min_version):
+        """Has this replica applied every write and delete of its primary up
+        to ``min_version``? (Not while a full sync runs: the snapshot is not
+        a point in the primary's history until its ``E`` frame.)"""
+        link = self.link
+        return (link is not None and link.up and not link.syncing
+                and self.applied_version >= min_version)
 
     def on_install(self, key, version):
         if version > self.max_version:
@@ -64,15 +79,20 @@ class Replica:
         self.store.flush()
         self.ahead.clear()
         self.max_version = 0
+        self.applied_version = 0
         self.applied = offset
 
-    def apply(self, blob, unpacker):
+    def apply(self, blob, unpacker, stream=True):
+        """Apply entries. ``stream``: they are the primary's stream (``W``),
+        in its version order, so their versions advance ``applied_version``;
+        snapshot entries (``S``) do not."""
         st = self.store
         pv, dl, ex, fl = st.put_versioned, st.delete, st.expire_at_ms, st.flush
         unpacker.feed(blob)
         n = 0
         ahead = self.ahead
         maxv = self.max_version
+        appv = self.applied_version
         watchers = self.repl.writes.watchers     # WATCH sees replicated writes too
         for e in unpacker:
             t = e[0]
@@ -81,6 +101,8 @@ class Replica:
                     self.repl.writes.touch_all()
                 else:
                     self.repl.writes.touch(e[1])
+            if stream and t in ("p", "d") and len(e) > 2 and e[2] > appv:
+                appv = e[2]
             try:
                 if ahead and t != "f" and e[1] in ahead:
                     # a rebuild installed a newer version: skip the older history
@@ -105,6 +127,8 @@ class Replica:
                     event("error", "replica_apply_failed", entry=t,
                           error=f"{type(exc).__name__}: {exc}")
         self.max_version = maxv
+        if appv > self.applied_version:
+            self.applied_version = appv
         self.stats["applied_entries"] += n
 
     def info(self):
@@ -250,9 +274,12 @@ class ReplicaLink:
                     rep.applied = start + len(blob)
                     applied = True
                 elif tag == "S":
-                    rep.apply(fr[1], unpacker)
+                    rep.apply(fr[1], unpacker, stream=False)
                 elif tag == "E":
                     rep.applied = fr[1]
+                    if len(fr) > 2 and type(fr[2]) is int:
+                        # the primary's version at the snapshot point
+                        rep.applied_version = max(rep.applied_version, fr[2])
                     self.syncing = False
                     applied = True
                     event("info", "full_sync_done", host=self.host, port=self.port,

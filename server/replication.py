@@ -51,6 +51,10 @@ HEARTBEAT = 1.0
 #: A replica that has not acked for this long is skipped by loop-thread fetches.
 STALE_ACK = 2.0
 
+#: Seconds after a background range fetch starts when the Store is asked to
+#: retry its lost ranges (its first retry is due 20 ms after a "not yet").
+RANGE_RETRY_AT = 0.021
+
 
 def parse_hostport(s):
     s = str(s).strip()
@@ -77,6 +81,7 @@ class Replication:
         self.replica = Replica(self)
         self._hb = None
         self._peers = []
+        self._peer_seen = -1e9        # when a replica was last online (monotonic)
         self.source = None
         self.writes.subscribe(self)
         self.configure_writes()
@@ -86,7 +91,8 @@ class Replication:
     def start(self, loop):
         self.source = PeerSource(self.peers, self.password, self.loop_thread,
                                  before_loop_fetch=self._before_loop_fetch, loop=self.loop,
-                                 install=self.store.install)
+                                 install=self.store.install, range_version=self._range_version,
+                                 on_range_started=self._range_started)
         self._hb_due = time.monotonic() + HEARTBEAT
         self._hb = loop.call_later(HEARTBEAT, self._heartbeat)
         if self.server.config.replica_of:
@@ -131,6 +137,16 @@ class Replication:
             return
         if self.role == "master":
             self.primary.on_install(key, value, version)
+        else:
+            self.replica.on_install(key, version)
+
+    def on_install_range(self, key, value, version, expire_at_ms, status):
+        """A key a lost index range's rebuild installed: replicas get it
+        with its expiry (they may lack the key: a full sync skips lost ranges)."""
+        if status != "installed":
+            return
+        if self.role == "master":
+            self.primary.on_install(key, value, version, expire_at_ms or 0)
         else:
             self.replica.on_install(key, version)
 
@@ -224,6 +240,28 @@ class Replication:
         healthy = link is not None and link.up and now - link.last_io < STALE_ACK
         return [(master[0], master[1], healthy)]
 
+    def _range_version(self, min_version):
+        """The ``min_version`` a range request to our peers carries: ours on
+        a primary (its replicas must have applied our writes up to it); on
+        a replica, the primary's version whose writes we have applied (the
+        primary has applied everything we have; our counter is not its
+        numbering)."""
+        if self.role == "master":
+            return min_version
+        return self.replica.applied_version
+
+    def _range_started(self):
+        # The Store retries a range the source could not answer yet after
+        # 20 ms (then doubling): be there when it is due, rather than at the
+        # next maintenance tick, so a loopback answer is installed at once.
+        self.loop.call_later(RANGE_RETRY_AT, self._retry_ranges)
+
+    def _retry_ranges(self):
+        try:
+            self.store.recover()
+        except Exception as e:  # noqa: BLE001 - the maintenance tick retries
+            event("error", "range_retry_failed", error=f"{type(e).__name__}: {e}")
+
     def _before_loop_fetch(self):
         if self.primary.pending:
             self.primary.flush_pending()
@@ -233,6 +271,14 @@ class Replication:
             self._peers = [s for s in self.primary.sessions if s.state == "online" and s.listen_port
                            and not s.closed]
             has = bool(self._peers)
+            now = time.monotonic()
+            if has:
+                self._peer_seen = now
+            elif now - self._peer_seen < self.store.rebuild_deadline:
+                # A replica left moments ago (a reconnect, a stopped process):
+                # keep the source while lost index ranges wait, so they are
+                # retried until the rebuild deadline instead of given up now.
+                has = bool(self.store.lost_ranges())
         else:
             self._peers = []
             has = self.replica.master is not None
@@ -272,7 +318,10 @@ class Replication:
             d.update(peer_fetches=src.fetches, peer_keys_fetched=src.keys_fetched,
                      peer_bytes_fetched=src.bytes_fetched, peer_fetch_errors=src.errors,
                      peer_background_installs=src.background_installs,
-                     peer_keys_from_earlier_fetch=src.keys_cached)
+                     peer_keys_from_earlier_fetch=src.keys_cached,
+                     peer_range_fetches=src.range_fetches,
+                     peer_range_keys_fetched=src.range_keys_fetched,
+                     peer_range_behind=src.range_behind)
         return d
 
     def stats_fields(self):

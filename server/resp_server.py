@@ -345,6 +345,8 @@ def cmd_kv_inject(conn, args):
         res = srv_ops.inject(conn, kind, offset=off)
     elif where == b"KEY":
         res = srv_ops.inject(conn, kind, key=args[3])
+    elif where == b"ENTRY":
+        res = srv_ops.inject(conn, kind, entry=args[3])
     else:
         raise CommandError(E_SYNTAX)
     return conn.map_reply(res)

@@ -8,7 +8,7 @@
    few replicas are online), before anything is written;
 2. writes to the Store;
 3. when ``recording`` is on, notes the effect as a replication entry
-   (``("p", key, version, value, exp)``, ``("d", key)``, ``("e", key, ms)``,
+   (``("p", key, version, value, exp)``, ``("d", key, version)``, ``("e", key, ms)``,
    ``("f",)``; see :mod:`.repl_primary`) in ``entries``.
 
 The dispatcher of each protocol calls :meth:`propagate` after a command ran
@@ -168,7 +168,7 @@ class WritePath:
         del self.entries[mark:]
         for k, old in snap.items():
             if old is None and st.delete(k) and self.recording:
-                self.entries.append(("d", k))
+                self.entries.append(("d", k, st.version))
         for k, old in snap.items():
             if old is None:
                 continue
@@ -270,7 +270,9 @@ class WritePath:
             if self.watchers:
                 self.touch(key)
             if self.recording:
-                self.entries.append(("d", key))
+                # a delete takes a version (the Store's counter after it),
+                # so a replica knows which of the primary's versions it has
+                self.entries.append(("d", key, self.store.version))
         return r
 
     def expire_at_ms(self, key, ms):
@@ -327,6 +329,16 @@ class WritePath:
     def installed(self, key, value, version, status):
         for sub in self.subscribers:
             sub.on_install(key, value, version, status)
+
+    def installed_range(self, key, value, version, expire_at_ms, status):
+        """A key a lost index range's rebuild installed (``expire_at_ms``: 0
+        none). Subscribers with ``on_install_range`` get the expiry too."""
+        for sub in self.subscribers:
+            f = getattr(sub, "on_install_range", None)
+            if f is not None:
+                f(key, value, version, expire_at_ms, status)
+            else:
+                sub.on_install(key, value, version, status)
 
     @contextlib.contextmanager
     def read_repair(self, key, version):

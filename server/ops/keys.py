@@ -1,9 +1,9 @@
 """Reads and writes of keys (see the package docstring)."""
 
-from kvstore.errors import KeyLostError, KeyTooLargeError
-from kvstore.store import LOST
+from kvstore.errors import KeyLostError, KeyTooLargeError, SourceBehindError
+from kvstore.store import HASH_SPACE, LOST, key_hash
 
-__all__ = ["delete", "exists", "expire", "fetch", "get", "get_versioned", "keys", "dbsize",
+__all__ = ["delete", "exists", "expire", "fetch", "fetch_range", "get", "get_versioned", "keys", "dbsize",
            "mget", "mput", "persist", "put", "read", "strlen", "ttl"]
 
 
@@ -149,3 +149,85 @@ def fetch(conn, pairs):
     """For a peer's rebuild: ``{key: (version, value)}`` of each ``(key,
     min_version)`` held here at ``version >= min_version``."""
     return conn.store.fetch(pairs)
+
+
+#: One ``fetch_range`` answer holds about this many bytes of keys and values
+#: at most (and at most FETCH_RANGE_MAX_KEYS keys); the rest of the range is
+#: asked for again from the ``next`` hash it returns (PROTOCOL.md).
+FETCH_RANGE_MAX_BYTES = 4 << 20
+FETCH_RANGE_MAX_KEYS = 8192
+#: Keys expected per scan_range call while paging a wide hash range.
+_SCAN_STEP_KEYS = 2048
+
+
+def _behind(msg, have, need):
+    e = SourceBehindError(msg)
+    e.extra = {"version": have, "min_version": need}
+    return e
+
+
+def fetch_range(conn, lo, hi, min_version, max_bytes=None):
+    """For a peer's rebuild of a lost index range: ``(next, {key: [version,
+    value, expire_at_ms or None]})`` for the keys with ``lo <= key_hash(key)
+    < hi``, in hash order, up to ``max_bytes`` (and FETCH_RANGE_MAX_BYTES);
+    ``next`` is the hash to ask from for the rest, None when the range is
+    done. A page never ends between two keys of the same hash.
+
+    The answer reflects every write and delete this node applied up to
+    ``min_version``, or it raises :class:`kvstore.SourceBehindError`: on a
+    replica while its link is down, a full sync runs, or the primary's
+    stream applied here has not reached ``min_version`` (the requester
+    retries with backoff); anywhere while part of the range, or a key in
+    it, is lost here too. A lost key is not read-repaired here (that would
+    block the loop on the peer asking): the requester asks again later."""
+    st = conn.store
+    repl = conn.server.repl
+    if repl is not None and repl.role != "master":
+        rep = repl.replica
+        if not rep.caught_up(min_version):
+            link = rep.link
+            why = ("the link to the primary is down" if link is None or not link.up else
+                   "a full sync is running" if link.syncing else
+                   f"the primary's stream is applied up to version {rep.applied_version}")
+            raise _behind(f"this replica is behind: {why}; the requester needs version {min_version}",
+                          rep.applied_version, min_version)
+    elif st.version < min_version:
+        raise _behind(f"this node is at version {st.version}, the requester needs {min_version}",
+                      st.version, min_version)
+    budget = FETCH_RANGE_MAX_BYTES if not max_bytes else min(int(max_bytes), FETCH_RANGE_MAX_BYTES)
+    n = max(1, len(st))
+    step = max(1, (HASH_SPACE // n) * _SCAN_STEP_KEYS)
+    out = {}
+    total = 0
+    pos = lo
+    while pos < hi:
+        end = min(hi, pos + step)
+        found = []
+        for item in st.scan_range(pos, end - 1):
+            if item[0] == "range":
+                raise _behind(f"hash range [{item[1]:#x}, {item[2]:#x}] is lost here too "
+                              f"(since version {item[3]})", st.version, min_version)
+            _kind, key, _version, state = item
+            if state != "present":
+                raise _behind(f"a key of the range is lost here too ({state})", st.version, min_version)
+            found.append((key_hash(key), key))
+        found.sort()
+        i = 0
+        while i < len(found):
+            h = found[i][0]
+            if out and (total >= budget or len(out) >= FETCH_RANGE_MAX_KEYS):
+                return h, out
+            while i < len(found) and found[i][0] == h:
+                key = found[i][1]
+                i += 1
+                try:
+                    got = st.get_versioned(key)
+                except KeyLostError:
+                    raise _behind("a key of the range is lost here too", st.version, min_version) from None
+                if got is None:
+                    continue            # expired meanwhile
+                exp = st.expire_at(key)
+                out[key] = [got[0], got[1], exp or None]
+                total += len(key) + len(got[1])
+        pos = end
+    return None, out

@@ -5,10 +5,11 @@ SCAN's cursor
 -------------
 Redis promises that a key present for the whole iteration is returned at
 least once, however the table grows or shrinks in between. kvstore orders
-the key space by a stable 64-bit hash of the key (:func:`scan_hash`:
-``xxh64(key, seed=0)``, the same on every run and every machine; it becomes
-``kvstore.key_hash`` when the index exposes its own) and the cursor is a
-position in that order: "every key whose hash is >= cursor". The order
+the key space by the store's own placement hash (:func:`scan_hash`:
+``kvstore.key_hash(key)``, i.e. ``xxh64(key, seed=0x6b7673746f7265)``, the
+same on every run and every machine and the hash ``fetch_range`` and the
+index pages use; 0 is replaced by 1) and the cursor is a position in that
+order: "every key whose hash is >= cursor". The order
 depends only on the keys, never on insertion, table size or compaction.
 
 The keys are read from a server-wide sorted snapshot (:class:`ScanIndex`).
@@ -30,7 +31,7 @@ import bisect
 import random
 import time
 
-import xxhash
+from kvstore.store import key_hash
 
 from .. import glob
 from ..errors import CommandError
@@ -39,13 +40,12 @@ __all__ = ["ScanIndex", "copy", "expire_generic", "expiretime", "object_encoding
            "object_refcount", "randomkey", "rename", "role", "scan", "scan_hash", "server_time",
            "touch", "type_of"]
 
-_MASK = (1 << 64) - 1
 
 
 def scan_hash(key):
     """The SCAN order of ``key``: a stable hash in [1, 2**64) (0 is the
     cursor that starts and ends an iteration)."""
-    return (xxhash.xxh64_intdigest(key) & _MASK) or 1
+    return key_hash(key) or 1
 
 
 class ScanIndex:

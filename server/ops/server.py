@@ -29,11 +29,13 @@ def require_injection(conn):
                            "--enable-fault-injection")
 
 
-def inject(conn, kind, offset=None, key=None):
+def inject(conn, kind, offset=None, key=None, entry=None):
     """Inject a memory fault (``kind``: ao, ar, hwpoison) at an arena
-    offset or into ``key``'s record."""
+    offset, into ``key``'s record, or into the index page holding
+    ``entry``'s index entry (every key of that page's hash range is LOST
+    until rebuilt by hash range)."""
     require_injection(conn)
-    return conn.server.inject(kind, offset=offset, key=key)
+    return conn.server.inject(kind, offset=offset, key=key, entry=entry)
 
 
 def stats(conn):
