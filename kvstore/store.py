@@ -349,6 +349,23 @@ class Store(_native.Engine):
                 out[key] = got
         return out
 
+    def mark_lost(self, key, version: int) -> bool:
+        """Enter ``key`` as LOST at ``version`` without a value: a peer this
+        store copies (a primary's full-sync snapshot) has the key LOST. Reads
+        raise :class:`KeyLostError` (after read-repair through the rebuild
+        source, asked for ``version`` or newer), and the rebuild rounds fetch
+        it like any key lost here. False (nothing changed) when a copy at
+        ``version`` or newer is here, or the key is longer than the inline
+        key limit (1 KiB)."""
+        key = bytes(key)
+        if not _native.Engine.mark_lost(self, key, int(version)):
+            return False
+        with self._lock:
+            p = self._pending.get(key)
+            if p is None or p.version < version:
+                self._pending[key] = _Pending(int(version), time.monotonic())
+        return True
+
     def stats(self) -> dict:
         s = self.engine_stats()
         with self._lock:

@@ -13,10 +13,11 @@ Stream and offsets
 
 Sync (native op ``sync [replid, offset, listen_port]``; PROTOCOL.md)
     Partial when ``replid`` matches and the backlog still holds ``offset``,
-    else full: the snapshot of every key as ``["S", blob]`` frames, ``["E",
-    S, version]`` (version: the store's version at S), then the writes
-    after S (queued for that replica meanwhile; every entry is a complete
-    overwrite, so the replica ends equal). The connection
+    else full: the snapshot of every key as ``["S", blob]`` frames (keys
+    LOST here as ``["l", key, version]`` markers), ``["E", S, version]``
+    (version: the store's version at S), then the writes after S (queued for
+    that replica meanwhile; every entry is a complete overwrite, so the
+    replica ends equal). The connection
     then becomes a :class:`ReplicaSession`: acks in, stream and ``["PING"]``
     out.
 
@@ -314,7 +315,8 @@ class Primary:
         t0 = time.perf_counter()
         st = self.store
         keys = list(st.keys())
-        lost = {k for k, _v, _s in st.lost_keys()}
+        lost_list = st.lost_keys()
+        lost = {k for k, _v, _s in lost_list}
         get_versioned = st.get_versioned
         expire_at = st.expire_at
         pack = self.pack
@@ -346,6 +348,12 @@ class Primary:
                 await asyncio.sleep(0)
         if sess.closed:
             return
+        # keys LOST here (not rebuilt yet) go as markers, so the replica
+        # reports them lost, never absent, and rebuilds them like its own
+        for k, v, _state in lost_list:
+            e = pack(("l", k, v))
+            buf.append(e)
+            size += len(e)
         if buf:
             sess.send(["S", b"".join(buf)])
             nbytes += size
@@ -356,7 +364,8 @@ class Primary:
         sess.queued_bytes = 0
         sess.state = "online"
         self.repl.refresh_peers()
-        event("info", "replica_full_sync_done", addr=sess.addr, keys=sent, bytes=nbytes,
+        event("info", "replica_full_sync_done", addr=sess.addr, keys=sent, lost=len(lost_list),
+              bytes=nbytes,
               duration_ms=round((time.perf_counter() - t0) * 1e3, 1))
 
     def session_lost(self, sess):

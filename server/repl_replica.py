@@ -2,7 +2,9 @@
 
 :class:`ReplicaLink` connects to the primary, sends ``sync [replid, offset,
 listen_port]`` (partial resync when it has a replication id, full otherwise),
-applies the snapshot (``S``/``E`` frames) and the stream (``W`` frames), acks
+applies the snapshot (``S``/``E`` frames; a key the primary has LOST comes as
+an ``["l", key, version]`` marker and is entered LOST with
+``Store.mark_lost``, so it reads as lost, never absent, until rebuilt) and the stream (``W`` frames), acks
 what it applied, and reconnects with backoff until stopped. Stream entries
 are applied straight to the Store (``put_versioned`` keeps the primary's
 versions and expiries); they do not pass through the server's write path,
@@ -88,6 +90,7 @@ class Replica:
         snapshot entries (``S``) do not."""
         st = self.store
         pv, dl, ex, fl = st.put_versioned, st.delete, st.expire_at_ms, st.flush
+        ml = getattr(st, "mark_lost", None)
         unpacker.feed(blob)
         n = 0
         ahead = self.ahead
@@ -120,6 +123,9 @@ class Replica:
                 elif t == "f":
                     fl()
                     ahead.clear()
+                elif t == "l" and ml is not None:
+                    # LOST on the primary: LOST here too, rebuilt from peers
+                    ml(e[1], e[2])
                 n += 1
             except Exception as exc:  # noqa: BLE001 - keep the link; count it
                 self.stats["apply_errors"] += 1

@@ -720,7 +720,7 @@ static int make_room(kv_ipage *p, uint32_t size, int drop)
 
 /* ----------------------------------------------------------------- put */
 
-enum { UP_PUT = 0, UP_INSTALL = 1, UP_RANGE = 2, UP_TOMB = 3, UP_ABSENT = 4 };
+enum { UP_PUT = 0, UP_INSTALL = 1, UP_RANGE = 2, UP_TOMB = 3, UP_ABSENT = 4, UP_LOST = 5 };
 
 typedef struct {
     const uint8_t *key;
@@ -786,6 +786,9 @@ static int body_upsert(kv_engine *e, void *va)
         case UP_ABSENT:
             if (en || !(p->flags & KV_IP_LOSTRANGE) || p->lost_at > a->range_v) return KV_SKIP;
             break;
+        case UP_LOST:                 /* a peer's LOST key: the name and version, no record */
+            if (longkey || (en && st != KV_ST_TOMB && kv_e_version(en) >= a->version)) return KV_SKIP;
+            break;
         }
         exp = 0;
         if (a->mode == UP_PUT) {
@@ -798,7 +801,7 @@ static int body_upsert(kv_engine *e, void *va)
             /* a rebuilt key keeps the expiry it had, unless the source says */
             exp = a->ttl ? a->ttl : (en && st != KV_ST_TOMB ? kv_e_ttl(en) : 0);
         }
-        int tomb = a->mode == UP_TOMB || a->mode == UP_ABSENT;
+        int tomb = a->mode == UP_TOMB || a->mode == UP_ABSENT || a->mode == UP_LOST;
         nflags = (longkey ? KV_F_LONG : 0) | (exp && !tomb ? KV_F_TTL : 0);
         nsize = kv_e_size(a->klen, nflags);
         room = make_room(p, nsize, i);
@@ -807,7 +810,7 @@ static int body_upsert(kv_engine *e, void *va)
         int rc = split(e, s, nsize + 4);
         if (rc != KV_OK) return rc;
     }
-    int tomb = a->mode == UP_TOMB || a->mode == UP_ABSENT;
+    int tomb = a->mode == UP_TOMB || a->mode == UP_ABSENT || a->mode == UP_LOST;
     /* the old record's length, before anything changes */
     size_t oldlen = 0;
     if (en) {
@@ -858,13 +861,14 @@ static int body_upsert(kv_engine *e, void *va)
         if (room == 2) kv_ip_compact(p);
         ne = kv_ip_add(p, kv_tag(a->h), nsize);
     }
-    ne->loc = kv_e_mkloc(off, a->klen, tomb ? KV_ST_TOMB : KV_ST_PRESENT, nflags);
+    int nst = a->mode == UP_LOST ? KV_ST_LOST : tomb ? KV_ST_TOMB : KV_ST_PRESENT;
+    ne->loc = kv_e_mkloc(off, a->klen, nst, nflags);
     kv_crash_point(a->mode == UP_PUT ? "put:entry" : a->mode == UP_TOMB ? "delete:entry" : "install:entry");
     ne->ver = v & KV_VERSION_MASK;
     if (longkey) memcpy(ne->key, &a->h, 8);
     else memcpy(ne->key, a->key, a->klen);
     if (nflags & KV_F_TTL) memcpy(kv_e_ttlp(ne), &exp, 8);
-    pgc_add(e, p, tomb ? 0 : 1, 0, (nflags & KV_F_TTL) ? 1 : 0);
+    pgc_add(e, p, nst == KV_ST_TOMB ? 0 : 1, nst == KV_ST_LOST ? 1 : 0, (nflags & KV_F_TTL) ? 1 : 0);
     e->txn_len = 0;
     if (a->mode == UP_TOMB) {
         e->version++;
@@ -873,6 +877,7 @@ static int body_upsert(kv_engine *e, void *va)
     }
     if (a->mode == UP_ABSENT) return KV_OK;
     if (v > e->version) e->version = v;
+    if (a->mode == UP_LOST) return KV_OK;
     a->out_version = v;
     if (a->mode != UP_PUT) e->c_rebuilt++;
     return KV_OK;
@@ -910,6 +915,14 @@ int kv_eng_install(kv_engine *e, const void *key, uint32_t klen, const void *val
 int kv_eng_mark_absent(kv_engine *e, const void *key, uint32_t klen, uint64_t version)
 {
     put_args a = {key, klen, kv_hash(key, klen), NULL, 0, 0, 0, UP_ABSENT, 0, 0, version};
+    int rc = run(e, body_upsert, &a);
+    return rc == KV_AGAIN ? KV_FULL : rc;
+}
+
+int kv_eng_mark_lost(kv_engine *e, const void *key, uint32_t klen, uint64_t version)
+{
+    put_args a = {key, klen, kv_hash(key, klen), NULL, 0, version, 0, UP_LOST, 0, 0, 0};
+    if (!version) return KV_STALE;
     int rc = run(e, body_upsert, &a);
     return rc == KV_AGAIN ? KV_FULL : rc;
 }

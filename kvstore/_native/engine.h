@@ -167,6 +167,11 @@ int kv_eng_install(kv_engine *e, const void *key, uint32_t klen, const void *val
  * while its range (lost at or before version) is being rebuilt.
  * KV_OK, KV_SKIP, KV_FULL. */
 int kv_eng_mark_absent(kv_engine *e, const void *key, uint32_t klen, uint64_t version);
+/* A peer reported key LOST at version (it has no readable copy): enter it
+ * here as LOST at that version, with no record, unless a copy at version or
+ * newer is here. Keys longer than KV_INLINE_KEY are refused (KV_SKIP).
+ * KV_OK, KV_SKIP, KV_STALE (version 0) or KV_FULL. */
+int kv_eng_mark_lost(kv_engine *e, const void *key, uint32_t klen, uint64_t version);
 
 /* The range [lo, hi] (hi inclusive) was rebuilt from a source caught up to
  * `version`: index pages inside it that were lost at or before that version

@@ -1493,6 +1493,28 @@ static PyObject *Engine_mark_absent(EngineObject *self, PyObject *args)
     return PyBool_FromLong(rc == KV_OK);
 }
 
+/* mark_lost(key, version) -> bool: a peer has key LOST at version (no
+ * readable copy); enter it here as LOST at that version, with no record, so
+ * reads raise KeyLostError until it is rebuilt. False when a copy at that
+ * version or newer is here, or the key is longer than the inline limit. */
+static PyObject *Engine_mark_lost(EngineObject *self, PyObject *args)
+{
+    PyObject *key;
+    unsigned long long version;
+    if (!PyArg_ParseTuple(args, "OK:mark_lost", &key, &version)) return NULL;
+    ENGINE_OK(self);
+    if (version == 0 || version > KV_VERSION_MASK) {
+        PyErr_SetString(PyExc_ValueError, "version must be between 1 and 2**48 - 1");
+        return NULL;
+    }
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    int rc = kv_eng_mark_lost(&self->e, k.buf, (uint32_t)k.len, version);
+    put_bytes(&k);
+    if (rc == KV_FULL) return put_error(self, rc, 16);
+    return PyBool_FromLong(rc == KV_OK);
+}
+
 /* range_done(lo, hi, version) -> index pages that are known again. */
 static PyObject *Engine_range_done(EngineObject *self, PyObject *args)
 {
@@ -1719,6 +1741,8 @@ static PyMethodDef Engine_methods[] = {
      "install(key, value, version, expire_at_ms=0, from_range=0) -> 'installed' | 'stale' | 'skipped'."},
     {"mark_absent", (PyCFunction)Engine_mark_absent, METH_VARARGS,
      "mark_absent(key, version) -> bool: in a lost index range, a source caught up to version lacks key."},
+    {"mark_lost", (PyCFunction)Engine_mark_lost, METH_VARARGS,
+     "mark_lost(key, version) -> bool: enter key as LOST at version (a peer's lost key), no record."},
     {"range_done", (PyCFunction)Engine_range_done, METH_VARARGS,
      "range_done(lo, hi, version) -> pages: the lost index range [lo, hi] was rebuilt at version."},
     {"take_lost_ranges", (PyCFunction)Engine_take_lost_ranges, METH_NOARGS,
