@@ -607,3 +607,43 @@ def test_whole_page_of_records_only_lost_without_salvage_comes_back_from_the_sou
             assert pages, [_kinds_on_page(s, p) for p in range(4)]
             _whole_page_roundtrip(s, rep, model, pages[0])
             assert s.stats()["index_pages_lost"] == 0
+
+
+def test_lost_range_that_no_longer_fits_stays_lost_never_absent():
+    rng = random.Random(33)
+    rep = Replica()
+    with kvstore.Store("1MiB", page_size="4K", recovery="manual", rebuild_source=rep,
+                       rebuild_deadline=0.5, read_repair_timeout=0.2) as s:
+        model = filled(s, rep, 1500, rng, lo=100, hi=300)
+        victim = sorted(model)[100]
+        hit = range_of(s, victim)
+        rep.online = False
+        s.faults.inject_entry(victim, "ao")
+        s.recover()
+        # The space of the lost range's records is taken by new writes.
+        i = 0
+        with pytest.raises(kvstore.StoreFullError):
+            while True:
+                s.put(b"fill:%06d" % i, b"f" * 200)
+                i += 1
+        rep.online = True
+        t_end = time.monotonic() + 10
+        while time.monotonic() < t_end and s.stats()["ranges_given_up"] == 0:
+            s.recover()
+            time.sleep(0.05)
+        st = s.stats()
+        assert st["ranges_given_up"] == 1 and "no room" in st["lost_ranges_reason"], st["lost_ranges_reason"]
+        ks = set(s.keys())       # no exception; the keys of the range are not known
+        n_hit = 0
+        for k, v in model.items():
+            if in_range(k, hit):
+                if s.state(k) == "range":
+                    n_hit += 1
+                    assert k not in ks
+                    with pytest.raises(kvstore.KeyLostError):
+                        s.get(k)
+                else:                # reinstalled before the store filled up
+                    assert s.get(k) == v
+            else:
+                assert s.get(k) == v and k in ks
+        assert n_hit > 0
