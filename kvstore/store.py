@@ -542,9 +542,15 @@ class Store(_native.Engine):
             except Exception as e:  # a failing source is retried with backoff
                 log.warning("kvstore rebuild: fetch_hash_range failed: %s", e)
                 got = None
+            full = 0
             if got is not None:
-                self._install_range(lo, hi, version, got)
-                self.range_done(lo, hi, version)
+                full = self._install_range(lo, hi, version, got)
+                if full:
+                    # Not done: the keys that did not fit must stay LOST (never
+                    # absent). Retried like a source that is behind.
+                    got = None
+                else:
+                    self.range_done(lo, hi, version)
             now = time.monotonic()
             with self._lock:
                 p = self._pending_ranges.get((lo, hi))
@@ -555,13 +561,16 @@ class Store(_native.Engine):
                     self._ranges_rebuilt += 1
                     done += 1
                     continue
-                self._range_reason = "the rebuild source is behind or unreachable"
+                self._range_reason = (f"no room to reinstall {full} key(s) of a lost range" if full else
+                                      "the rebuild source is behind or unreachable")
                 p.attempts += 1
                 if now - p.since >= self.rebuild_deadline:
                     del self._pending_ranges[(lo, hi)]
                     self._ranges_given_up += 1
                     log.warning("kvstore rebuild: hash range [%#018x, %#018x] (lost at version %d) stays "
-                                "LOST: no source caught up within %.1fs", lo, hi, version, self.rebuild_deadline)
+                                "LOST: %s within %.1fs", lo, hi, version,
+                                f"no room for {full} of its key(s)" if full else "no source caught up",
+                                self.rebuild_deadline)
                 else:
                     p.next_try = now + min(1.0, 0.01 * (2 ** min(p.attempts, 7)))
         if done:
@@ -569,6 +578,8 @@ class Store(_native.Engine):
         return done
 
     def _install_range(self, lo, hi, version, got):
+        """Install a range answer; returns how many keys found no room."""
+        full = 0
         for key, item in got.items():
             key = bytes(key)
             if not lo <= key_hash(key) <= hi:
@@ -577,7 +588,9 @@ class Store(_native.Engine):
             try:
                 self.install_from_range(key, item[1], item[0], exp, version)
             except StoreFullError:
+                full += 1
                 log.warning("kvstore rebuild: no room to reinstall %r (%d bytes)", key, len(item[1]))
+        return full
 
     def install_from_range(self, key, value, version, expire_at_ms, range_version):
         """Install one key of a ``fetch_hash_range`` answer given at

@@ -1541,6 +1541,16 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
             }
         }
 
+        /* Free subpages among the lost ones leave the free pool first: the
+         * directory rebuild and the fresh pages for lost index ranges below
+         * allocate, and must land on healthy memory (after a whole-page
+         * loss most of the lost page is free subpages). */
+        for (size_t i = 0; i < n; i++)
+            for (uint64_t s = ranges[i][0]; s < ranges[i][0] + ranges[i][1] && s < e->al.nsub; s++)
+                if (sub_lost(e, s) && kv_sp_kind(e->al.meta[s]) == KV_SP_FREE) {
+                    kv_alloc_quarantine(&e->al, (size_t)s);
+                    st->subpages_quarantined++;
+                }
         int need_walk = 0, dir_hit = 0;
         for (size_t i = 0; i < n; i++)
             for (uint64_t s = ranges[i][0]; s < ranges[i][0] + ranges[i][1] && s < e->al.nsub; s++) {
