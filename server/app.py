@@ -23,6 +23,7 @@ from .access import Access
 from .commands import build_table
 from .handshake import Handshake
 from .info import info_sections
+from .errors import CommandError
 from .logs import event
 from .replication import Replication
 from .writes import WritePath
@@ -404,7 +405,10 @@ class Server:
     def inject(self, kind, offset=None, key=None):
         faults = self.store.faults
         if key is not None:
-            res = faults.inject_key(key, kind=kind)
+            try:
+                res = faults.inject_key(key, kind=kind)
+            except KeyError:
+                raise CommandError("ERR no such key", "NOKEY", "no such key") from None
         else:
             res = faults.inject(offset, kind=kind)
         res = dict(res) if isinstance(res, dict) else {"result": res}
