@@ -514,34 +514,45 @@ def cmd_reshard(args):
             print("nothing to move: the slots are balanced")
             return 0
         for src, dst, ranges in plan:
-            want = _slots.from_ranges(ranges)
-            print(f"moving {len(want)} slots from shard {src} to shard {dst}", flush=True)
+            allslots = sorted(_slots.from_ranges(ranges))
+            print(f"moving {len(allslots)} slots from shard {src} to shard {dst}", flush=True)
             t0 = time.monotonic()
-            rid = await topo.request("migrate", slots=[list(r) for r in ranges], to=dst)
-            r = await _await_request(topo, rid, args.timeout)
-            if r.get("status") != "done":
-                print(f"kvstore-cluster: migrate refused: {r.get('detail', '')}", file=sys.stderr)
-                return 1
-            last_left, last_change, last_print = None, time.monotonic(), 0.0
-            while True:
-                st = await topo.state()
-                left = len(want & set(st.map.migrations))
-                now = time.monotonic()
-                if left != last_left:
-                    last_change = now
-                if left != last_left and (now - last_print >= 1.0 or left == 0):
-                    print(f"  {len(want) - left}/{len(want)} slots moved "
-                          f"({now - t0:.1f} s)", flush=True)
-                    last_print = now
-                last_left = left
-                if left == 0:
-                    break
-                if now - last_change > args.timeout:
-                    print(f"kvstore-cluster: no progress for {args.timeout:g} s; {left} slots "
-                          f"still migrating (they keep moving in the background; see the "
-                          f"source primary's log)", file=sys.stderr)
+            done_before = 0
+            last_print = 0.0
+            # a few hundred slots at a time: every node re-reads the map on each
+            # change, and its size grows with the slots marked migrating
+            for i in range(0, len(allslots), args.chunk):
+                chunk = allslots[i:i + args.chunk]
+                want = set(chunk)
+                rid = await topo.request("migrate", slots=[list(r) for r in _slots.to_ranges(chunk)],
+                                         to=dst)
+                r = await _await_request(topo, rid, args.timeout)
+                if r.get("status") != "done":
+                    print(f"kvstore-cluster: migrate refused: {r.get('detail', '')}", file=sys.stderr)
                     return 1
-                await asyncio.sleep(0.2)
+                last_left, last_change = None, time.monotonic()
+                while True:
+                    st = await topo.state()
+                    left = len(want & set(st.map.migrations))
+                    now = time.monotonic()
+                    if left != last_left:
+                        last_change = now
+                    moved = done_before + len(want) - left
+                    if left != last_left and (now - last_print >= 1.0 or
+                                              moved == len(allslots)):
+                        print(f"  {moved}/{len(allslots)} slots moved ({now - t0:.1f} s)",
+                              flush=True)
+                        last_print = now
+                    last_left = left
+                    if left == 0:
+                        break
+                    if now - last_change > args.timeout:
+                        print(f"kvstore-cluster: no progress for {args.timeout:g} s; {left} slots "
+                              f"still migrating (they keep moving in the background; see the "
+                              f"source primary's log)", file=sys.stderr)
+                        return 1
+                    await asyncio.sleep(0.1)
+                done_before += len(want)
         print("reshard done", flush=True)
         return 0
     return asyncio.run(go())
@@ -601,6 +612,8 @@ def build_parser():
                    help="even the slots out over every shard with a primary")
     s.add_argument("--timeout", type=float, default=60.0,
                    help="give up after this many seconds without progress (default 60)")
+    s.add_argument("--chunk", type=int, default=256,
+                   help="slots marked migrating at a time (default 256)")
     return p
 
 

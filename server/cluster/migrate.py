@@ -48,10 +48,12 @@ Failover in the middle (see docs/DESIGN.md, "Resharding")
       whose local delete had not reached it are sent again, and the target
       skips them (same version);
     * of the target primary: batches in flight fail, the mover reconnects
-      to the new target primary named by the map and sends again; keys the
-      old target acknowledged but had not replicated are sent again because
-      the source only deletes after the acknowledgement (with
-      ``--min-replica-acks`` the acknowledgement waits for the replica).
+      to the new target primary named by the map and sends again. The
+      source deletes a batch only after the target's acknowledgement *and*,
+      when the target has a replica online, after that replica acknowledged
+      the installs (the native ``wait [1, timeout]`` on the same
+      connection), so the replica that takes over has every key the source
+      let go of.
     Known limit: a key that was moved, then deleted on the target through
     ASK, can come back if the source primary fails before its local delete
     of that key replicated (the target keeps no tombstone of it).
@@ -122,7 +124,9 @@ def native_migrate_put(conn, args):
         installed += 1
     c = conn.server.cluster
     c.stats["migrate_installed"] += installed
-    return {"installed": installed, "skipped": skipped, "retry": retry}
+    repl = conn.server.repl
+    online = repl.primary.online_count() if repl is not None and repl.role == "master" else 0
+    return {"installed": installed, "skipped": skipped, "retry": retry, "replicas": online}
 
 
 def native_migrate_del(conn, args):
@@ -173,7 +177,7 @@ class SlotMover:
         self.requested = {}         # slot -> epoch of the migrate-done request sent
         self._conns = {}            # (host, port) -> AsyncConnection
         self.stats = {"keys_moved": 0, "batches": 0, "lost_waits": 0, "resent": 0,
-                      "deletes_forwarded": 0, "errors": 0}
+                      "deletes_forwarded": 0, "errors": 0, "replica_waits_failed": 0}
 
     # -- lifecycle
 
@@ -317,6 +321,12 @@ class SlotMover:
         try:
             r = await self.call(addr, "migrate_put", [items])
             retry = {bytes(k) for k in r.get("retry", ())}
+            if r.get("replicas", 0) > 0:
+                # the target's replica must have the keys before they go from here
+                acked = await self.call(addr, "wait", [1, self.timeout / 2])
+                if not acked:
+                    self.stats["replica_waits_failed"] += 1
+                    return 0                        # sent again next round (skipped there)
             mode.check_write()
             writes = mode.server.writes
             n = 0
