@@ -75,11 +75,15 @@ def _err(code, msg):
     return CommandError(f"{code} {msg}", code, msg)
 
 
-def _importing_check(conn, slot):
+def _cluster(conn):
     c = conn.server.cluster
     if c is None:
         raise _err("NOCLUSTER", "cluster mode is not enabled")
-    v = c.view
+    return c
+
+
+def _importing_check(conn, slot):
+    v = _cluster(conn).view
     if v is None or v.role != "primary":
         raise _err("MIGRATE", "this node is not a primary")
     if slot not in v.importing:
@@ -96,6 +100,7 @@ def _key(k):
 
 def native_migrate_put(conn, args):
     """``[[[key, version, value, expire_at_ms], ...]]`` -> ``{"installed", "skipped", "retry"}``."""
+    _cluster(conn)
     if len(args) != 1 or type(args[0]) is not list:
         raise _err("TYPE", "migrate_put takes [[[key, version, value, expire_at_ms], ...]]")
     items = []
@@ -131,6 +136,7 @@ def native_migrate_put(conn, args):
 
 def native_migrate_del(conn, args):
     """``[[[key, version], ...]]``: delete each key here unless it is newer than ``version``."""
+    _cluster(conn)
     if len(args) != 1 or type(args[0]) is not list:
         raise _err("TYPE", "migrate_del takes [[[key, version], ...]]")
     pairs = []

@@ -22,7 +22,10 @@ server build one :class:`ClusterMode` after its listeners are up. It
   ``-CROSSSLOT`` for multi-key commands across slots, ``-CLUSTERDOWN`` when
   a slot has no primary (or the node is not placed yet). ``ASKING`` lets the
   next command use an importing slot; ``READONLY`` lets a client read from a
-  replica.
+  replica;
+* moves the keys of the slots its shard is migrating away, while it is
+  their live primary (:class:`~.migrate.SlotMover`; keys it has in flight
+  are answered here, never with ASK).
 
 The native protocol gets the same refusals as errors ``[code, message,
 extra]`` (PROTOCOL.md): ``MOVED``/``ASK`` with extra ``{"slot", "host",
