@@ -203,6 +203,7 @@ kv.stats slow dangerous
 kv.lost keyspace read slow dangerous
 kv.digest keyspace read slow
 kv.fetch keyspace read slow
+kv.migrate keyspace write slow dangerous
 kv.inject admin slow dangerous
 kv.restart admin slow dangerous
 kv.repl admin slow dangerous
@@ -232,7 +233,7 @@ NATIVE_COMMANDS = {
     "flushall": "flushall", "fetch": "kv.fetch", "fetch_range": "kv.fetch", "sync": "sync",
     "replicaof": "replicaof",
     "wait": "wait", "digest": "kv.digest", "role": "role", "restart": "kv.restart",
-    "cluster": "cluster",
+    "cluster": "cluster", "migrate_put": "kv.migrate", "migrate_del": "kv.migrate",
 }
 
 # Key access a command needs on the keys it names, from Redis 7's key specs:

@@ -24,6 +24,7 @@ from .access import Access
 from .commands import build_table
 from .handshake import Handshake
 from .info import info_sections
+from .errors import CommandError
 from .logs import event
 from . import restart
 from .replication import Replication
@@ -414,12 +415,15 @@ class Server:
 
     def inject(self, kind, offset=None, key=None, entry=None):
         faults = self.store.faults
-        if entry is not None:
-            res = faults.inject_entry(entry, kind=kind)
-        elif key is not None:
-            res = faults.inject_key(key, kind=kind)
-        else:
-            res = faults.inject(offset, kind=kind)
+        try:
+            if entry is not None:
+                res = faults.inject_entry(entry, kind=kind)
+            elif key is not None:
+                res = faults.inject_key(key, kind=kind)
+            else:
+                res = faults.inject(offset, kind=kind)
+        except KeyError:
+            raise CommandError("ERR no such key", "NOKEY", "no such key") from None
         res = dict(res) if isinstance(res, dict) else {"result": res}
         fields = {k: v for k, v in res.items() if isinstance(v, (int, str)) and k != "kind"}
         event("warning", "fault_injected", kind=kind, **fields)

@@ -232,6 +232,23 @@ class WritePath:
             self.entries.append(("p", key, v, value, at_ms))
         return v
 
+    def install_versioned(self, key, value, version, at_ms=0):
+        """Write ``key`` at a ``version`` made elsewhere (a key moved here by
+        resharding; the caller checked it is newer than what is here).
+        ``at_ms``: absolute expiry in ms since the epoch, 0 for none."""
+        if self.guard is not None:
+            self.guard()
+        if self.watchers:
+            self.touch(key)
+        try:
+            self.store.put_versioned(key, value, version, at_ms)
+        except StoreFullError:
+            self._too_large(len(value))
+            raise
+        if self.recording:
+            self.entries.append(("p", key, version, value, at_ms))
+        return version
+
     def put_keepttl(self, key, value):
         """Write ``key`` keeping its expiry (INCR, APPEND, SETRANGE)."""
         return self.put_at(key, value, self.store.expire_at(key))

@@ -6,9 +6,10 @@
     kvstore-cluster status (--dir DIR | --etcd URL --name NAME) [--json]
     kvstore-cluster down --dir DIR
     kvstore-cluster failover (--dir DIR | --etcd URL --name NAME) --shard S [--to NODE]
-    kvstore-cluster add-node --dir DIR [--port P]
+    kvstore-cluster add-node --dir DIR [--port P] [--new-shard]
     kvstore-cluster remove-node --dir DIR NODE_ID_OR_PORT
-    kvstore-cluster reshard            (not supported yet: no key migration)
+    kvstore-cluster reshard (--dir DIR | --etcd URL --name NAME)
+                            (--slots N --from SHARD --to SHARD | --rebalance) [--timeout S]
 
 ``up`` starts its own etcd under ``DIR/etcd`` unless ``--etcd`` names one,
 creates the cluster in it, starts ``shards * (replicas + 1)`` servers on
@@ -18,6 +19,15 @@ ports BASE, BASE+1, ... (the first ``shards`` become the primaries), logs to
 every second until Ctrl-C, then stops everything; with ``--detach`` it
 returns once every slot has a live primary and every server it started is
 placed in the slot map.
+
+``reshard`` moves slots with their keys while the cluster serves: it asks the
+controller to mark them migrating (request ``migrate``), the source shard's
+primary moves their keys to the target (migrate.py) and asks for
+``migrate-done`` slot by slot as they empty; ``reshard`` prints the progress
+and returns when every slot it moved has its new owner (exit 1 on a refusal
+or after ``--timeout`` seconds without progress). ``--rebalance`` evens the
+slots out over every shard with a primary (``controller.rebalance_plan``),
+e.g. after ``add-node --new-shard``.
 
 ``status --json`` prints ``{"name", "epoch", "healthy", "nodes": [{"id",
 "host", "port", "pid", "role", "shard", "slots": [[lo, hi]], "offset",
@@ -38,6 +48,7 @@ import time
 from . import slots as _slots
 from .agent import new_node_id
 from .etcd import EtcdClient, EtcdError
+from .controller import rebalance_plan
 from .topology import Topology, TopologyError
 
 __all__ = ["main"]
@@ -400,6 +411,22 @@ def cmd_add_node(args):
             doc = cluster_status(st["etcd"], st["name"])
             me = next((n for n in doc["nodes"] if n["id"] == node["id"]), None)
             if me is not None and me["role"] != "none":
+                if args.new_shard and not getattr(args, "_shard_asked", False):
+                    args._shard_asked = True
+
+                    async def ask():
+                        topo = Topology(EtcdClient(st["etcd"], timeout=2.0), st["name"])
+                        rid = await topo.request("add-shard", node=node["id"])
+                        return await _await_request(topo, rid, args.timeout)
+                    r = asyncio.run(ask())
+                    if r.get("status") != "done":
+                        print(f"kvstore-cluster: add-shard refused: {r.get('detail', '')}",
+                              file=sys.stderr)
+                        return 1
+                    continue
+                if args.new_shard and me["role"] != "primary":
+                    time.sleep(0.2)
+                    continue
                 print(f"added {node['id']} on port {port}: {me['role']} of shard {me['shard']}")
                 return 0
         except (EtcdError, TopologyError, OSError):
@@ -441,11 +468,94 @@ def cmd_remove_node(args):
     return 0 if r.get("status") == "done" else 1
 
 
-def cmd_unsupported(args):
-    print(f"kvstore-cluster {args.cmd}: not supported yet (online resharding needs the key "
-          f"transfer between shards, which is not built); the slot-map steps (migrate, migrate-done) exist in "
-          f"kvstore.server.cluster.controller", file=sys.stderr)
-    return 2
+async def _await_request(topo, rid, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = await topo.request_status(rid)
+        if r and r.get("status") != "pending":
+            return r
+        await asyncio.sleep(0.1)
+    return {"status": "pending", "detail": "the controller did not answer in time"}
+
+
+def reshard_plan(m, args):
+    """``[(from, to, [(lo, hi)])]`` for the reshard arguments, from map ``m``."""
+    if args.rebalance:
+        plan = rebalance_plan(m)
+        bad = [p for p in plan if p[0] is None]
+        if bad:
+            raise TopologyError("some slots are not assigned to any shard yet")
+        return plan
+    if args.slots is None or args.from_shard is None or args.to is None:
+        raise TopologyError("reshard wants --slots N --from SHARD --to SHARD, or --rebalance")
+    src, dst = m.shard(args.from_shard), m.shard(args.to)
+    if src is None or dst is None or dst.primary is None:
+        raise TopologyError(f"no shard {args.from_shard if src is None else args.to} with a primary")
+    if args.from_shard == args.to:
+        raise TopologyError("--from and --to name the same shard")
+    have = sorted(_slots.from_ranges(src.slots) - set(m.migrations))
+    if not 0 < args.slots <= len(have):
+        raise TopologyError(f"shard {args.from_shard} has {len(have)} slots that can move, "
+                            f"not {args.slots}")
+    return [(args.from_shard, args.to, _slots.to_ranges(have[-args.slots:]))]
+
+
+def cmd_reshard(args):
+    url, name, _ = _target(args)
+
+    async def go():
+        topo = Topology(EtcdClient(url, timeout=2.0), name)
+        await topo.meta()
+        st = await topo.state()
+        if st.map is None:
+            raise TopologyError("the cluster has no slot map yet")
+        plan = reshard_plan(st.map, args)
+        if not plan:
+            print("nothing to move: the slots are balanced")
+            return 0
+        for src, dst, ranges in plan:
+            allslots = sorted(_slots.from_ranges(ranges))
+            print(f"moving {len(allslots)} slots from shard {src} to shard {dst}", flush=True)
+            t0 = time.monotonic()
+            done_before = 0
+            last_print = 0.0
+            # a few hundred slots at a time: every node re-reads the map on each
+            # change, and its size grows with the slots marked migrating
+            for i in range(0, len(allslots), args.chunk):
+                chunk = allslots[i:i + args.chunk]
+                want = set(chunk)
+                rid = await topo.request("migrate", slots=[list(r) for r in _slots.to_ranges(chunk)],
+                                         to=dst)
+                r = await _await_request(topo, rid, args.timeout)
+                if r.get("status") != "done":
+                    print(f"kvstore-cluster: migrate refused: {r.get('detail', '')}", file=sys.stderr)
+                    return 1
+                last_left, last_change = None, time.monotonic()
+                while True:
+                    st = await topo.state()
+                    left = len(want & set(st.map.migrations))
+                    now = time.monotonic()
+                    if left != last_left:
+                        last_change = now
+                    moved = done_before + len(want) - left
+                    if left != last_left and (now - last_print >= 1.0 or
+                                              moved == len(allslots)):
+                        print(f"  {moved}/{len(allslots)} slots moved ({now - t0:.1f} s)",
+                              flush=True)
+                        last_print = now
+                    last_left = left
+                    if left == 0:
+                        break
+                    if now - last_change > args.timeout:
+                        print(f"kvstore-cluster: no progress for {args.timeout:g} s; {left} slots "
+                              f"still migrating (they keep moving in the background; see the "
+                              f"source primary's log)", file=sys.stderr)
+                        return 1
+                    await asyncio.sleep(0.1)
+                done_before += len(want)
+        print("reshard done", flush=True)
+        return 0
+    return asyncio.run(go())
 
 
 def build_parser():
@@ -483,25 +593,38 @@ def build_parser():
     an.add_argument("--dir", default="kvstore-cluster")
     an.add_argument("--port", type=int, help="default: one above the highest port in use")
     an.add_argument("--timeout", type=float, default=30.0)
+    an.add_argument("--new-shard", action="store_true",
+                    help="make the new server the primary of a new, empty shard "
+                         "(then move slots to it: reshard --rebalance)")
     rn = sub.add_parser("remove-node", help="stop a replica started from --dir and remove it "
                         "from the slot map (a primary must be failed over first)")
     rn.add_argument("--dir", default="kvstore-cluster")
     rn.add_argument("node", help="node id or port")
     rn.add_argument("--timeout", type=float, default=10.0)
-    s = sub.add_parser("reshard", help="NOT SUPPORTED YET: moving slots needs the key "
-                       "transfer between shards, which is not built")
-    s.add_argument("rest", nargs="*")
+    s = sub.add_parser("reshard", help="move slots and their keys between shards while serving")
+    s.add_argument("--dir")
+    s.add_argument("--etcd")
+    s.add_argument("--name")
+    s.add_argument("--slots", type=int, help="how many slots to move")
+    s.add_argument("--from", dest="from_shard", type=int, help="source shard id")
+    s.add_argument("--to", type=int, help="target shard id")
+    s.add_argument("--rebalance", action="store_true",
+                   help="even the slots out over every shard with a primary")
+    s.add_argument("--timeout", type=float, default=60.0,
+                   help="give up after this many seconds without progress (default 60)")
+    s.add_argument("--chunk", type=int, default=256,
+                   help="slots marked migrating at a time (default 256)")
     return p
 
 
 def main(argv=None):
     p = build_parser()
     args, extra = p.parse_known_args(argv)
-    if extra and args.cmd != "reshard":
+    if extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     fn = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "failover": cmd_failover,
-          "add-node": cmd_add_node, "remove-node": cmd_remove_node}.get(
-        args.cmd, cmd_unsupported)
+          "add-node": cmd_add_node, "remove-node": cmd_remove_node,
+          "reshard": cmd_reshard}[args.cmd]
     try:
         return fn(args)
     except (EtcdError, TopologyError) as e:

@@ -16,6 +16,7 @@ slot]``, ``["getkeysinslot", slot, count]``.
 
 from ..errors import CommandError
 from ..registry import Command
+from . import migrate as _migrate
 from . import slots as _slots
 
 __all__ = ["cluster_rows"]
@@ -210,4 +211,6 @@ def cluster_rows():
         Command('READWRITE', 1, ('fast',), (0, 0, 0), group='cluster', resp=cmd_readwrite,
                 summary='Undo READONLY.'),
         Command(None, 0, native='cluster', native_fn=native_cluster),
+        Command(None, 0, native='migrate_put', native_fn=_migrate.native_migrate_put),
+        Command(None, 0, native='migrate_del', native_fn=_migrate.native_migrate_del),
     ]

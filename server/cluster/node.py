@@ -22,7 +22,10 @@ server build one :class:`ClusterMode` after its listeners are up. It
   ``-CROSSSLOT`` for multi-key commands across slots, ``-CLUSTERDOWN`` when
   a slot has no primary (or the node is not placed yet). ``ASKING`` lets the
   next command use an importing slot; ``READONLY`` lets a client read from a
-  replica.
+  replica;
+* moves the keys of the slots its shard is migrating away, while it is
+  their live primary (:class:`~.migrate.SlotMover`; keys it has in flight
+  are answered here, never with ASK).
 
 The native protocol gets the same refusals as errors ``[code, message,
 extra]`` (PROTOCOL.md): ``MOVED``/``ASK`` with extra ``{"slot", "host",
@@ -35,6 +38,7 @@ from ..errors import CommandError
 from ..logs import event
 from . import slots as _slots
 from .agent import ClusterNode, NodeAgent
+from .migrate import SlotMover
 
 __all__ = ["ClusterMode", "parse_cluster_url"]
 
@@ -108,7 +112,9 @@ class ClusterMode(ClusterNode):
         self.fenced = True
         self.fence_reason = "not started"
         self.stats = {"moved": 0, "ask": 0, "crossslot": 0, "clusterdown": 0,
-                      "fenced_refusals": 0, "fenced_acks_refused": 0, "role_changes": 0}
+                      "fenced_refusals": 0, "fenced_acks_refused": 0, "role_changes": 0,
+                      "migrate_installed": 0}
+        self.mover = SlotMover(self)
 
     # -- lifecycle
 
@@ -122,6 +128,7 @@ class ClusterMode(ClusterNode):
         return self
 
     async def stop(self):
+        await self.mover.stop()
         await self.agent.stop()
 
     # -- ClusterNode
@@ -135,6 +142,12 @@ class ClusterMode(ClusterNode):
                 self.stats["role_changes"] += 1
                 event("warning", "cluster_promoted", epoch=view.epoch, shard=view.shard)
                 repl.promote()
+                if not view.slots and not view.importing and len(self.server.store):
+                    # primary of a shard that owns nothing (add-shard took a
+                    # replica): what it copied from its old shard is not its own
+                    event("warning", "cluster_new_shard_flush", shard=view.shard,
+                          keys=len(self.server.store))
+                    self.server.store.flush()
         elif view.role == "replica" and view.primary is not None:
             want = tuple(view.primary)
             have = repl.replica.master
@@ -144,6 +157,7 @@ class ClusterMode(ClusterNode):
                       primary=f"{want[0]}:{want[1]}")
                 repl.become_replica(*want)
         repl.configure_writes()
+        self.mover.update(view)
 
     def fence(self, reason):
         self.fenced = True
@@ -222,8 +236,9 @@ class ClusterMode(ClusterNode):
             if v.role == "primary":
                 mig = v.migrating.get(slot)
                 if mig is not None and mig[1] is not None:
-                    store = self.server.store
-                    if not all(store.exists(k) for k in keys):
+                    store, mover = self.server.store, self.mover
+                    if not all(mover.holds(bytes(k) if not isinstance(k, str) else k.encode())
+                               or store.exists(k) for k in keys):
                         self.stats["ask"] += 1
                         raise _moved("ASK", slot, mig[1])
                 return
@@ -301,4 +316,7 @@ class ClusterMode(ClusterNode):
             "kvstore_write_deadline_in_ms": max(0, round((self.agent.write_deadline
                                                           - time.monotonic()) * 1000)),
             **{f"kvstore_{k}": v for k, v in self.stats.items()},
+            **{f"kvstore_migrate_{k}": v for k, v in self.mover.stats.items()},
+            "kvstore_migrating_slots": len(v.migrating) if v else 0,
+            "kvstore_importing_slots": len(v.importing) if v else 0,
         }
