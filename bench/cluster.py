@@ -27,36 +27,18 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+from kvstore.server.spawn import free_port_run
 from bench._common import command_line, header, median, table
 
 CLI = [sys.executable, "-m", "kvstore.server.cluster.cli"]
 
 
-def free_base(n):
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65000:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no run of free ports")
 
 
 def measure_failover(start_port, key, fault, stop_wait=None):
@@ -115,7 +97,7 @@ def measure_failover(start_port, key, fault, stop_wait=None):
 
 def kv_failover(kind, ttl):
     d = tempfile.mkdtemp(prefix="bench-cluster-")
-    base = free_base(3)
+    base = free_port_run(3)
     try:
         subprocess.run(CLI + ["up", "--shards", "1", "--replicas", "2", "--port", str(base),
                               "--dir", d, "--ttl", str(ttl), "--capacity", "32MiB", "--detach"],
@@ -146,10 +128,10 @@ def kv_failover(kind, ttl):
 
 def redis_failover(kind, ttl):
     d = tempfile.mkdtemp(prefix="bench-rcluster-")
-    base = free_base(6)
-    bus = free_base(6)
+    base = free_port_run(6)
+    bus = free_port_run(6)
     while bus < base + 6 and bus + 6 > base:
-        bus = free_base(6)
+        bus = free_port_run(6)
     procs = []
     try:
         for i in range(6):
@@ -209,7 +191,7 @@ def redis_failover(kind, ttl):
 
 def kv_throughput(shards, n):
     d = tempfile.mkdtemp(prefix="bench-cluster-")
-    base = free_base(shards)
+    base = free_port_run(shards)
     try:
         subprocess.run(CLI + ["up", "--shards", str(shards), "--replicas", "0", "--port", str(base),
                               "--dir", d, "--capacity", "64MiB", "--detach"],

@@ -34,35 +34,16 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+from kvstore.server.spawn import free_port_run
 from .run import KINDS, Tally, _accept, _bar, _value, _worker
 
 
-def _free_base(n):
-    """A base port with ``n`` free ports after it (asked of the OS, then checked)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65000:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no run of free ports found")
 
 
 def _up(d, args, base):
@@ -249,7 +230,7 @@ def run_cluster(args) -> int:
     display = ClusterDisplay(live, args.seconds)
     d = tempfile.mkdtemp(prefix="kvstore-demo-cluster-")
     nservers = args.shards * (args.replicas + 1)
-    base = _free_base(nservers + 1)
+    base = free_port_run(nservers + 1)
     stop = threading.Event()
     threads, clients, extra = [], [], []
     failed = True

@@ -104,6 +104,29 @@ class ServerProcess:
         self.stop()
 
 
+def free_port_run(n, host="127.0.0.1"):
+    """A base port with ``n`` free ports from it on (asked of the OS, then
+    each checked), below 65000 so a cluster bus at port + 10000 never
+    matters. Raises RuntimeError when no such run turns up."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + n >= 65000:
+            continue
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind((host, p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError(f"no run of {n} free ports found")
+
+
 def server_command(*flags):
     """The argv that runs kvstore-server with ``flags`` in this Python."""
     return [sys.executable, "-m", "kvstore.server", *flags]

@@ -34,6 +34,7 @@ import time
 import pytest
 
 from kvstore.server.cluster.slots import SLOTS, key_slot
+from kvstore.server.spawn import free_port_run
 from etcdutil import needs_etcd
 from serverutil import store_available, wait_for
 
@@ -46,31 +47,12 @@ pytestmark = [needs_etcd,
 CLI = [sys.executable, "-m", "kvstore.server.cluster.cli"]
 
 
-def _free_base(n):
-    """A base port with ``n`` free ports after it (asked of the OS, then checked)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65000:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    pytest.skip("no run of free ports found")
 
 
 class Cluster:
     def __init__(self, d, shards, replicas, *flags):
         self.dir = str(d)
-        self.base = _free_base(shards * (replicas + 1))
+        self.base = free_port_run(shards * (replicas + 1))
         r = subprocess.run(CLI + ["up", "--shards", str(shards), "--replicas", str(replicas),
                                   "--port", str(self.base), "--dir", self.dir, "--detach",
                                   "--capacity", "32MiB", *flags],
