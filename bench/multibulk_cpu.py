@@ -79,9 +79,9 @@ def main(argv=None):
             rows.append([f"{n:,}", f"{len(req) / 1e6:.1f} MB", f"{k[0]:.2f}", f"{r[0]:.2f}",
                          ratio, f"{k[1]:.2f}", f"{r[1]:.2f}"])
     finally:
-        for p in (kv, rd):
-            p.terminate()
-            p.wait(10)
+        kv.stop()               # a kvstore.server.spawn.ServerProcess
+        rd.terminate()          # a subprocess.Popen
+        rd.wait(10)
     print(header("Server CPU for one huge multibulk request (EXISTS with N keys)",
                  "bench.multibulk_cpu"))
     print(f"- runs per cell: {runs}, median; CPU = utime + stime of the server process "
