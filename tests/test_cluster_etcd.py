@@ -62,11 +62,14 @@ def test_lease_expires_without_keepalive(etcd):
         c = E.EtcdClient(etcd.url)
         lease, ttl = await c.grant(1)
         await c.put(b"/e/k", b"v", lease=lease)
+        assert (await c.get(b"/e/k"))[0] is not None     # held while the lease lives
         t0 = time.monotonic()
         while (await c.get(b"/e/k"))[0] is not None:
             assert time.monotonic() - t0 < 5, "lease did not expire"
             await asyncio.sleep(0.05)
-        assert time.monotonic() - t0 >= 0.9 * ttl
+        assert (await c.time_to_live(lease))["ttl"] == -1   # the lease itself is gone
+        with pytest.raises(E.LeaseNotFoundError):
+            await c.keepalive(lease)
     run(main())
 
 
