@@ -1477,20 +1477,36 @@ static PyObject *Engine_install(EngineObject *self, PyObject *args, PyObject *kw
     }
 }
 
+/* The body of mark_absent / mark_lost: parse (key, version), call fn, and
+ * answer True when it changed the index (KV_OK), False when it had nothing to
+ * do, StoreFullError when there was no room. versioned: refuse version 0 and
+ * versions past 48 bits (a LOST entry must carry a real version). */
+typedef int (*key_version_fn)(kv_engine *, const void *, uint32_t, uint64_t);
+
+static PyObject *key_version_op(EngineObject *self, PyObject *args, const char *fmt,
+                                key_version_fn fn, int versioned)
+{
+    PyObject *key;
+    unsigned long long version;
+    if (!PyArg_ParseTuple(args, fmt, &key, &version)) return NULL;
+    ENGINE_OK(self);
+    if (versioned && (version == 0 || version > KV_VERSION_MASK)) {
+        PyErr_SetString(PyExc_ValueError, "version must be between 1 and 2**48 - 1");
+        return NULL;
+    }
+    Py_buffer k;
+    if (key_arg(self, key, &k)) return NULL;
+    int rc = fn(&self->e, k.buf, (uint32_t)k.len, version);
+    put_bytes(&k);
+    if (rc == KV_FULL) return put_error(self, rc, 16);
+    return PyBool_FromLong(rc == KV_OK);
+}
+
 /* mark_absent(key, version) -> bool: a source caught up to version has no
  * such key (its index range was lost at or before version). */
 static PyObject *Engine_mark_absent(EngineObject *self, PyObject *args)
 {
-    PyObject *key;
-    unsigned long long version;
-    if (!PyArg_ParseTuple(args, "OK:mark_absent", &key, &version)) return NULL;
-    ENGINE_OK(self);
-    Py_buffer k;
-    if (key_arg(self, key, &k)) return NULL;
-    int rc = kv_eng_mark_absent(&self->e, k.buf, (uint32_t)k.len, version);
-    put_bytes(&k);
-    if (rc == KV_FULL) return put_error(self, rc, 16);
-    return PyBool_FromLong(rc == KV_OK);
+    return key_version_op(self, args, "OK:mark_absent", kv_eng_mark_absent, 0);
 }
 
 /* mark_lost(key, version) -> bool: a peer has key LOST at version (no
@@ -1499,20 +1515,7 @@ static PyObject *Engine_mark_absent(EngineObject *self, PyObject *args)
  * version or newer is here, or the key is longer than the inline limit. */
 static PyObject *Engine_mark_lost(EngineObject *self, PyObject *args)
 {
-    PyObject *key;
-    unsigned long long version;
-    if (!PyArg_ParseTuple(args, "OK:mark_lost", &key, &version)) return NULL;
-    ENGINE_OK(self);
-    if (version == 0 || version > KV_VERSION_MASK) {
-        PyErr_SetString(PyExc_ValueError, "version must be between 1 and 2**48 - 1");
-        return NULL;
-    }
-    Py_buffer k;
-    if (key_arg(self, key, &k)) return NULL;
-    int rc = kv_eng_mark_lost(&self->e, k.buf, (uint32_t)k.len, version);
-    put_bytes(&k);
-    if (rc == KV_FULL) return put_error(self, rc, 16);
-    return PyBool_FromLong(rc == KV_OK);
+    return key_version_op(self, args, "OK:mark_lost", kv_eng_mark_lost, 1);
 }
 
 /* range_done(lo, hi, version) -> index pages that are known again. */
