@@ -146,18 +146,13 @@ class CommandTable:
                     if len(args) < need:
                         return err
                     return fn(conn, args)
-        hooks = self.hooks
-        if not hooks:
-            return fn
-
-        def hooked(conn, args, fn=fn, cmd=cmd):
-            for h in hooks:
-                h(conn, cmd, args)
-            return fn(conn, args)
-        return hooked
+        return self._with_hooks(cmd, fn)
 
     def _native_entry(self, cmd):
-        fn = cmd.native_fn
+        return self._with_hooks(cmd, cmd.native_fn)
+
+    def _with_hooks(self, cmd, fn):
+        """``fn`` preceded by every pre-dispatch hook (``fn`` itself when none)."""
         hooks = self.hooks
         if not hooks:
             return fn

@@ -97,11 +97,17 @@ def incrby(conn, key, delta):
     if not LLONG_MIN <= new <= LLONG_MAX:
         raise CommandError("ERR increment or decrement would overflow")
     val = b"%d" % new
+    _store(conn, key, old, val)
+    return new
+
+
+def _store(conn, key, old, val):
+    """Write the new value of a read-modify-write: a new key gets no expiry,
+    an existing one keeps its TTL (as Redis's INCR family does)."""
     if old is None:
         conn.writes.put(key, val)
     else:
         conn.writes.put_keepttl(key, val)
-    return new
 
 
 def incr(conn, key):
@@ -208,10 +214,7 @@ def incrbyfloat(conn, key, incr):
     if isinstance(new, str):
         raise CommandError("ERR increment would produce NaN or Infinity")
     val = ld_format(new)
-    if old is None:
-        conn.writes.put(key, val)
-    else:
-        conn.writes.put_keepttl(key, val)
+    _store(conn, key, old, val)
     return val
 
 
