@@ -41,7 +41,7 @@ import threading
 import time
 
 from kvstore.server.spawn import free_port_run
-from .run import KINDS, Tally, _accept, _bar, _value, _worker
+from .run import KINDS, Tally, _accept, _bar, _check_all, _value, _worker
 
 
 
@@ -223,7 +223,6 @@ def _primary_stats(view):
 
 
 def run_cluster(args) -> int:
-    from kvstore import client as kvc
     from kvstore.client import ClusterClient
 
     live = sys.stdout.isatty() and not args.plain
@@ -359,17 +358,8 @@ def run_cluster(args) -> int:
             if view.doc and view.doc["healthy"] and _primary_stats(view)["lost_keys"] == 0:
                 break
             time.sleep(0.2)
-        bad = lost = 0
         missing = []
-        for s in range(0, args.keys, 2000):
-            got = main.mget(keys[s:s + 2000], on_lost="mark")
-            for j, v in enumerate(got):
-                if v is kvc.LOST:
-                    lost += 1
-                elif v not in _accept(expected[s + j]):
-                    bad += 1
-                    if len(missing) < 5:
-                        missing.append((keys[s + j], v, expected[s + j]))
+        bad, lost = _check_all(main, keys, expected, examples=missing)
         ues = sum(counts.get(k, 0) for k in KINDS)
         st = _primary_stats(view)
         by_kind = ", ".join(f"{k} {counts[k]:,}" for k in (*KINDS, "held back", "failed")

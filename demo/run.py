@@ -234,8 +234,9 @@ def _injector(client, keys, kinds, rate, stop, counts, problems):
             return
 
 
-def _check_all(client, keys, expected, chunk=2000):
-    """(wrong, lost) over every key, read with mget."""
+def _check_all(client, keys, expected, chunk=2000, examples=None):
+    """(wrong, lost) over every key, read with mget; the first five wrong
+    answers go to ``examples`` as (key, value, expected) when it is a list."""
     from kvstore import client as kvc
     wrong = lost = 0
     for s in range(0, len(keys), chunk):
@@ -245,6 +246,8 @@ def _check_all(client, keys, expected, chunk=2000):
                 lost += 1
             elif v not in _accept(expected[s + j]):
                 wrong += 1
+                if examples is not None and len(examples) < 5:
+                    examples.append((keys[s + j], v, expected[s + j]))
     return wrong, lost
 
 

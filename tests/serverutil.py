@@ -85,3 +85,27 @@ def recv_until(sock, predicate, timeout=5.0):
 def recv_all(sock, timeout=5.0):
     """Read until the peer closes (or timeout)."""
     return recv_until(sock, lambda d: False, timeout)
+
+
+def check_history(attempts, reads, final):
+    """Check a write/read history of single-key registers -> acked writes.
+
+    ``attempts``: per key, the writes in order as ``[value, "ok"|"err", ...]``;
+    ``reads``: ``(key, value)`` pairs seen by readers; ``final``: key -> value
+    read at the end. No read returns a value nobody wrote, and each key's
+    final value is its last acknowledged write or a later attempt (an
+    unacknowledged write may or may not have been applied).
+    """
+    written = {k: {a[0] for a in attempts[k]} for k in attempts}
+    bad_reads = [(k, v) for k, v in reads if v is not None and v not in written[k]]
+    assert not bad_reads, f"reads of values nobody wrote: {bad_reads[:5]}"
+    lost = []
+    n_ok = 0
+    for k in attempts:
+        vals = [a[0] for a in attempts[k]]
+        oks = [i for i, a in enumerate(attempts[k]) if a[1] == "ok"]
+        n_ok += len(oks)
+        if oks and final[k] not in vals[oks[-1]:]:
+            lost.append((k, vals[oks[-1]], final[k]))
+    assert not lost, f"acknowledged writes lost: {lost}"
+    return n_ok

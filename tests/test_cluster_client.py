@@ -208,7 +208,7 @@ def test_lost_key_read_retried_as_single_node_client(two_fakes):
 # -- real clusters
 
 from etcdutil import needs_etcd  # noqa: E402
-from serverutil import store_available, wait_for  # noqa: E402
+from serverutil import check_history, store_available, wait_for  # noqa: E402
 
 needs_engine = pytest.mark.skipif(not store_available(), reason="C engine not built")
 
@@ -501,18 +501,7 @@ def test_history_through_cluster_client_with_etcd_restart_and_cuts(tmp_path):
             t.join(30)
         final = dict(zip(keys, client.mget(keys)))
         client.close()
-        written = {k: {a[0] for a in attempts[k]} for k in keys}
-        bad_reads = [(k, v) for k, v in reads if v is not None and v not in written[k]]
-        assert not bad_reads, f"reads of values nobody wrote: {bad_reads[:5]}"
-        lost = []
-        n_ok = 0
-        for k in keys:
-            vals = [a[0] for a in attempts[k]]
-            oks = [i for i, a in enumerate(attempts[k]) if a[1] == "ok"]
-            n_ok += len(oks)
-            if oks and final[k] not in vals[oks[-1]:]:
-                lost.append((k, vals[oks[-1]], final[k]))
-        assert not lost, f"acknowledged writes lost: {lost}"
+        n_ok = check_history(attempts, reads, final)
         assert n_ok > 100 and len(reads) > 100, (n_ok, len(reads))
     except BaseException:
         stop.set()

@@ -36,7 +36,7 @@ import pytest
 from kvstore.server.cluster.slots import SLOTS, key_slot
 from kvstore.server.spawn import free_port_run
 from etcdutil import needs_etcd
-from serverutil import store_available, wait_for
+from serverutil import check_history, store_available, wait_for
 
 redis = pytest.importorskip("redis")
 import redis.cluster  # noqa: E402
@@ -583,21 +583,7 @@ def test_history_checker_kill9_and_sigstop(tmp_path):
         rc = client()
         final = {k: rc.get(k) for k in keys}
         rc.close()
-        written = {k: {a[0] for a in attempts[k]} for k in keys}
-        bad_reads = [(k, v) for k, v in reads if v is not None and v not in written[k]]
-        assert not bad_reads, f"reads of values nobody wrote: {bad_reads[:5]}"
-        lost = []
-        n_ok = 0
-        for k in keys:
-            vals = [a[0] for a in attempts[k]]
-            oks = [i for i, a in enumerate(attempts[k]) if a[1] == "ok"]
-            n_ok += len(oks)
-            if not oks:
-                continue
-            # the final value is the last acked write or a later attempt
-            if final[k] not in vals[oks[-1]:]:
-                lost.append((k, vals[oks[-1]], final[k]))
-        assert not lost, f"acknowledged writes lost: {lost}"
+        n_ok = check_history(attempts, reads, final)
         assert n_ok > 100 and len(reads) > 100, (n_ok, len(reads))
     except BaseException:
         stop.set()

@@ -10,114 +10,16 @@ fault while the replica lags (SIGSTOP) is never rebuilt from an older version.
 import os
 import random
 import signal
-import threading
 import time
 
 import pytest
-import xxhash
 
-from replutil import client, digest, start, start_replica, wait_for, wait_link_up, wait_synced
+from replutil import (NKEYS, Load, check, client, digest, key, load_and_sync, start,
+                      start_replica, value, wait_for, wait_synced)
 from serverutil import store_available
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow,
               pytest.mark.skipif(not store_available(), reason="kvstore.Store is not built")]
-
-NKEYS = 8000
-
-
-def key(i):
-    return b"r:%05d" % i
-
-
-def value(k, gen):
-    body = b"%b|%d|" % (k, gen)
-    return body + xxhash.xxh64(body).hexdigest().encode() + b"|" + b"." * (40 + gen % 90)
-
-
-def check(k, v):
-    """-> generation, or raises AssertionError on wrong bytes."""
-    assert v is not None, f"{k!r}: None for a key that exists"
-    kk, gen, h, _pad = v.split(b"|", 3)
-    assert kk == k, f"{k!r}: value of another key {kk!r}"
-    assert xxhash.xxh64(b"%b|%b|" % (kk, gen)).hexdigest().encode() == h, f"{k!r}: corrupt value"
-    return int(gen)
-
-
-class Load:
-    """One writer (to the primary) and readers (to ``read_from``), checking
-    every answer: right key, intact bytes, never older than seen before."""
-
-    def __init__(self, primary, read_from, readers=2):
-        self.wc = client(primary, retries=0)
-        self.rcs = [client(s) for s in read_from for _ in range(readers)]
-        self.gen = {}
-        self.stop_ev = threading.Event()
-        self.errors = []
-        self.wrong = []
-        self.reads = 0
-        self.writes = 0
-        self.threads = [threading.Thread(target=self.writer, daemon=True)]
-        self.threads += [threading.Thread(target=self.reader, args=(c,), daemon=True)
-                         for c in self.rcs]
-
-    def writer(self):
-        rnd = random.Random(1)
-        while not self.stop_ev.is_set():
-            i = rnd.randrange(NKEYS)
-            k = key(i)
-            g = self.gen.get(k, 0) + 1
-            try:
-                self.wc.put(k, value(k, g))
-                self.gen[k] = g
-                self.writes += 1
-            except Exception as e:  # noqa: BLE001
-                self.errors.append(("put", k, repr(e)))
-            time.sleep(0.0005)
-
-    def reader(self, c):
-        rnd = random.Random(id(c))
-        seen = {}
-        while not self.stop_ev.is_set():
-            ks = [key(rnd.randrange(NKEYS)) for _ in range(8)]
-            try:
-                vals = [c.get(ks[0])] + c.mget(ks[1:])
-            except Exception as e:  # noqa: BLE001
-                self.errors.append(("get", ks[0], repr(e)))
-                continue
-            for k, v in zip(ks, vals):
-                try:
-                    g = check(k, v)
-                    assert g >= seen.get(k, 0), f"{k!r}: generation {g} after {seen[k]}"
-                    seen[k] = g
-                except AssertionError as e:
-                    self.wrong.append(str(e))
-            self.reads += len(ks)
-
-    def wait_progress(self, n=200, timeout=30):
-        """Return once the load did ``n`` more operations."""
-        start = self.reads + self.writes
-        wait_for(lambda: self.reads + self.writes >= start + n or self.errors, timeout,
-                 what="load progress")
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_ev.set()
-        for t in self.threads:
-            t.join(10)
-        for c in [self.wc, *self.rcs]:
-            c.close()
-
-
-def load_keys(srv):
-    c = client(srv)
-    for base in range(0, NKEYS, 1000):
-        c.mput({key(i): value(key(i), 0) for i in range(base, base + 1000)})
-    c.close()
-
 
 def inject_storm(target, kind, n, interval=0.05):
     c = client(target)
@@ -171,9 +73,7 @@ def test_ues_on_primary_under_load(policy, kind):
     p = start(policy=policy)
     r = start_replica(p, policy=policy)
     try:
-        wait_link_up(r)
-        load_keys(p)
-        wait_synced(p, r)
+        load_and_sync(p, r)
         with Load(p, [p]) as load:
             load.wait_progress()
             injected = inject_storm(p, kind, 30)
@@ -203,9 +103,7 @@ def test_ues_on_replica_rebuilt_from_primary(policy):
     p = start(policy=policy)
     r = start_replica(p, policy=policy)
     try:
-        wait_link_up(r)
-        load_keys(p)
-        wait_synced(p, r)
+        load_and_sync(p, r)
         with Load(p, [r]) as load:
             load.wait_progress()
             assert inject_storm(r, "ar", 20) == 20
@@ -227,9 +125,7 @@ def test_lagging_replica_never_gives_an_older_version():
     p = start()
     r = start_replica(p)
     try:
-        wait_link_up(r)
-        load_keys(p)
-        wait_synced(p, r)
+        load_and_sync(p, r)
         c = client(p, retries=0)
         k = key(1234)
         os.kill(r.pid, signal.SIGSTOP)

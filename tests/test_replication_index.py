@@ -17,9 +17,9 @@ import pytest
 
 import kvstore
 from kvstore import errors
-from replutil import client, digest, start, start_replica, wait_for, wait_link_up, wait_synced
+from replutil import (NKEYS, Load, all_keys_back, client, digest, key, load_and_sync, load_keys,
+                      start, start_replica, value, wait_for, wait_synced)
 from serverutil import store_available
-from test_replication_faults import NKEYS, Load, check, key, load_keys, value
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.slow,
               pytest.mark.skipif(not store_available(), reason="kvstore.Store is not built")]
@@ -40,20 +40,6 @@ def wait_ranges_rebuilt(srv, at_least=1, timeout=30):
             raise AssertionError(f"lost ranges not rebuilt: lost={c.lost()[:5]} " + str(
                 {k: v for k, v in st.items() if "range" in k or "lost" in k})) from None
         return c.stats()
-    finally:
-        c.close()
-
-
-def all_keys_back(srv, gens=None):
-    c = client(srv)
-    try:
-        vals = []
-        for base in range(0, NKEYS, 500):
-            vals += c.mget([key(i) for i in range(base, base + 500)])
-        for i, v in enumerate(vals):
-            g = check(key(i), v)
-            if gens is not None:
-                assert g == gens.get(key(i), 0), (key(i), g, gens.get(key(i), 0))
     finally:
         c.close()
 
@@ -94,9 +80,7 @@ def test_index_ue_on_primary_under_load(policy, kind):
     p = start(policy=policy)
     r = start_replica(p, policy=policy)
     try:
-        wait_link_up(r)
-        load_keys(p)
-        wait_synced(p, r)
+        load_and_sync(p, r)
         c = client(p)
         with Load(p, [p]) as load:
             load.wait_progress()
@@ -122,9 +106,7 @@ def test_index_ue_on_replica_rebuilt_from_primary(policy):
     p = start(policy=policy)
     r = start_replica(p, policy=policy)
     try:
-        wait_link_up(r)
-        load_keys(p)
-        wait_synced(p, r)
+        load_and_sync(p, r)
         with Load(p, [r]) as load:
             load.wait_progress()
             cr = client(r)
@@ -147,9 +129,7 @@ def test_replica_with_lost_range_answers_behind():
     p = start()
     r = start_replica(p)
     try:
-        wait_link_up(r)
-        load_keys(p)
-        wait_synced(p, r)
+        load_and_sync(p, r)
         os.kill(p.pid, signal.SIGSTOP)       # the replica cannot rebuild it meanwhile
         try:
             cr = client(r, retries=0)
@@ -179,9 +159,7 @@ def test_lagging_replica_index_ue_no_stale_no_resurrection():
     p = start()
     r = start_replica(p)
     try:
-        wait_link_up(r)
-        load_keys(p)
-        wait_synced(p, r)
+        load_and_sync(p, r)
         c = client(p, retries=0)
         target = key(1234)
         h = kvstore.key_hash(target)
