@@ -64,10 +64,10 @@ from kvstore import errors
 from kvstore.slots import SLOTS, key_slot
 
 from . import _protocol
-from ._async import AsyncConnection, AsyncConnectionPool
+from ._async import AsyncConnection, AsyncConnectionPool, AsyncPipeline
 from ._commands import Command, CommandsMixin, as_bytes, decode_reply
 from ._config import DEFAULT_PORT, client_retry_policy, parse_url
-from ._sync import Connection, ConnectionPool
+from ._sync import Connection, ConnectionPool, Pipeline
 
 __all__ = ["ClusterClient", "AsyncClusterClient", "ClusterPipeline", "AsyncClusterPipeline",
            "parse_cluster_url"]
@@ -387,19 +387,12 @@ class _Round:
         self.pending = waiting
         return by_node
 
-    def _may_resend(self, exc, idempotent, sent):
-        if isinstance(exc, errors.TimeoutError):
-            return self.policy.on_timeout and (idempotent or not sent)
-        if isinstance(exc, errors.ConnectionError):
-            return idempotent or not sent
-        return False
-
     def failed(self, idxs, exc, sent):
         """The node's connection failed (``sent``: maybe after the requests went out)."""
         self.router.stale = True
         self.backoff = True
         for i in idxs:
-            if self._may_resend(exc, self.parts[i].command.idempotent, sent):
+            if self.policy.may_resend(exc, self.parts[i].command.idempotent, sent):
                 self.pending.append(i)
                 self.last[i] = exc
             else:
@@ -540,6 +533,40 @@ class _ClusterBase(CommandsMixin):
 _MAP_COMMANDS = (Command("cluster", ["slots"], None, True), Command("cluster", ["info"], None, True))
 
 
+def _take_map(router, addr, s1, slots, s2, info, errs):
+    """Install a node's ``cluster slots``/``cluster info`` answers; True if
+    installed, else why not is appended to ``errs``."""
+    if s1 or s2 or not slots:
+        errs.append(f"{addr[0]}:{addr[1]}: {slots if s1 else info if s2 else 'no slots'}")
+        return False
+    if router.install(slots, info):
+        return True
+    errs.append(f"{addr[0]}:{addr[1]}: map of an older epoch")
+    return False
+
+
+def _resplit(router, splits):
+    """Redo the splits made before the map was loaded; ``(splits, parts)``."""
+    splits = [router.split(s.command) if s.needs_map else s for s in splits]
+    return splits, [p for s in splits for p in s.parts]
+
+
+def _merge_splits(splits, replies):
+    """One merged reply per split, from the replies of all their parts in order."""
+    out = []
+    pos = 0
+    for s in splits:
+        n = len(s.parts)
+        out.append(s.merge(replies[pos:pos + n]))
+        pos += n
+    return out
+
+
+def _scan_command(cursor, count, match):
+    args = [cursor, int(count)] + ([bytes(match)] if match is not None else [])
+    return Command("scan", args, tuple, True)
+
+
 def _map_error(errs):
     detail = "; ".join(errs[-4:]) or "no node to ask"
     return errors.ConnectionError(f"cannot load the cluster's slot map: {detail}")
@@ -595,12 +622,8 @@ class ClusterClient(_ClusterBase):
                 continue
             finally:
                 conn.close()
-            if s1 or s2 or not slots:
-                errs.append(f"{addr[0]}:{addr[1]}: {slots if s1 else info if s2 else 'no slots'}")
-                continue
-            if router.install(slots, info):
+            if _take_map(router, addr, s1, slots, s2, info, errs):
                 return
-            errs.append(f"{addr[0]}:{addr[1]}: map of an older epoch")
         raise _map_error(errs)
 
     def _ensure_map(self, rnd):
@@ -654,16 +677,8 @@ class ClusterClient(_ClusterBase):
                 self.refresh_slots()
             except errors.ConnectionError:
                 pass                # the round below reports what fails
-        splits = [self._router.split(s.command) if s.needs_map else s for s in splits]
-        parts = [p for s in splits for p in s.parts]
-        replies = self._run_parts(parts)
-        out = []
-        pos = 0
-        for s in splits:
-            n = len(s.parts)
-            out.append(s.merge(replies[pos:pos + n]))
-            pos += n
-        return out
+        splits, parts = _resplit(self._router, splits)
+        return _merge_splits(splits, self._run_parts(parts))
 
     def _execute_command(self, command):
         split = self._router.split(command)
@@ -688,8 +703,7 @@ class ClusterClient(_ClusterBase):
         for addr in list(self._router.primaries):
             cursor = 0
             while True:
-                args = [cursor, int(count)] + ([bytes(match)] if match is not None else [])
-                command = Command("scan", args, tuple, True)
+                command = _scan_command(cursor, count, match)
                 (r,) = self._run_parts([_Part(command, node=addr)])
                 cursor, keys = _reply_of(r, command)
                 yield from keys
@@ -697,57 +711,16 @@ class ClusterClient(_ClusterBase):
                     break
 
 
-def _collect_cluster(commands, replies, raise_on_error):
-    results = []
-    first = None
-    for command, r in zip(commands, replies):
-        try:
-            results.append(_reply_of(r, command))
-        except errors.Error as exc:
-            results.append(exc)
-            if first is None:
-                first = exc
-    if raise_on_error and first is not None:
-        first.pipeline_results = results
-        raise first
-    return results
-
-
-class ClusterPipeline(CommandsMixin):
+class ClusterPipeline(Pipeline):
     """Queue commands; :meth:`execute` sends each to its slot's node (the
     commands for one node on one connection) and returns the results in
     order. Same ``raise_on_error`` contract as
-    :class:`~kvstore.client.Pipeline`; not atomic (module docstring)."""
-
-    def __init__(self, client):
-        self._client = client
-        self._queue = []
+    :class:`~kvstore.client.Pipeline`; not atomic (module docstring). A
+    command a cluster cannot route is refused when queued."""
 
     def _execute_command(self, command):
         check_cluster_command(command)
-        self._queue.append(command)
-        return self
-
-    def __len__(self):
-        return len(self._queue)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.reset()
-
-    def reset(self):
-        """Drop queued commands."""
-        self._queue = []
-
-    def execute(self, raise_on_error=True):
-        """Send the queued commands; return their results in order."""
-        commands, self._queue = self._queue, []
-        if not commands:
-            return []
-        return _collect_cluster(commands, self._client._execute_pipeline(commands),
-                                raise_on_error)
+        return super()._execute_command(command)
 
 
 class AsyncClusterClient(_ClusterBase):
@@ -791,12 +764,8 @@ class AsyncClusterClient(_ClusterBase):
                 continue
             finally:
                 conn.close()
-            if s1 or s2 or not slots:
-                errs.append(f"{addr[0]}:{addr[1]}: {slots if s1 else info if s2 else 'no slots'}")
-                continue
-            if router.install(slots, info):
+            if _take_map(router, addr, s1, slots, s2, info, errs):
                 return
-            errs.append(f"{addr[0]}:{addr[1]}: map of an older epoch")
         raise _map_error(errs)
 
     async def _ensure_map(self, rnd):
@@ -851,16 +820,8 @@ class AsyncClusterClient(_ClusterBase):
                 await self.refresh_slots()
             except errors.ConnectionError:
                 pass
-        splits = [self._router.split(s.command) if s.needs_map else s for s in splits]
-        parts = [p for s in splits for p in s.parts]
-        replies = await self._run_parts(parts)
-        out = []
-        pos = 0
-        for s in splits:
-            n = len(s.parts)
-            out.append(s.merge(replies[pos:pos + n]))
-            pos += n
-        return out
+        splits, parts = _resplit(self._router, splits)
+        return _merge_splits(splits, await self._run_parts(parts))
 
     def _execute_command(self, command):
         # split now, so argument errors (scan, inject by offset) raise at the call
@@ -889,8 +850,7 @@ class AsyncClusterClient(_ClusterBase):
         for addr in list(self._router.primaries):
             cursor = 0
             while True:
-                args = [cursor, int(count)] + ([bytes(match)] if match is not None else [])
-                command = Command("scan", args, tuple, True)
+                command = _scan_command(cursor, count, match)
                 (r,) = await self._run_parts([_Part(command, node=addr)])
                 cursor, keys = _reply_of(r, command)
                 for k in keys:
@@ -899,35 +859,9 @@ class AsyncClusterClient(_ClusterBase):
                     break
 
 
-class AsyncClusterPipeline(CommandsMixin):
+class AsyncClusterPipeline(AsyncPipeline):
     """asyncio twin of :class:`ClusterPipeline`."""
-
-    def __init__(self, client):
-        self._client = client
-        self._queue = []
 
     def _execute_command(self, command):
         check_cluster_command(command)
-        self._queue.append(command)
-        return self
-
-    def __len__(self):
-        return len(self._queue)
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc_info):
-        self.reset()
-
-    def reset(self):
-        """Drop queued commands."""
-        self._queue = []
-
-    async def execute(self, raise_on_error=True):
-        """Send the queued commands; return their results in order."""
-        commands, self._queue = self._queue, []
-        if not commands:
-            return []
-        return _collect_cluster(commands, await self._client._execute_pipeline(commands),
-                                raise_on_error)
+        return super()._execute_command(command)

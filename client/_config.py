@@ -60,6 +60,12 @@ class RetryPolicy:
             return False
         if isinstance(exc, errors.KeyLostError):
             return idempotent
+        return self.may_resend(exc, idempotent, sent)
+
+    def may_resend(self, exc, idempotent, sent):
+        """Rules 1, 2 and 4 without the count: True if a request whose
+        connection failed with ``exc`` may be sent again (the cluster client
+        bounds its resends by time instead)."""
         if isinstance(exc, errors.TimeoutError):
             return self.on_timeout and (idempotent or not sent)
         if isinstance(exc, errors.ConnectionError):

@@ -452,9 +452,11 @@ class Client(CommandsMixin):
 def _collect(commands, replies, raise_on_error):
     results = []
     first_error = None
-    for command, (status, result) in zip(commands, replies):
+    for command, reply in zip(commands, replies):
         try:
-            results.append(decode_reply(status, result, command))
+            if isinstance(reply, BaseException):    # a cluster pipeline's failed part
+                raise reply
+            results.append(decode_reply(reply[0], reply[1], command))
         except errors.Error as exc:
             results.append(exc)
             if first_error is None:

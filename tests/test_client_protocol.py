@@ -153,6 +153,22 @@ def test_retry_rule():
         RetryPolicy(retries=-1)
 
 
+def test_may_resend_is_the_retry_rule_without_the_count():
+    # the cluster client resends by this rule, bounded by time instead of retries
+    p = RetryPolicy(retries=0)
+    conn = errors.ConnectionError("x")
+    tmo = errors.TimeoutError("x")
+    assert not p.should_retry(conn, True, True, 0)            # out of retries...
+    assert p.may_resend(conn, True, True)                     # ...the rule itself still allows
+    assert not p.may_resend(conn, False, True)                # write after send: never
+    assert p.may_resend(conn, False, False)                   # write never sent
+    assert not p.may_resend(tmo, True, True)                  # timeouts: opt-in
+    assert RetryPolicy(on_timeout=True).may_resend(tmo, True, True)
+    assert not RetryPolicy(on_timeout=True).may_resend(tmo, False, True)
+    assert not p.may_resend(errors.KeyLostError(b"k", 1), True, True)
+    assert not p.may_resend(errors.ResponseError("x"), True, True)
+
+
 def test_parse_url():
     assert parse_url("kv://localhost:1234") == {"host": "localhost", "port": 1234}
     assert parse_url("kv://:p%40ss@10.0.0.1:99") == {
