@@ -252,6 +252,26 @@ def test_scan_match_and_type(r):
     assert r.call("SCAN", "0", "TYPE", "hash") == [b"0", []]
 
 
+
+def test_scan_edges_and_randomkey_over_expired_keys(r):
+    """The last cursor, a COUNT past the key count, an empty store; RANDOMKEY
+    never returns a key that expired and is nil when only expired keys are left."""
+    assert r.call("SCAN", "0") == [b"0", []]
+    assert r.call("RANDOMKEY") is None
+    r.call("MSET", *[x for i in range(40) for x in (b"e:%d" % i, b"v")])
+    r.call("SET", "live", "1")
+    nxt, keys = r.call("SCAN", "0", "COUNT", str(1 << 62))
+    assert nxt == b"0" and len(keys) == 41
+    assert r.call("SCAN", str((1 << 64) - 1))[0] == b"0"
+    assert set(_scan_all(r, 3)[0]) == set(keys)
+    for i in range(40):
+        r.call("PEXPIRE", b"e:%d" % i, "1")
+    time.sleep(0.05)
+    assert {r.call("RANDOMKEY") for _ in range(20)} == {b"live"}
+    r.call("PEXPIRE", "live", "1")
+    time.sleep(0.05)
+    assert r.call("RANDOMKEY") is None
+
 # ------------------------------------------------------------------ WATCH
 
 @pytest.mark.parametrize("change", [

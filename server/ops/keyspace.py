@@ -5,92 +5,40 @@ SCAN's cursor
 -------------
 Redis promises that a key present for the whole iteration is returned at
 least once, however the table grows or shrinks in between. kvstore orders
-the key space by the store's own placement hash (:func:`scan_hash`:
-``kvstore.key_hash(key)``, i.e. ``xxh64(key, seed=0x6b7673746f7265)``, the
-same on every run and every machine and the hash ``fetch_range`` and the
-index pages use; 0 is replaced by 1) and the cursor is a position in that
-order: "every key whose hash is >= cursor". The order
-depends only on the keys, never on insertion, table size or compaction.
+the key space by the store's own placement hash (``kvstore.key_hash(key)``,
+the same on every run and every machine, the hash ``fetch_range`` and the
+index pages use) and the cursor is a position in that order: "every key
+whose hash is >= cursor". The order depends only on the keys, never on
+insertion, table size or compaction.
 
-The keys are read from a server-wide sorted snapshot (:class:`ScanIndex`).
-A call with cursor 0 takes a new snapshot unless no key was added since the
-last one (the store's version counter and key count are unchanged, and the
-snapshot is younger than a second); later calls read the
-newest snapshot there is, which was taken after their iteration began. So a
-key present for the whole iteration is in the snapshot every call of that
-iteration reads, and is returned when the cursor passes its hash. Keys in
-the snapshot are checked to still exist before being returned. A batch never
-ends between two keys with the same hash, so a hash collision cannot hide a
-key. COUNT is the number of snapshot entries examined per call.
-
-Cost: a snapshot is O(n log n) and holds the key names; it is taken at most
-once per iteration start after a write, not per call.
+Each call reads the index pages covering ``[cursor, next)`` directly
+(``Store.scan_range``): the index is laid out by hash, so a call costs
+O(COUNT) and SCAN keeps no copy of the key names. ``next`` is chosen so
+that the span is expected to hold about COUNT keys (the key count spread
+evenly over the hash space), widened until at least one key is found or
+the space ends. A call returns every live key whose hash falls in its
+span, so a key present for the whole iteration is returned when the cursor
+passes its hash, and a batch never ends between two keys of the same hash.
+Keys of an index range lost to a memory error cannot be named until the
+range is rebuilt, so SCAN cannot return them meanwhile.
 """
 
-import bisect
 import random
 import time
 
-from kvstore.store import key_hash
+from kvstore.store import HASH_SPACE, key_hash
 
 from .. import glob
 from ..errors import CommandError
 
-__all__ = ["ScanIndex", "copy", "expire_generic", "expiretime", "object_encoding",
-           "object_refcount", "randomkey", "rename", "role", "scan", "scan_hash", "server_time",
+__all__ = ["copy", "expire_generic", "expiretime", "object_encoding",
+           "object_refcount", "randomkey", "rename", "role", "scan", "server_time",
            "touch", "type_of"]
 
 
-
-def scan_hash(key):
-    """The SCAN order of ``key``: a stable hash in [1, 2**64) (0 is the
-    cursor that starts and ends an iteration)."""
-    return key_hash(key) or 1
-
-
-class ScanIndex:
-    """The sorted key snapshot SCAN reads (see the module docstring)."""
-
-    def __init__(self):
-        self.version = None
-        self.count = -1
-        self.taken = 0.0
-        self.hashes = []
-        self.keys = []
-
-    #: A snapshot older than this is retaken at cursor 0 even when the
-    #: version counter and key count did not move (writes applied with their
-    #: own versions, by replication or rebuild, may not move the counter).
-    MAX_AGE = 1.0
-
-    def refresh(self, store):
-        ver, n = store.version, len(store)
-        now = time.monotonic()
-        if ver == self.version and n == self.count and now - self.taken < self.MAX_AGE:
-            return
-        self.taken = now
-        pairs = sorted((scan_hash(k), k) for k in store.keys())
-        self.hashes = [h for h, _ in pairs]
-        self.keys = [k for _, k in pairs]
-        self.version, self.count = ver, n
-
-    def page(self, cursor, count):
-        """Keys with hash >= cursor, at least ``count`` of them (never
-        splitting equal hashes), and the next cursor (0 at the end)."""
-        hs = self.hashes
-        i = bisect.bisect_left(hs, cursor)
-        j = min(i + count, len(hs))
-        while 0 < j < len(hs) and hs[j] == hs[j - 1]:
-            j += 1
-        return self.keys[i:j], (hs[j] if j < len(hs) else 0)
-
-
-def _index(conn):
-    srv = conn.server
-    ix = getattr(srv, "scan_index", None)
-    if ix is None:
-        ix = srv.scan_index = ScanIndex()
-    return ix
+#: Spans wider than the expected one by this factor per retry when a span
+#: held no key.
+_WIDEN = 4
 
 
 def exists_safe(st, k):
@@ -100,13 +48,30 @@ def exists_safe(st, k):
         return False
 
 
+def _keys_in(st, lo, hi):
+    """Names of the keys with ``lo <= key_hash(key) <= hi`` (inclusive), in
+    hash order (equal hashes by name): the same order whatever the layout."""
+    return sorted((it[1] for it in st.scan_range(lo, hi) if it[0] == "key"),
+                  key=lambda k: (key_hash(k), k))
+
+
 def scan(conn, cursor, count=10, match=None, type_=None):
     """One SCAN step: (next cursor, keys)."""
-    ix = _index(conn)
     st = conn.store
-    if cursor == 0 or ix.version is None:
-        ix.refresh(st)
-    keys, nxt = ix.page(cursor, count)
+    count = max(1, int(count))
+    span = max(1, HASH_SPACE // max(1, len(st)) * count)
+    lo, keys = int(cursor), []
+    while True:
+        hi = min(HASH_SPACE - 1, lo + span - 1)
+        keys += _keys_in(st, lo, hi)
+        if hi == HASH_SPACE - 1:
+            nxt = 0
+            break
+        lo = hi + 1
+        if keys:
+            nxt = lo
+            break
+        span *= _WIDEN
     if match is not None:
         keys = glob.filter_keys(match, keys)
     keys = [k for k in keys if exists_safe(st, k)]
@@ -116,19 +81,27 @@ def scan(conn, cursor, count=10, match=None, type_=None):
 
 
 def randomkey(conn):
+    """A live key chosen near a random point of the hash space, or None."""
     st = conn.store
-    if len(st) == 0:
+    n = len(st)
+    if n == 0:
         return None
-    ix = _index(conn)
-    for _ in range(3):
-        if ix.keys:
-            for _ in range(8):
-                k = random.choice(ix.keys)
-                if exists_safe(st, k):
-                    return k
-        ix.refresh(st)
-    keys = st.keys()
-    return random.choice(keys) if keys else None
+    span = max(1, HASH_SPACE // n * 4)
+    for _ in range(16):
+        lo = random.randrange(HASH_SPACE)
+        keys = _keys_in(st, lo, min(HASH_SPACE - 1, lo + span - 1))
+        random.shuffle(keys)
+        for k in keys:
+            if exists_safe(st, k):
+                return k
+        span *= _WIDEN
+    cursor = 0                          # mostly expired keys: walk the space once
+    while True:
+        cursor, keys = scan(conn, cursor, 1024)
+        if keys:
+            return random.choice(keys)
+        if cursor == 0:
+            return None
 
 
 def type_of(conn, key):
