@@ -26,7 +26,7 @@ range is rebuilt, so SCAN cannot return them meanwhile.
 import random
 import time
 
-from kvstore.store import HASH_SPACE, key_hash
+from kvstore.store import HASH_SPACE
 
 from .. import glob
 from ..errors import CommandError
@@ -49,10 +49,9 @@ def exists_safe(st, k):
 
 
 def _keys_in(st, lo, hi):
-    """Names of the keys with ``lo <= key_hash(key) <= hi`` (inclusive), in
-    hash order (equal hashes by name): the same order whatever the layout."""
-    return sorted((it[1] for it in st.scan_range(lo, hi) if it[0] == "key"),
-                  key=lambda k: (key_hash(k), k))
+    """Names of the keys with ``lo <= key_hash(key) <= hi`` (inclusive),
+    sorted by name, so a reply does not depend on the index's layout."""
+    return sorted(it[1] for it in st.scan_range(lo, hi) if it[0] == "key")
 
 
 def scan(conn, cursor, count=10, match=None, type_=None):
@@ -86,7 +85,7 @@ def randomkey(conn):
     n = len(st)
     if n == 0:
         return None
-    span = max(1, HASH_SPACE // n * 4)
+    span = max(1, HASH_SPACE // n)
     for _ in range(16):
         lo = random.randrange(HASH_SPACE)
         keys = _keys_in(st, lo, min(HASH_SPACE - 1, lo + span - 1))
