@@ -1786,7 +1786,28 @@ static int Engine_set_salvage(EngineObject *self, PyObject *v, void *c)
     return 0;
 }
 
+static PyObject *Engine_get_recovery_thread(EngineObject *self, void *c)
+{
+    ENGINE_OK(self);
+    return PyLong_FromUnsignedLong(__atomic_load_n(&self->e.recover_owner, __ATOMIC_ACQUIRE));
+}
+static int Engine_set_recovery_thread(EngineObject *self, PyObject *v, void *c)
+{
+    if ((!self->ready || self->gen != g_fork_gen) && engine_unusable(self)) return -1;
+    unsigned long t = 0;
+    if (v && v != Py_None) {
+        t = PyLong_AsUnsignedLong(v);
+        if (t == (unsigned long)-1 && PyErr_Occurred()) return -1;
+    }
+    __atomic_store_n(&self->e.recover_owner, t, __ATOMIC_RELEASE);
+    return 0;
+}
+
 static PyGetSetDef Engine_getset[] = {
+    {"recovery_thread", (getter)Engine_get_recovery_thread, (setter)Engine_set_recovery_thread,
+     "0 (any thread processes losses), or the threading.get_ident() of the one thread that does: "
+     "recover() elsewhere processes nothing, and an operation elsewhere that meets lost memory "
+     "waits (GIL released) until that thread has processed it.", NULL},
     {"salvage", (getter)Engine_get_salvage, (setter)Engine_set_salvage,
      "Mainline policy: copy a whole lost hugepage into a spare one (default True).", NULL},
     {"closed", (getter)Engine_get_closed, NULL, "True once closed.", NULL},
