@@ -66,6 +66,7 @@ class Server:
         self._stop = None
         self._loss_fd = None
         self.recovery = None      # recovery.RecoveryThread, set by start()
+        self.recovery_gate = None  # recovery.RecoveryGate: commands held during a recovery
         self._verify_handle = None
         self._idle_handle = None
         self._maint_handle = None
@@ -361,11 +362,19 @@ class Server:
 
     # ---------------------------------------------------------------- memory errors
 
+    def recovering(self):
+        """Is lost memory waiting for the recovery thread now? (The loop
+        then touches only what the loss did not reach.)"""
+        g = self.recovery_gate
+        return g is not None and g.active()
+
     def _maintain(self):
         """Store housekeeping on the loop (recovery="manual"): expiry sweep,
-        scrubbing, rebuild retries."""
+        scrubbing, rebuild retries; put off while a recovery runs (they
+        could touch the lost memory, and the loop would wait for it)."""
         try:
-            self.store.maintain()
+            if not self.recovering():
+                self.store.maintain()
         except Exception as e:  # noqa: BLE001 - keep serving
             event("error", "maintenance_failed", error=f"{type(e).__name__}: {e}")
         if self.config.maxmemory_clients:
@@ -379,6 +388,9 @@ class Server:
         slices of ~VERIFY_SLICE s (a read verifies its own record anyway)."""
         self._verify_handle = None
         if self.stopping:
+            return
+        if self.recovering():
+            self._verify_handle = asyncio.get_running_loop().call_later(0.01, self._verify)
             return
         deadline = time.perf_counter() + VERIFY_SLICE
         try:
@@ -399,9 +411,10 @@ class Server:
             self.store.on_loss(self._on_keys_lost)
         self._loss_fd = fd
         if hasattr(self.store, "process_losses"):
-            from .recovery import RecoveryThread
+            from .recovery import RecoveryGate, RecoveryThread
             self.recovery = RecoveryThread(self.store, loop, self._recovered)
             self.recovery.start()
+            self.recovery_gate = RecoveryGate(self)
         else:
             loop.add_reader(fd, self._on_loss_ready)
 
@@ -409,11 +422,14 @@ class Server:
         """Stop watching; a recovery in progress is let finish first."""
         if self._loss_fd is None:
             return
+        if self.recovery_gate is not None:
+            self.recovery_gate.close()
         if self.recovery is not None:
-            rt, self.recovery = self.recovery, None
+            rt = self.recovery
             if rt.busy:
                 event("info", "shutdown_waits_for_recovery")
             await asyncio.get_running_loop().run_in_executor(None, rt.stop)
+            self.recovery = None
         else:
             try:
                 asyncio.get_running_loop().remove_reader(self._loss_fd)
@@ -472,6 +488,8 @@ class Server:
                     fields[k] = v
         event("warning", "recovery", duration_ms=round(elapsed * 1e3, 3),
               loop_ms=round(loop_s * 1e3, 3), **fields)
+        if self.recovery_gate is not None:
+            self.recovery_gate.poll()       # held commands go on now
 
     def _latency_event(self, name, seconds):
         """Record a latency event for LATENCY LATEST (Redis's form: unix time
@@ -532,9 +550,11 @@ class Server:
             salvaging = bool(self.store.salvaging)
         except Exception:  # noqa: BLE001 - closed, or a store without it
             salvaging = False
+        g = self.recovery_gate
         return {"recovery_in_progress": bool(rt is not None and rt.busy),
                 "salvage_in_progress": salvaging,
-                "recovery_thread_runs": rt.runs if rt is not None else 0}
+                "recovery_thread_runs": rt.runs if rt is not None else 0,
+                "recovery_commands_held": g.commands_held if g is not None else 0}
 
     def info_text(self, wanted):
         return info_sections(self, wanted)

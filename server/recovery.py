@@ -8,11 +8,17 @@ runs here, on one thread of its own, which the engine knows as its
 ``recovery_thread``:
 
 * only this thread processes losses, so two recoveries never run at once;
-* the loop thread's store calls that meet the lost memory wait (GIL
-  released) until this thread has processed it; every other call -- the
-  keys on the other pages, INFO, replication, the cluster agent's lease
-  renewals -- goes on while the page is copied (the engine lets the GIL go
-  for the copy);
+* the engine lets the GIL go for the copy, so the loop runs meanwhile. A
+  store call that met the lost memory would wait (GIL released) until this
+  thread has processed it, and so would the whole loop; the loop never
+  makes one: while losses are unprocessed, :class:`RecoveryGate` holds back
+  the client commands that would (writes, reads of keys whose directory
+  cell, index page or record is lost -- asked with ``store.touches_lost``,
+  which never waits -- and keyless commands that read the keyspace) until
+  the recovery is done, in each client's order; everything else -- the keys
+  on the other pages, INFO, PING, the cluster agent's lease renewals, the
+  replication heartbeat -- goes on. Store maintenance on the loop pauses
+  meanwhile;
 * everything that touches server state runs on the loop: when the engine
   part is done, ``done(counts, seconds)`` is called there
   (``loop.call_soon_threadsafe``), and the server finishes with
@@ -25,6 +31,7 @@ page cannot be left behind) and then hands recovery back to whichever
 thread calls the store.
 """
 
+import asyncio
 import os
 import select
 import threading
@@ -32,7 +39,7 @@ import time
 
 from .logs import event
 
-__all__ = ["RecoveryThread"]
+__all__ = ["RecoveryGate", "RecoveryThread"]
 
 #: Seconds between looks at the store when its loss_fd stays quiet (losses
 #: left by a recovery that stopped early are picked up then).
@@ -133,3 +140,130 @@ def _pending(store):
         return bool(store.loss_pending)
     except Exception:  # noqa: BLE001 - closed
         return False
+
+
+#: Commands that never read or write the keyspace: they run during a recovery.
+PASS_RESP = frozenset({
+    b"PING", b"ECHO", b"TIME", b"ROLE", b"DBSIZE", b"SELECT", b"INFO", b"CONFIG", b"CLIENT",
+    b"AUTH", b"HELLO", b"QUIT", b"COMMAND", b"MULTI", b"DISCARD", b"UNWATCH", b"RESET",
+    b"KV.STATS", b"ACL", b"LATENCY", b"WAIT", b"CLUSTER", b"READONLY", b"READWRITE", b"ASKING",
+    b"REPLICAOF", b"SLAVEOF"})
+PASS_NATIVE = frozenset({"ping", "auth", "hello", "dbsize", "stats", "role", "wait", "cluster",
+                         "replicaof"})
+
+#: Native ops that only read, with their keys: they run when no key is on lost memory.
+_NATIVE_READ_KEYS = {
+    "get": lambda a: a[:1], "getv": lambda a: a[:1], "exists": lambda a: a[:1],
+    "ttl": lambda a: a[:1], "mget": lambda a: a[0] if a and type(a[0]) is list else None,
+}
+
+#: Seconds between looks at the engine while commands are held.
+HOLD_POLL = 0.002
+
+
+class RecoveryGate:
+    """Holds back, while the recovery thread processes a loss, the client
+    commands that would touch the lost memory (see the module docstring).
+
+    A connection asks :meth:`active` once per batch and, when it is,
+    :meth:`must_wait` before each command; on yes it keeps that command and
+    the ones after it, stops reading and calls :meth:`hold`. Held
+    connections go on (``conn.resume_held()``) as soon as the engine has no
+    unprocessed loss left."""
+
+    def __init__(self, server):
+        self.server = server
+        self.store = server.store
+        self.table = server.table
+        self.loop = asyncio.get_running_loop()
+        self._held = []
+        self._timer = None
+        #: Commands held back so far (INFO kvstore).
+        self.commands_held = 0
+
+    def active(self):
+        rt = self.server.recovery
+        if rt is None:
+            return False
+        try:
+            return rt.busy or self.store.losses_unprocessed
+        except Exception:  # noqa: BLE001 - a closed store: the commands report it
+            return False
+
+    def must_wait(self, conn, args):
+        """Would RESP command ``args`` touch unprocessed lost memory?"""
+        name = args[0] if args else b""
+        if type(name) is not bytes:
+            return False
+        name = name.upper()
+        if name in PASS_RESP:
+            return False
+        cmd = self.table.commands.get(name.decode("latin-1"))
+        if cmd is None:
+            return False                     # unknown: answered with an error
+        if "write" in cmd.flags:
+            return True                      # may allocate on the lost page
+        first, last, step = cmd.keys
+        if first <= 0:
+            return True                      # keyless: SCAN, KEYS, EXEC, KV.LOST ...
+        n = len(args)
+        end = n - 1 if last < 0 else min(last, n - 1)
+        if last < -1:
+            end = n + last
+        return self._keys_lost(args[first:end + 1:step])
+
+    def must_wait_native(self, conn, req):
+        """The same for a native request ``[id, op, args]``."""
+        if type(req) is not list or len(req) != 3 or type(req[1]) is not str:
+            return False                     # malformed: answered with an error
+        op, args = req[1], req[2]
+        if op in PASS_NATIVE:
+            return False
+        f = _NATIVE_READ_KEYS.get(op)
+        if f is None or type(args) is not list:
+            return op in self.table.native   # writes and keyless ops wait; unknown: error now
+        keys = f(args)
+        return True if keys is None else self._keys_lost(keys)
+
+    def _keys_lost(self, keys):
+        touches = self.store.touches_lost
+        for k in keys:
+            if isinstance(k, str):
+                k = k.encode()
+            if not isinstance(k, (bytes, bytearray)):
+                continue
+            try:
+                if touches(k):
+                    return True
+            except Exception:  # noqa: BLE001 - the command reports it
+                continue
+        return False
+
+    def hold(self, conn):
+        self.commands_held += 1
+        self._held.append(conn)
+        if self._timer is None:
+            self._timer = self.loop.call_later(HOLD_POLL, self.poll)
+
+    def poll(self):
+        """Resume the held connections once nothing is left to process."""
+        self._timer = None
+        if not self._held:
+            return
+        if self.active() and not self.server.stopping:
+            self._timer = self.loop.call_later(HOLD_POLL, self.poll)
+            return
+        held, self._held = self._held, []
+        for conn in held:
+            if not conn.closed:
+                try:
+                    conn.resume_held()
+                except Exception as e:  # noqa: BLE001 - one client must not stop the others
+                    event("error", "resume_failed", id=conn.id, error=f"{type(e).__name__}: {e}")
+                    conn.drop("internal error")
+
+    def close(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._held = []

@@ -1626,6 +1626,56 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
     if (salvaging) __atomic_store_n(&e->in_salvage, 0, __ATOMIC_RELEASE);
 }
 
+/* Would reading key now meet memory known to be lost (or armed), so that
+ * the read waits for recovery? Reads only what is not known lost, inside a
+ * guard of its own (a fault there counts as yes). Does not process losses
+ * and never waits: a thread that does not own recovery asks before a read
+ * it would rather put off than wait for (a server's event loop during a
+ * salvage copy). */
+static int touches_body(kv_engine *e, const void *key, uint32_t klen)
+{
+    kv_arena *a = e->arena;
+    uint64_t h = kv_hash(key, klen);
+    uint64_t c = cell_of(e->gdepth, h);
+    if (kv_arena_hazard(a, e->dir_sub * SUB + c * 4, 4)) return 1;
+    size_t s = CELLS(e)[c];
+    if (s >= e->al.nsub) return 0;               /* no page: LOST at once, no wait */
+    if (kv_arena_hazard(a, s * SUB, SUB)) return 1;
+    kv_ipage *p = PG(e, s);
+    int i = pg_find(e, p, key, klen, h);
+    if (i < 0) return 0;
+    kv_entry *en = kv_ip_entry(p, (uint32_t)i);
+    if (kv_e_state(en) != KV_ST_PRESENT) return 0;
+    uint64_t off = kv_e_off(en);
+    if (off + KV_REC_HDR > e->al.nsub * (uint64_t)SUB) return 0;
+    if (kv_arena_hazard(a, off, KV_REC_HDR)) return 1;
+    uint32_t csum, vlen;
+    size_t reclen;
+    if (rec_header(e, en, &csum, &vlen, &reclen)) return 1;
+    return kv_arena_hazard(a, off, reclen) != 0;
+}
+
+int kv_eng_touches_lost(kv_engine *e, const void *key, uint32_t klen)
+{
+    sigjmp_buf jb;
+    sigjmp_buf *volatile outer = kv_tls.jmp;
+    volatile int outer_active = kv_tls.active;
+    kv_guard_thread_init();
+    if (sigsetjmp(jb, 0)) {
+        kv_guard_landed();
+        if (kv_tls.fault_code) kv_arena_after_sync_fault(e->arena, kv_tls.fault_addr);
+        kv_tls.jmp = outer;
+        kv_tls.active = outer_active;
+        return 1;
+    }
+    kv_guard_arm(&jb);
+    int r = touches_body(e, key, klen);
+    kv_guard_disarm();
+    kv_tls.jmp = outer;
+    kv_tls.active = outer_active;
+    return r;
+}
+
 /* ------------------------------------------------------------ lifecycle */
 
 static int setup_index(kv_engine *e)

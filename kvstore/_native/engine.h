@@ -126,6 +126,9 @@ int kv_eng_flush(kv_engine *e);
  * a long salvage copy never runs on, say, an event loop thread, which goes
  * on serving whatever does not touch the lost page. */
 void kv_eng_recover(kv_engine *e, kv_recover_stats *st);
+/* Would a read of key now meet lost (or armed) memory and so wait for the
+ * recovery? Never waits, never processes losses. 1 yes, 0 no. */
+int kv_eng_touches_lost(kv_engine *e, const void *key, uint32_t klen);
 static inline void kv_eng_check(kv_engine *e)
 {
     if (__builtin_expect(__atomic_load_n(&e->arena->pending_flag, __ATOMIC_ACQUIRE) != 0, 0))
