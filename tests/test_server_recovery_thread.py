@@ -252,3 +252,71 @@ def test_recovery_thread_reports_on_the_loop_thread():
     assert seen["install"], "no rebuilt key reached the write path's subscribers"
     assert all(t == loop_thread for t, _k, _s in seen["install"]), seen["install"]
     assert any(s == "installed" and k in data for _t, k, s in seen["install"])
+
+
+# ---------------------------------------------------------------- verification after adoption
+
+def test_read_of_an_unverified_record_verifies_it_first():
+    """After adoption nothing has been verified in the background yet; a
+    read of a record whose bytes went bad still checks it and answers LOST
+    (never the wrong bytes), and the background pass finds nothing new."""
+    import kvstore
+
+    a = kvstore.Store("16MiB", page_size="4K", recovery="manual")
+    for i in range(500):
+        a.put(b"v:%d" % i, b"value-%d-" % i * 10)
+    a._corrupt(b"v:77", 12)
+    fd = os.dup(a.arena.fd)
+    try:
+        b = kvstore.Store(adopt_fd=fd, recovery="manual")
+    finally:
+        os.close(fd)
+    try:
+        b.maintain_verify_bytes = 0        # as the server: no pass from maintain()
+        assert not b.verified
+        with pytest.raises(KeyLostError):
+            b.get(b"v:77")
+        assert not b.verified              # the read checked its own record only
+        assert b.get(b"v:78") == b"value-78-" * 10
+        while not b.verify_step(1 << 20):
+            pass
+        assert b.verified
+        for i in range(500):
+            if i != 77:
+                assert b.get(b"v:%d" % i) == b"value-%d-" % i * 10
+    finally:
+        b.close()
+        a.close()
+
+
+def test_server_verifies_an_adopted_arena_in_the_background():
+    """KV.RESTART adopts the arena; the server's own short steps verify
+    every record (unverified_subpages reaches 0) while it answers."""
+    import redis
+
+    srv = start_server("--capacity", "64MiB", "--page-size", "4K")
+    try:
+        c = client(srv)
+        for base in range(0, 20000, 1000):
+            c.mput({key(i): value(key(i), 0) for i in range(base, base + 1000)})
+        c.close()
+        r = redis.Redis(host="127.0.0.1", port=srv.port, socket_timeout=20)
+        old = r.info("server")["run_id"]
+        assert r.execute_command("KV.RESTART") == b"OK"
+
+        def serving():
+            try:
+                return redis.Redis(host="127.0.0.1", port=srv.port,
+                                   socket_timeout=5).info("server")["run_id"] != old
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                return False
+        wait_for(serving, 30, 0.02, "the restarted server")
+        c = client(srv)
+        seen_unverified = c.stats()["unverified_subpages"]
+        for i in range(0, 20000, 97):
+            check(key(i), c.get(key(i)))
+        wait_for(lambda: c.stats()["unverified_subpages"] == 0, 60, 0.05, "every record verified")
+        assert "every record verified" in srv.logs() or seen_unverified == 0
+        c.close()
+    finally:
+        srv.stop()
