@@ -387,6 +387,7 @@ def bench_salvage_stall(page_size, clients, nkeys=200_000, value_size=200, secs=
                 "detect_ms": (t_done - t_ue) * 1e3,
                 "salvaged": s1["pages_salvaged"] - s0["pages_salvaged"],
                 "failed": s1["salvage_failed"] - s0["salvage_failed"],
+                "degraded": s1.get("pages_degraded_to_4k", 0) - s0.get("pages_degraded_to_4k", 0),
                 "errors": sum(r[3] for r in readers), "replies": sum(r[4] for r in readers),
                 "backing": s1.get("backing")}
     finally:
@@ -398,7 +399,8 @@ def _stall_section(st):
             f"Mainline policy, {st['page_size']} pages ({st['backing']}), capacity {st['capacity']}, "
             f"{st['clients']} client processes reading random keys; one `ao` UE at mid-run "
             f"drops the whole hugepage, which the server copies into a spare one "
-            f"(salvaged: {st['salvaged']}, failed: {st['failed']}; seen done "
+            f"(salvaged: {st['salvaged']}, of which into 4 KiB pages for want of a free "
+            f"hugepage: {st['degraded']}, failed: {st['failed']}; seen done "
             f"{st['detect_ms']:.0f} ms after the inject, polling). "
             f"{st['replies']} replies, {st['errors']} errors; one more process sends PING.", "",
             "| longest gap between replies | before the UE | from the UE on | replies between "

@@ -466,6 +466,8 @@ class Server:
         """On the loop, after the recovery thread processed a loss
         (``processed``: its counts, ``engine_s``: its seconds): the lost keys
         reach the callbacks, the rebuild round runs, metrics and the log."""
+        if self.store is None or getattr(self.store, "closed", False):
+            return                          # queued before a shutdown closed the store
         t0 = time.perf_counter()
         try:
             if processed is None:
