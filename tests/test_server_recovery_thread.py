@@ -320,3 +320,32 @@ def test_server_verifies_an_adopted_arena_in_the_background():
         c.close()
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------- kvstore-cluster up
+
+def test_cluster_up_passes_page_size_and_kernel_policy(tmp_path, monkeypatch):
+    """``kvstore-cluster up --page-size 2M --kernel-policy mainline`` starts
+    every server with those flags (and without them, the server's defaults)."""
+    import subprocess
+
+    from kvstore.server.cluster import cli as ccli
+
+    started = []
+
+    class FakePopen:
+        def __init__(self, argv, **kw):
+            started.append(list(argv))
+            self.pid = 12345
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    args = ccli.build_parser().parse_args(["up", "--page-size", "2M", "--kernel-policy", "mainline"])
+    ccli._spawn_node(str(tmp_path), 7001, "n1", "http://127.0.0.1:2379", "kv", args)
+    argv = started[-1]
+    assert argv[argv.index("--page-size") + 1] == "2M"
+    assert argv[argv.index("--kernel-policy") + 1] == "mainline"
+    args = ccli.build_parser().parse_args(["up"])
+    ccli._spawn_node(str(tmp_path), 7002, "n2", "http://127.0.0.1:2379", "kv", args)
+    assert "--page-size" not in started[-1] and "--kernel-policy" not in started[-1]
+    with pytest.raises(SystemExit):
+        ccli.build_parser().parse_args(["up", "--page-size", "3M"])
