@@ -8,7 +8,7 @@ records) runs on the recovery thread (:mod:`.recovery`), so the loop keeps
 serving what the loss did not touch; the rest of ``store.recover()`` (lost
 keys reported, rebuild round) then runs on the loop, with one structured log
 line per recovery. After adoption the records' checksums are verified on
-the loop in steps of about a millisecond (``VERIFY_SLICE``).
+the loop in slices of a few milliseconds (``VERIFY_SLICE``).
 
 Shutdown (SIGTERM/SIGINT or :meth:`Server.request_stop`): close the
 listeners, stop reading from clients, let queued replies flush (bounded by

@@ -10,15 +10,18 @@ runs here, on one thread of its own, which the engine knows as its
 * only this thread processes losses, so two recoveries never run at once;
 * the engine lets the GIL go for the copy, so the loop runs meanwhile. A
   store call that met the lost memory would wait (GIL released) until this
-  thread has processed it, and so would the whole loop; the loop never
-  makes one: while losses are unprocessed, :class:`RecoveryGate` holds back
+  thread has processed it, and so would the whole loop; the loop avoids
+  them: while losses are unprocessed, :class:`RecoveryGate` holds back
   the client commands that would (writes, reads of keys whose directory
   cell, index page or record is lost -- asked with ``store.touches_lost``,
   which never waits -- and keyless commands that read the keyspace) until
   the recovery is done, in each client's order; everything else -- the keys
   on the other pages, INFO, PING, the cluster agent's lease renewals, the
-  replication heartbeat -- goes on. Store maintenance on the loop pauses
-  meanwhile;
+  replication heartbeat -- goes on. Store maintenance, background
+  verification, range retries, background installs of rebuilt keys and a
+  replica's stream apply pause meanwhile. Not held back (they may still
+  wait, as before): a full-sync snapshot already being sent to a replica,
+  and a read-repair's install;
 * everything that touches server state runs on the loop: when the engine
   part is done, ``done(counts, seconds)`` is called there
   (``loop.call_soon_threadsafe``), and the server finishes with
