@@ -21,7 +21,11 @@ runs here, on one thread of its own, which the engine knows as its
   verification, range retries, background installs of rebuilt keys and a
   replica's stream apply pause meanwhile. Not held back (they may still
   wait, as before): a full-sync snapshot already being sent to a replica,
-  and a read-repair's install;
+  and a read-repair's install. Nor can the gate help a command that itself
+  takes the machine check (``ar``: latent poison consumed by the loop
+  thread, on the mainline policy the start of a whole-page loss): the loss
+  is not known before the touch, so that command waits in the engine for
+  the copy, and the loop with it;
 * everything that touches server state runs on the loop: when the engine
   part is done, ``done(counts, seconds)`` is called there
   (``loop.call_soon_threadsafe``), and the server finishes with
