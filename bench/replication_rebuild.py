@@ -28,9 +28,12 @@ replica, fault injection on) and measures:
    (``inject(entry=key)``); the whole hash range is rebuilt from the replica
    over ``fetch_range``. Polls until the range is rebuilt.
 4. **Salvage stall** (``--stall 2M`` or ``1G``): a mainline server on
-   hugepages, ``--stall-clients`` processes reading random keys; one UE at
-   mid-run drops the whole hugepage and the server copies it back. The
-   longest gap between two replies a client saw, before and after the UE.
+   hugepages, ``--stall-clients`` processes reading random keys and one
+   process sending PING (no key: what a health check or a cluster lease
+   needs of the loop); one UE at mid-run drops the whole hugepage and the
+   server copies it back. The longest gap between two replies a reader and
+   the pinger saw, before and after the UE, and the replies completed
+   between the UE and the end of the copy.
 
 Prints markdown with the command and the date. Measures; asserts nothing,
 but exits 1 when a wrong answer was seen.
@@ -302,7 +305,7 @@ def bench_storm(primary, rate, secs, clients):
 
 # ---------------------------------------------------------------- 4. salvage stall
 
-def _stall_worker(port, wid, start_at, stop_at, nkeys, q):
+def _stall_worker(port, wid, start_at, stop_at, nkeys, q, ping=False):
     # retries=0: a LOST reply counts as a reply (the client's own retry
     # backoff is not a server stall)
     c = Client("127.0.0.1", port, socket_timeout=30, retries=0)
@@ -314,7 +317,10 @@ def _stall_worker(port, wid, start_at, stop_at, nkeys, q):
     last = time.time()
     while True:
         try:
-            c.get(b"s:%07d" % rnd.randrange(nkeys))
+            if ping:
+                c.ping()
+            else:
+                c.get(b"s:%07d" % rnd.randrange(nkeys))
         except Exception:  # noqa: BLE001 - a LOST answer still is an answer
             errors += 1
         now = time.time()
@@ -323,8 +329,9 @@ def _stall_worker(port, wid, start_at, stop_at, nkeys, q):
         if now >= stop_at:
             break
     c.close()
+    ends = [end for _g, end in gaps]
     gaps.sort(reverse=True)
-    q.put((gaps[:50], errors, len(gaps)))
+    q.put((wid, ping, gaps[:50], errors, len(gaps), ends))
 
 
 def bench_salvage_stall(page_size, clients, nkeys=200_000, value_size=200, secs=4.0):
@@ -344,6 +351,8 @@ def bench_salvage_stall(page_size, clients, nkeys=200_000, value_size=200, secs=
         stop_at = start_at + secs
         procs = [mp.Process(target=_stall_worker, args=(p.port, w, start_at, stop_at, nkeys, q))
                  for w in range(clients)]
+        procs.append(mp.Process(target=_stall_worker,
+                                args=(p.port, clients, start_at, stop_at, nkeys, q, True)))
         for pr in procs:
             pr.start()
         s0 = c.stats()
@@ -362,16 +371,45 @@ def bench_salvage_stall(page_size, clients, nkeys=200_000, value_size=200, secs=
             pr.join(30)
         s1 = c.stats()
         c.close()
-        before = max((g for r in res for g, end in r[0] if end < t_ue), default=0.0)
-        after = max((g for r in res for g, end in r[0] if end >= t_ue), default=0.0)
-        return {"page_size": page_size, "capacity": cap, "clients": clients, "before_ms": before * 1e3,
-                "after_ms": after * 1e3, "detect_ms": (t_done - t_ue) * 1e3,
+        readers = [r for r in res if not r[1]]
+        pinger = [r for r in res if r[1]]
+
+        def longest(rs, after):
+            return max((g for r in rs for g, end in r[2] if (end >= t_ue) == after), default=0.0)
+
+        def during(rs):
+            return sum(1 for r in rs for end in r[5] if t_ue < end < t_done)
+        return {"page_size": page_size, "capacity": cap, "clients": clients,
+                "before_ms": longest(readers, False) * 1e3, "after_ms": longest(readers, True) * 1e3,
+                "ping_before_ms": longest(pinger, False) * 1e3,
+                "ping_after_ms": longest(pinger, True) * 1e3,
+                "reads_during": during(readers), "pings_during": during(pinger),
+                "detect_ms": (t_done - t_ue) * 1e3,
                 "salvaged": s1["pages_salvaged"] - s0["pages_salvaged"],
                 "failed": s1["salvage_failed"] - s0["salvage_failed"],
-                "errors": sum(r[1] for r in res), "replies": sum(r[2] for r in res),
+                "degraded": s1.get("pages_degraded_to_4k", 0) - s0.get("pages_degraded_to_4k", 0),
+                "errors": sum(r[3] for r in readers), "replies": sum(r[4] for r in readers),
                 "backing": s1.get("backing")}
     finally:
         p.stop()
+
+
+def _stall_section(st):
+    return ["## 4. Salvage stall under the server", "",
+            f"Mainline policy, {st['page_size']} pages ({st['backing']}), capacity {st['capacity']}, "
+            f"{st['clients']} client processes reading random keys; one `ao` UE at mid-run "
+            f"drops the whole hugepage, which the server copies into a spare one "
+            f"(salvaged: {st['salvaged']}, of which into 4 KiB pages for want of a free "
+            f"hugepage: {st['degraded']}, failed: {st['failed']}; seen done "
+            f"{st['detect_ms']:.0f} ms after the inject, polling). "
+            f"{st['replies']} replies, {st['errors']} errors; one more process sends PING.", "",
+            "| longest gap between replies | before the UE | from the UE on | replies between "
+            "the UE and the copy done |",
+            "| --- | --- | --- | --- |",
+            f"| readers of random keys | {st['before_ms']:.1f} ms | **{st['after_ms']:.1f} ms** | "
+            f"{st['reads_during']} |",
+            f"| PING (no key) | {st['ping_before_ms']:.1f} ms | **{st['ping_after_ms']:.1f} ms** | "
+            f"{st['pings_during']} |", ""]
 
 
 # ---------------------------------------------------------------- main
@@ -394,6 +432,8 @@ def main(argv=None):
     ap.add_argument("--stall", metavar="PAGE", help="also measure the salvage stall under the server "
                     "with clients on PAGE pages (2M or 1G), mainline policy")
     ap.add_argument("--stall-clients", type=int, default=3)
+    ap.add_argument("--stall-only", action="store_true",
+                    help="run only the salvage stall (--stall, default 2M)")
     a = ap.parse_args(argv)
     faults = a.faults or (200 if a.quick else 1000)
     mib = a.resync_mib or (64 if a.quick else 1024)
@@ -408,6 +448,10 @@ def main(argv=None):
            f"Python {platform.python_version()}; servers on 127.0.0.1, page size {a.page_size}, "
            f"kernel policy {a.kernel_policy} (simulated UEs, `ao`)", ""]
     problems = []
+    if a.stall_only:
+        out += _stall_section(bench_salvage_stall(a.stall or "2M", a.stall_clients))
+        print("\n".join(out))
+        return 0
 
     cap = f"{max(256, a.keys * (a.value_size + 64) * 3 // (1 << 20))}MiB"
     p = Server(*flags, "--capacity", cap)
@@ -495,17 +539,7 @@ def main(argv=None):
         if not rs["digest_equal"]:
             problems.append("resynced replica differs")
     if a.stall:
-        st = bench_salvage_stall(a.stall, a.stall_clients)
-        out += ["## 4. Salvage stall under the server", "",
-                f"Mainline policy, {st['page_size']} pages ({st['backing']}), capacity {st['capacity']}, "
-                f"{st['clients']} client processes reading random keys; one `ao` UE at mid-run "
-                f"drops the whole hugepage, which the server copies into a spare one "
-                f"(salvaged: {st['salvaged']}, failed: {st['failed']}; seen done "
-                f"{st['detect_ms']:.0f} ms after the inject, polling). "
-                f"{st['replies']} replies, {st['errors']} errors.", "",
-                "| longest gap between replies, before the UE | from the UE on |",
-                "| --- | --- |",
-                f"| {st['before_ms']:.1f} ms | **{st['after_ms']:.1f} ms** |", ""]
+        out += _stall_section(bench_salvage_stall(a.stall, a.stall_clients))
     print("\n".join(out))
     if os.environ.get("BENCH_KEEP_LOGS"):
         print("server logs: " + " ".join(LOGS))

@@ -2,7 +2,7 @@
 
 Starts a local cluster as ``kvstore-cluster up --detach`` would (its own
 etcd, ``--shards`` primaries with ``--replicas`` replicas each,
-``--min-replica-acks 1``, fault injection allowed, 4 KiB pages) in a temporary
+``--min-replica-acks 1``, fault injection allowed, ``--page-size`` pages) in a temporary
 directory, loads keys through
 :class:`kvstore.client.ClusterClient`, and runs a checked read/write load
 (pipelined batches split by slot) while memory errors are injected into the
@@ -49,9 +49,10 @@ from .run import KINDS, Tally, _accept, _bar, _check_all, _value, _worker
 def _up(d, args, base):
     """Start etcd and the servers under ``d`` as ``kvstore-cluster up --detach``
     does (same ``cluster.json``, so ``kvstore-cluster down`` stops them), with
-    server flags ``up`` does not pass: 4 KiB pages (a memory error costs a
-    4 KiB copy, never a 1 GiB salvage that stalls a node past its lease, and
-    the machine's hugepages stay free) and the simulated keep_ue policy."""
+    the demo's ``--page-size`` (default auto: hugepages when reserved) and
+    ``--kernel-policy`` (default the simulated keep_ue). A mainline salvage of
+    a 1 GiB page runs on the node's recovery thread: its loop keeps renewing
+    the lease while the clients of that page wait for the copy."""
     import asyncio
 
     from kvstore.server.cluster import cli as ccli
@@ -60,7 +61,8 @@ def _up(d, args, base):
     total = args.shards * (args.replicas + 1)
     st = {"name": "demo", "etcd": None, "etcd_pid": None, "nodes": [], "shards": args.shards,
           "replicas": args.replicas, "started": time.time(), "ttl": 3,
-          "capacity": args.capacity, "min_replica_acks": 1, "fault_injection": True}
+          "capacity": args.capacity, "min_replica_acks": 1, "fault_injection": True,
+          "page_size": args.page_size, "kernel_policy": args.kernel_policy}
     etcd_proc, st["etcd"] = ccli._start_etcd(d)
     st["etcd_pid"] = etcd_proc.pid
     ccli._save(d, st)
@@ -72,7 +74,7 @@ def _up(d, args, base):
         port, nid = base + i, new_node_id()
         flags = ["--port", str(port), "--cluster", f"etcd://{host}/{st['name']}",
                  "--cluster-node-id", nid, "--capacity", args.capacity,
-                 "--min-replica-acks", "1", "--enable-fault-injection", "--page-size", "4K",
+                 "--min-replica-acks", "1", "--enable-fault-injection", "--page-size", args.page_size,
                  "--kernel-policy", args.kernel_policy, "--log-level", "warning"]
         logpath = os.path.join(d, f"node-{port}.log")
         with open(logpath, "ab") as log:

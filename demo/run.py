@@ -581,7 +581,7 @@ def build_parser():
                     help="arena size of each store (default 256MiB; 64MiB with --cluster)")
     ap.add_argument("--page-size", default="auto",
                     help='primary pages: "auto" (hugepages if reserved), "1G", "2M" or "4K"; '
-                         "the replica always uses 4K")
+                         "the replica always uses 4K (with --cluster: every node's pages)")
     ap.add_argument("--kernel-policy", default="keep_ue", choices=("keep_ue", "mainline", "auto"),
                     help='"keep_ue" (default, simulated: lose only 4 KiB), "mainline" or "auto"')
     ap.add_argument("--plain", action="store_true", help="plain lines instead of the live table")

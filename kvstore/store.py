@@ -11,6 +11,10 @@ the GIL held, so engine calls are serialised by the GIL (only the salvage
 copy of a lost hugepage lets it go, so other threads keep serving the other
 pages); the Python-side rebuild bookkeeping has its own lock. A rebuild source
 is called without any store lock held, so it may take its time (network).
+By default whichever thread meets a pending loss processes it; setting
+``recovery_thread`` (a ``threading.get_ident()``) reserves that to one thread
+(:meth:`Store.process_losses`), and the others wait only when they touch the
+lost memory (a server keeps its event loop off the salvage copy this way).
 
 fork(): refused. The arena is shared memory (MAP_SHARED), so a child writing
 to it would corrupt the parent's records; any method called on an inherited
@@ -410,10 +414,23 @@ class Store(_native.Engine):
 
     # ------------------------------------------------------------- recovery
 
-    def recover(self) -> dict:
+    def process_losses(self) -> dict:
+        """The engine's part of :meth:`recover`: salvage (mainline; the copy
+        runs with the GIL released), invalidate exactly the records on lost
+        subpages, quarantine. Returns its counts. Callable from any thread;
+        with :attr:`recovery_thread` set, only that thread processes losses
+        (elsewhere this processes nothing and returns zero counts)."""
+        return _native.Engine.recover(self)
+
+    def recover(self, processed: dict | None = None) -> dict:
         """Process lost memory now: salvage (mainline), invalidate exactly the
-        records on lost subpages, then try one rebuild round. Returns counts."""
-        r = super().recover()
+        records on lost subpages, then try one rebuild round. Returns counts.
+
+        ``processed``: the counts of a :meth:`process_losses` call made on
+        another thread (the :attr:`recovery_thread`); this call then does the
+        rest -- the lost keys reach the :meth:`on_loss` callbacks and the
+        rebuild round runs -- on the calling thread."""
+        r = self.process_losses() if processed is None else dict(processed)
         with self._lock:
             # take and record under one lock, so wait_recovered() never sees
             # the keys in neither place
@@ -697,12 +714,17 @@ class Store(_native.Engine):
         if self._adopt_kick:
             self._adopt_kick = False
             self.recover()
-        if self._verify_done_at is None:
-            self.verify_step()
+        if self._verify_done_at is None and self.maintain_verify_bytes:
+            self.verify_step(self.maintain_verify_bytes)
         if self.scrub_rate > 0:
             self.scrub(max(1, int(self.scrub_rate * min(dt, 1.0))))
         if self.loss_pending or self._pending or self._pending_ranges:
             self.recover()
+
+    #: Bytes of background verification (after adoption) each
+    #: :meth:`maintain` call does; 0: none (the owner drives
+    #: :meth:`verify_step` itself, as the server does in small timed steps).
+    maintain_verify_bytes = 64 << 20
 
     @property
     def adopted(self) -> bool:

@@ -2,9 +2,13 @@
 
 One event loop (uvloop when installed) runs everything, as Redis does: the
 listeners, every client, and the store's loss notifications. The Store is
-created with ``recovery="manual"``; its ``loss_fd`` is watched with
-``loop.add_reader`` and ``store.recover()`` runs on the loop, between client
-batches, with one structured log line per recovery.
+created with ``recovery="manual"``. The engine part of a recovery (the copy
+of a lost hugepage on the mainline policy, the invalidation of the lost
+records) runs on the recovery thread (:mod:`.recovery`), so the loop keeps
+serving what the loss did not touch; the rest of ``store.recover()`` (lost
+keys reported, rebuild round) then runs on the loop, with one structured log
+line per recovery. After adoption the records' checksums are verified on
+the loop in slices of a few milliseconds (``VERIFY_SLICE``).
 
 Shutdown (SIGTERM/SIGINT or :meth:`Server.request_stop`): close the
 listeners, stop reading from clients, let queued replies flush (bounded by
@@ -38,6 +42,13 @@ MAINTENANCE_INTERVAL = 0.05
 #: File descriptors kept back from clients (Redis's CONFIG_MIN_RESERVED_FDS).
 RESERVED_FDS = 32
 
+#: Background verification after adoption: bytes per verify_step call, the
+#: loop time one pass may take, and the pause between passes (clients are
+#: served in between, so none waits more than about one slice).
+VERIFY_STEP = 1 << 20
+VERIFY_SLICE = 0.002
+VERIFY_PAUSE = 0.003
+
 
 class Server:
     def __init__(self, config, store=None):
@@ -54,6 +65,9 @@ class Server:
         self._listeners = []
         self._stop = None
         self._loss_fd = None
+        self.recovery = None      # recovery.RecoveryThread, set by start()
+        self.recovery_gate = None  # recovery.RecoveryGate: commands held during a recovery
+        self._verify_handle = None
         self._idle_handle = None
         self._maint_handle = None
         self.loop_name = "asyncio"
@@ -144,6 +158,11 @@ class Server:
         if getattr(self.config, "maxmemory_clients_percent", 0):
             self.config.maxmemory_clients = int(
                 _capacity_bytes(self) * self.config.maxmemory_clients_percent / 100)
+        delay = os.environ.get("KVSTORE_SALVAGE_DELAY_US")
+        if delay and self.config.enable_fault_injection and hasattr(self.store, "arena"):
+            # test hook: every salvage copy takes this much longer (a window
+            # long enough to watch what the server does meanwhile)
+            self.store.arena._set_salvage_delay(int(delay))
         self._watch_losses(loop)
         self.writes = WritePath(self.store)
         self.writes.reply_index = self._reply_index
@@ -179,6 +198,9 @@ class Server:
             self._idle_handle = loop.call_later(self._idle_period(), self._idle_sweep)
         if hasattr(self.store, "maintain"):
             self._maint_handle = loop.call_later(MAINTENANCE_INTERVAL, self._maintain)
+        if hasattr(self.store, "verify_step") and not self.store.verified:
+            self.store.maintain_verify_bytes = 0        # verified here, in short steps
+            self._verify_handle = loop.call_soon(self._verify)
         for host, p in self.addresses:
             shown = f"[{host}]" if ":" in host else host
             print(f"kvstore-server listening on {shown}:{p}", flush=True)
@@ -284,6 +306,8 @@ class Server:
             self._idle_handle.cancel()
         if self._maint_handle is not None:
             self._maint_handle.cancel()
+        if self._verify_handle is not None:
+            self._verify_handle.cancel()
         # Replies already produced are in the transports' buffers; close()
         # flushes them before closing. Nothing new is read.
         for conn in list(self.clients.values()):
@@ -305,7 +329,7 @@ class Server:
                 await asyncio.wait_for(srv.wait_closed(), 1.0)
             except (asyncio.TimeoutError, Exception):  # noqa: BLE001
                 pass
-        self._unwatch_losses()
+        await self._unwatch_losses()
         if self.writes is not None:
             self.writes.close()
         if self.metrics is not None:
@@ -338,11 +362,19 @@ class Server:
 
     # ---------------------------------------------------------------- memory errors
 
+    def recovering(self):
+        """Is lost memory waiting for the recovery thread now? (The loop
+        then touches only what the loss did not reach.)"""
+        g = self.recovery_gate
+        return g is not None and g.active()
+
     def _maintain(self):
         """Store housekeeping on the loop (recovery="manual"): expiry sweep,
-        scrubbing, rebuild retries."""
+        scrubbing, rebuild retries; put off while a recovery runs (they
+        could touch the lost memory, and the loop would wait for it)."""
         try:
-            self.store.maintain()
+            if not self.recovering():
+                self.store.maintain()
         except Exception as e:  # noqa: BLE001 - keep serving
             event("error", "maintenance_failed", error=f"{type(e).__name__}: {e}")
         if self.config.maxmemory_clients:
@@ -351,6 +383,25 @@ class Server:
             self._maint_handle = asyncio.get_running_loop().call_later(
                 MAINTENANCE_INTERVAL, self._maintain)
 
+    def _verify(self):
+        """Background checksum verification after adoption, on the loop in
+        slices of ~VERIFY_SLICE s (a read verifies its own record anyway)."""
+        self._verify_handle = None
+        if self.stopping:
+            return
+        if self.recovering():
+            self._verify_handle = asyncio.get_running_loop().call_later(0.01, self._verify)
+            return
+        deadline = time.perf_counter() + VERIFY_SLICE
+        try:
+            while time.perf_counter() < deadline:
+                if self.store.verify_step(VERIFY_STEP):
+                    return
+        except Exception as e:  # noqa: BLE001 - keep serving; reads still verify
+            event("error", "verification_failed", error=f"{type(e).__name__}: {e}")
+            return
+        self._verify_handle = asyncio.get_running_loop().call_later(VERIFY_PAUSE, self._verify)
+
     def _watch_losses(self, loop):
         fd = getattr(self.store, "loss_fd", None)
         if fd is None or fd < 0:
@@ -358,16 +409,41 @@ class Server:
             return
         if hasattr(self.store, "on_loss"):
             self.store.on_loss(self._on_keys_lost)
-        loop.add_reader(fd, self._on_loss_ready)
         self._loss_fd = fd
+        if hasattr(self.store, "process_losses"):
+            from .recovery import RecoveryGate, RecoveryThread
+            self.recovery = RecoveryThread(self.store, loop, self._recovered)
+            self.recovery.start()
+            self.recovery_gate = RecoveryGate(self)
+        else:
+            loop.add_reader(fd, self._on_loss_ready)
 
-    def _unwatch_losses(self):
-        if self._loss_fd is not None:
+    async def _unwatch_losses(self):
+        """Stop watching; a recovery in progress is let finish first."""
+        if self._loss_fd is None:
+            return
+        if self.recovery_gate is not None:
+            self.recovery_gate.close()
+        if self.recovery is not None:
+            rt = self.recovery
+            if rt.busy:
+                event("info", "shutdown_waits_for_recovery")
+            await asyncio.get_running_loop().run_in_executor(None, rt.stop)
+            self.recovery = None
+        else:
             try:
                 asyncio.get_running_loop().remove_reader(self._loss_fd)
             except Exception:  # noqa: BLE001
                 pass
-            self._loss_fd = None
+        self._loss_fd = None
+
+    async def recovery_idle(self, timeout=120.0):
+        """Wait until no recovery is running on the recovery thread (a
+        restart hands the arena over only between recoveries)."""
+        deadline = time.monotonic() + timeout
+        while (self.recovery is not None and self.recovery.busy
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.005)
 
     def _on_keys_lost(self, keys):
         keys = list(keys)
@@ -383,14 +459,27 @@ class Server:
                             for k in sample))
 
     def _on_loss_ready(self):
+        """A store without process_losses: the whole recovery on the loop."""
+        self._recovered(None, 0.0)
+
+    def _recovered(self, processed, engine_s):
+        """On the loop, after the recovery thread processed a loss
+        (``processed``: its counts, ``engine_s``: its seconds): the lost keys
+        reach the callbacks, the rebuild round runs, metrics and the log."""
+        if self.store is None or getattr(self.store, "closed", False):
+            return                          # queued before a shutdown closed the store
         t0 = time.perf_counter()
         try:
-            counts = self.store.recover()
+            if processed is None:
+                counts = self.store.recover()
+            else:
+                counts = self.store.recover(processed=processed)
         except Exception as e:  # noqa: BLE001 - keep serving
             event("error", "recovery_failed", error=f"{type(e).__name__}: {e}")
             return
         self.stats_recoveries += 1
-        elapsed = time.perf_counter() - t0
+        loop_s = time.perf_counter() - t0
+        elapsed = engine_s + loop_s
         if self.metrics is not None:
             self.metrics.observe_recovery(elapsed)
         self._latency_event("recovery", elapsed)
@@ -399,8 +488,10 @@ class Server:
             for k, v in counts.items():
                 if isinstance(v, (int, float, str, bool)):
                     fields[k] = v
-        event("warning", "recovery", duration_ms=round((time.perf_counter() - t0) * 1e3, 3),
-              **fields)
+        event("warning", "recovery", duration_ms=round(elapsed * 1e3, 3),
+              loop_ms=round(loop_s * 1e3, 3), **fields)
+        if self.recovery_gate is not None:
+            self.recovery_gate.poll()       # held commands go on now
 
     def _latency_event(self, name, seconds):
         """Record a latency event for LATENCY LATEST (Redis's form: unix time
@@ -447,10 +538,25 @@ class Server:
                  server_rejected_connections=self.stats_rejected,
                  server_total_commands=self.stats_commands,
                  server_recoveries=self.stats_recoveries,
+                 **{"server_" + k: v for k, v in self.recovery_state().items()},
                  server_fault_injection=bool(self.config.enable_fault_injection))
         if self.repl is not None:
             d.update(self.repl.stats_fields())
         return d
+
+    def recovery_state(self):
+        """Whether the recovery thread is processing a loss now, and whether
+        it is copying a lost hugepage (INFO kvstore, native stats)."""
+        rt = self.recovery
+        try:
+            salvaging = bool(self.store.salvaging)
+        except Exception:  # noqa: BLE001 - closed, or a store without it
+            salvaging = False
+        g = self.recovery_gate
+        return {"recovery_in_progress": bool(rt is not None and rt.busy),
+                "salvage_in_progress": salvaging,
+                "recovery_thread_runs": rt.runs if rt is not None else 0,
+                "recovery_commands_held": g.commands_held if g is not None else 0}
 
     def info_text(self, wanted):
         return info_sections(self, wanted)

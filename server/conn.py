@@ -11,7 +11,7 @@ import time
 
 from .logs import event
 
-__all__ = ["BaseConnection", "OutputLimitExceeded"]
+__all__ = ["BaseConnection", "OutputLimitExceeded", "resume_after_hold"]
 
 
 #: A client holding this much input triggers the check of the total client memory.
@@ -150,3 +150,16 @@ class BaseConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.close()
+
+
+def resume_after_hold(conn):
+    """Read from ``conn`` again after its commands waited for a recovery,
+    unless replication holds its replies for acks (it resumes reading when
+    it releases them)."""
+    repl = getattr(conn.server, "repl", None)
+    if repl is not None and repl.holds(conn):
+        return
+    try:
+        conn.transport.resume_reading()
+    except RuntimeError:
+        pass

@@ -103,6 +103,8 @@ def info_sections(server, wanted):
                      if nkeys else {}),
         "kvstore": stats,
     }
+    if hasattr(server, "recovery_state"):
+        stats.update(server.recovery_state())
     if not wanted or any(w in ("all", "everything", "default") for w in wanted):
         names = list(sections)
     else:

@@ -17,7 +17,7 @@ import msgpack
 
 from kvstore.wire import NEED_MORE, FrameError, pack_frame
 
-from .conn import BaseConnection, OutputLimitExceeded
+from .conn import BaseConnection, OutputLimitExceeded, resume_after_hold
 from .errors import native_error
 from .framing import FrameParser
 from .logs import event
@@ -57,17 +57,37 @@ class NativeConnection(BaseConnection):
         self.store = server.store
         self.writes = server.writes
         self.ops = server.table.native
+        self.held = None          # a request waiting for a recovery (RecoveryGate)
 
     def data_received(self, data):
         self.active = True
         p = self.parser
         p.feed(data)
+        if self.held is not None:
+            # a request waits for a recovery (resume_held): keep the bytes
+            if p.buffered() >= (1 << 20):
+                self.check_input()
+            return
+        self._run()
+
+    def resume_held(self):
+        """The recovery the held request waited for is done: run it, then
+        what arrived meanwhile, and read again."""
+        self._run()
+        if not self.closed and self.held is None:
+            resume_after_hold(self)
+
+    def _run(self):  # noqa: C901 - the hot loop, kept in one piece
+        p = self.parser
         out = []
         pack = self.packer.pack
         n = 0
         self.server.batch_out = out
         if p.buffered() >= (1 << 20) and self.check_input():
             return
+        gate = self.server.recovery_gate
+        if gate is not None and not gate.active():
+            gate = None
         try:
             if p.magic_pending:
                 if not p.read_magic():
@@ -75,8 +95,20 @@ class NativeConnection(BaseConnection):
                 out.append(pack_frame(self.packer, [0, 0, self.server.hello_info()]))
             writes = self.writes
             while True:
-                req = p.gets()
-                if req is NEED_MORE:
+                req = self.held
+                if req is not None:
+                    self.held = None
+                else:
+                    req = p.gets()
+                    if req is NEED_MORE:
+                        break
+                if gate is not None and gate.must_wait_native(self, req):
+                    self.held = req
+                    try:
+                        self.transport.pause_reading()
+                    except RuntimeError:
+                        pass
+                    gate.hold(self)
                     break
                 n += 1
                 reply = self.handle(req)

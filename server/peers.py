@@ -11,15 +11,18 @@ returned, so an older value is never installed.
 
 Threads: the Store calls the source from two places. Read-repair runs it in a
 worker thread and waits for it with a timeout; the rebuild round of
-``store.recover()``/``maintain()`` runs it on the event loop thread itself. So
+``store.recover()``/``maintain()`` runs it on the event loop thread itself
+(the server's recovery thread only processes the loss in the engine, see
+:mod:`.recovery`; the round that follows runs on the loop). So
 this code never needs the event loop to make progress: it uses the blocking
 :class:`kvstore.client.Client` with its own sockets. In a worker thread it
 keeps asking (a lagging replica catches up from the stream) until ``wait``
 seconds have passed. On the loop thread (given ``install``) it does not block
 at all: it hands the keys to a small thread pool and returns what earlier
 background fetches brought; the pool's results are installed on the loop
-(``loop.call_soon_threadsafe``) through ``install(key, value, version)``,
-which refuses anything older than the lost version, and are also returned
+(``loop.call_soon_threadsafe``; put off while ``busy()`` says the server's
+recovery thread is processing a loss) through ``install(key, value,
+version)``, which refuses anything older than the lost version, and are also returned
 to the Store's next rebuild round so its bookkeeping ends. Without
 ``install`` the loop-thread path asks each peer once with short timeouts.
 Peers that look stalled (no acknowledgement for a while) are skipped from
@@ -60,7 +63,7 @@ class PeerSource:
 
     def __init__(self, peers, password=None, loop_thread=None, wait=0.8,
                  loop_timeout=0.1, timeout=1.0, before_loop_fetch=None, loop=None,
-                 install=None, range_version=None, on_range_started=None):
+                 install=None, range_version=None, on_range_started=None, busy=None):
         self._peers = peers
         self._password = password or None
         self.loop_thread = loop_thread
@@ -74,6 +77,9 @@ class PeerSource:
         #: Called (on the loop) when a background range fetch starts, so the
         #: owner can ask the Store to retry once the answer is likely in.
         self.on_range_started = on_range_started
+        #: True while installs must wait (the server's recovery thread is
+        #: processing a loss): background answers are installed later.
+        self.busy = busy
         self._pool = None
         self._range_inflight = set()    # loop thread only: (lo, hi)
         self._range_ready = {}          # loop thread only: (lo, hi) -> (min_version, answer, when)
@@ -161,6 +167,9 @@ class PeerSource:
                 pass        # loop closed: shutting down
 
     def _done(self, keys, got):
+        if self.busy is not None and got and self.busy():
+            self.loop.call_later(0.005, self._done, keys, got)
+            return
         for k in keys:
             self._inflight.discard(k)
         now = time.monotonic()

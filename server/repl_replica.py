@@ -260,6 +260,8 @@ class ReplicaLink:
             if not data:
                 raise EOFError("primary closed the connection")
             self.last_io = time.monotonic()
+            while repl.server.recovering():
+                await asyncio.sleep(0.002)    # applying could touch the memory being recovered
             parser.feed(data)
             applied = False
             while True:

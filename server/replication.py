@@ -92,7 +92,8 @@ class Replication:
         self.source = PeerSource(self.peers, self.password, self.loop_thread,
                                  before_loop_fetch=self._before_loop_fetch, loop=self.loop,
                                  install=self.store.install, range_version=self._range_version,
-                                 on_range_started=self._range_started)
+                                 on_range_started=self._range_started,
+                                 busy=self.server.recovering)
         self._hb_due = time.monotonic() + HEARTBEAT
         self._hb = loop.call_later(HEARTBEAT, self._heartbeat)
         if self.server.config.replica_of:
@@ -257,6 +258,9 @@ class Replication:
         self.loop.call_later(RANGE_RETRY_AT, self._retry_ranges)
 
     def _retry_ranges(self):
+        if self.server.recovering():      # installs wait until the recovery thread is done
+            self.loop.call_later(RANGE_RETRY_AT, self._retry_ranges)
+            return
         try:
             self.store.recover()
         except Exception as e:  # noqa: BLE001 - the maintenance tick retries

@@ -16,7 +16,7 @@ the error line (``-LOST ...`` for a lost key, never a nil).
 """
 
 from .adapters import unknown_command
-from .conn import BaseConnection, OutputLimitExceeded
+from .conn import BaseConnection, OutputLimitExceeded, resume_after_hold
 from .errors import resp_error
 from .logs import event
 from .resp import NULL2, NULL3, OK, RespParser, encode
@@ -57,6 +57,7 @@ class RespConnection(BaseConnection):
         self.watched = None       # {key: version or None} from WATCH
         self.watch_dirty = False  # a watched key was written (WritePath.touch)
         self.mute = 0             # CLIENT REPLY: 0 on, 1 off, 2 skip this and the next
+        self.held = None          # commands waiting for a recovery (RecoveryGate)
         st = server.store
         self.store = st
         self.writes = server.writes
@@ -113,8 +114,16 @@ class RespConnection(BaseConnection):
     def data_received(self, data):
         self.active = True
         p = self.parser
+        if self.held is not None:
+            # commands wait for a recovery (resume_held): keep the bytes
+            p.feed(data)
+            if p.pending:
+                self.check_input()
+            return
+        gate = self.server.recovery_gate
+        waiting = gate is not None and gate.active()
         head = None
-        if not p.pending and self._fast is not None:
+        if not p.pending and self._fast is not None and not waiting:
             flags = self.fast_flags()
             if flags >= 0:
                 # The output limit holds while replies are built: the C path
@@ -151,55 +160,92 @@ class RespConnection(BaseConnection):
             self.transport.write(head)
             head = None
         if cmds:
-            out = [head] if head is not None else []
-            append = out.append
-            writes = self.writes
-            self.server.batch_out = out
-            for args in cmds:
-                try:
-                    f = self.table[args[0]]   # MULTI/AUTH switch tables mid-batch
-                except KeyError:
-                    f = self.lookup(args[0])
-                try:
-                    reply = f(self, args)
-                except Quit:
-                    append(OK)
-                    self.quitting = True
-                    break
-                except OutputLimitExceeded:
-                    writes.propagate(len(out))
-                    self.drop("output buffer limit")
-                    return
-                except Exception as e:  # noqa: BLE001 - mapped to a reply
-                    reply = resp_error(e, self, args[0])
-                if writes.entries:
-                    writes.propagate(len(out))
-                if self.mute:
-                    # CLIENT REPLY OFF/SKIP: 2 mutes this command and the next
-                    if self.mute == 2:
-                        self.mute = 3
-                    elif self.mute == 3:
-                        self.mute = 0
-                    continue
-                append(reply)
-            self.server.stats_commands += len(cmds)
-            if self.closed:
-                return
-            if out:
-                gate = self.server.reply_gate      # replication: replies waiting for replica acks
-                if gate is not None and gate(self, out):
-                    return
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-                if self.big:
-                    self.check_output()
-            if self.quitting:
-                self.close_after_write()
+            if self._run(cmds, head, gate if waiting else None):
                 return
         if p.error is not None and not self.closed:
             event("info", "protocol_error", id=self.id, addr=self.addr,
                   error=p.error[1:-2].decode("utf-8", "replace"))
             self.transport.write(p.error)
             self.close_after_write()
+
+    def resume_held(self):
+        """The recovery the held commands waited for is done: run them, then
+        what arrived meanwhile, and read again."""
+        cmds, self.held = self.held, None
+        p = self.parser
+        cmds = list(cmds) + p.gets_all()
+        gate = self.server.recovery_gate
+        done = self._run(cmds, None, gate if gate is not None and gate.active() else None)
+        if self.closed or self.held is not None:
+            return
+        if not done and p.error is not None:
+            event("info", "protocol_error", id=self.id, addr=self.addr,
+                  error=p.error[1:-2].decode("utf-8", "replace"))
+            self.transport.write(p.error)
+            self.close_after_write()
+            return
+        resume_after_hold(self)
+
+    def _run(self, cmds, head, gate):  # noqa: C901 - the hot loop, kept in one piece
+        """Execute ``cmds`` (replies after ``head``); with ``gate`` (a
+        recovery is running), a command that would touch the lost memory
+        and those after it are held (:class:`.recovery.RecoveryGate`).
+        True when the connection is done with (closed, dropped, gated)."""
+        out = [head] if head is not None else []
+        append = out.append
+        writes = self.writes
+        self.server.batch_out = out
+        ran = 0
+        for args in cmds:
+            if gate is not None and gate.must_wait(self, args):
+                self.held = cmds[ran:]
+                try:
+                    self.transport.pause_reading()
+                except RuntimeError:
+                    pass
+                gate.hold(self)
+                break
+            ran += 1
+            try:
+                f = self.table[args[0]]   # MULTI/AUTH switch tables mid-batch
+            except KeyError:
+                f = self.lookup(args[0])
+            try:
+                reply = f(self, args)
+            except Quit:
+                append(OK)
+                self.quitting = True
+                break
+            except OutputLimitExceeded:
+                writes.propagate(len(out))
+                self.drop("output buffer limit")
+                return True
+            except Exception as e:  # noqa: BLE001 - mapped to a reply
+                reply = resp_error(e, self, args[0])
+            if writes.entries:
+                writes.propagate(len(out))
+            if self.mute:
+                # CLIENT REPLY OFF/SKIP: 2 mutes this command and the next
+                if self.mute == 2:
+                    self.mute = 3
+                elif self.mute == 3:
+                    self.mute = 0
+                continue
+            append(reply)
+        self.server.stats_commands += ran
+        if self.closed:
+            return True
+        if out:
+            rgate = self.server.reply_gate      # replication: replies waiting for replica acks
+            if rgate is not None and rgate(self, out):
+                return True
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if self.big:
+                self.check_output()
+        if self.quitting:
+            self.close_after_write()
+            return True
+        return self.held is not None
 
     def connection_lost(self, exc):
         if self.watched:

@@ -201,6 +201,7 @@ async def _restart(server, reason):
                 t.pause_reading()
             except (RuntimeError, AttributeError):
                 pass
+    await server.recovery_idle()         # never hand the arena over mid-salvage
     state = state_of(server)
     state["t0"] = t0
     await _drain(server, 1.0)

@@ -612,20 +612,24 @@ long kv_arena_salvage(kv_arena *a, size_t p, char *err, size_t errlen)
     }
     size_t ps = a->page_size, per = ps >> KV_SUB_SHIFT, first = p * per;
     /* Map the spare somewhere else first: if it cannot be had the arena is
-     * left as it was. A spare hugepage first, else 4 KiB shmem pages. */
+     * left as it was. A spare hugepage first, else 4 KiB shmem pages. The
+     * memory is allocated (and zeroed, up to 1 GiB) with fallocate on the
+     * memfd, not with MAP_POPULATE: populating a mapping holds the process's
+     * mmap lock for the whole zeroing, and every other thread that maps or
+     * unmaps memory meanwhile (malloc, a server's event loop) would wait. */
     uint8_t *tmp = MAP_FAILED;
     int small = 0;
     char why[160] = "";
     int fd = memfd("kvstore-spare", MFD_CLOEXEC | MFD_HUGETLB | huge_flag(ps));
-    if (fd >= 0 && ftruncate(fd, (off_t)ps) == 0)
-        tmp = mmap(NULL, ps, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    if (fd >= 0 && ftruncate(fd, (off_t)ps) == 0 && fallocate(fd, 0, 0, (off_t)ps) == 0)
+        tmp = mmap(NULL, ps, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (tmp == MAP_FAILED) {
         snprintf(why, sizeof why, "no free %s hugepage (%s)", page_label(ps), strerror(errno));
         if (fd >= 0) close(fd);
         small = 1;
         fd = memfd("kvstore-spare-4k", MFD_CLOEXEC);
-        if (fd >= 0 && ftruncate(fd, (off_t)ps) == 0)
-            tmp = mmap(NULL, ps, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+        if (fd >= 0 && ftruncate(fd, (off_t)ps) == 0 && fallocate(fd, 0, 0, (off_t)ps) == 0)
+            tmp = mmap(NULL, ps, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     }
     if (tmp == MAP_FAILED) {
         snprintf(err, errlen, "%s, and no memory for 4 KiB pages either: %s", why, strerror(errno));

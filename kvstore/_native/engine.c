@@ -8,6 +8,7 @@
 #include "guard.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -106,6 +107,52 @@ static void wait_salvage(kv_engine *e)
     if (e->relock) e->relock(tok);
 }
 
+/* Is losses processing reserved to another thread (recover_owner)? */
+static inline int not_owner(const kv_engine *e)
+{
+    unsigned long o = __atomic_load_n(&e->recover_owner, __ATOMIC_ACQUIRE);
+    return o != 0 && o != (unsigned long)pthread_self();
+}
+
+/* Seconds a thread waits for the owner before processing losses itself
+ * (an owner that stopped without handing back; never in normal use). */
+#define OWNER_WAIT_NS (30ULL * 1000000000ULL)
+
+/* An operation met lost memory (or must start again): get the losses
+ * processed. Another thread salvaging, or a recover_owner that is not this
+ * thread: wait for it, unlocked, so it can finish; then process whatever is
+ * left (a no-op when another thread owns recovery). */
+static void settle(kv_engine *e)
+{
+    wait_salvage(e);
+    if (not_owner(e) && (__atomic_load_n(&e->arena->pending_flag, __ATOMIC_ACQUIRE) ||
+                         __atomic_load_n(&e->in_salvage, __ATOMIC_ACQUIRE))) {
+        void *tok = e->unlock ? e->unlock() : NULL;
+        struct timespec t0, now;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        while (not_owner(e) && (__atomic_load_n(&e->arena->pending_flag, __ATOMIC_ACQUIRE) ||
+                                __atomic_load_n(&e->in_salvage, __ATOMIC_ACQUIRE))) {
+            struct timespec ts = {0, 200000};
+            nanosleep(&ts, NULL);
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if ((uint64_t)(now.tv_sec - t0.tv_sec) * 1000000000ULL + (uint64_t)now.tv_nsec -
+                    (uint64_t)t0.tv_nsec > OWNER_WAIT_NS)
+                break;
+        }
+        if (e->relock) e->relock(tok);
+        if (not_owner(e) && !__atomic_load_n(&e->in_salvage, __ATOMIC_ACQUIRE) &&
+            __atomic_load_n(&e->arena->pending_flag, __ATOMIC_ACQUIRE)) {
+            /* the owner is gone: do it here rather than fail the operation */
+            unsigned long o = e->recover_owner;
+            e->recover_owner = 0;
+            kv_eng_recover(e, NULL);
+            e->recover_owner = o;
+            return;
+        }
+    }
+    kv_eng_recover(e, NULL);
+}
+
 static int64_t g_txn_page = -1;      /* only touched with the engine held */
 static int64_t g_txn_dir = -1;
 static size_t g_txn_dir_n;
@@ -135,8 +182,7 @@ static __attribute__((noinline)) int run(kv_engine *e, kv_body body, void *args)
             kv_tls.active = outer_active;
             e->c_faults_on_read++;
             if (++tries > 64) return KV_AGAIN;
-            wait_salvage(e);
-            kv_eng_recover(e, NULL);
+            settle(e);
             continue;
         }
         kv_eng_check(e);
@@ -148,8 +194,7 @@ static __attribute__((noinline)) int run(kv_engine *e, kv_body body, void *args)
         kv_hdr_sync_version(e);
         if (rc != KV_AGAIN) return rc;
         if (++tries > 64) return KV_AGAIN;
-        wait_salvage(e);
-        kv_eng_recover(e, NULL);
+        settle(e);
     }
 }
 
@@ -1064,7 +1109,7 @@ int kv_eng_scan(kv_engine *e, uint64_t lo, uint64_t hi, kv_page_visit fn, void *
         uint32_t s;
         size_t fo;
         if (kv_arena_read(e->arena, e->dir_sub * SUB + c * 4, &s, 4, &fo) != 0) {
-            kv_eng_recover(e, NULL);
+            settle(e);
             if (guard > 64) return -1;
             continue;
         }
@@ -1487,6 +1532,8 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
     /* Another thread is salvaging (and will process what it drained); new
      * losses wait for it. */
     if (__atomic_load_n(&e->in_salvage, __ATOMIC_ACQUIRE)) return;
+    /* Another thread owns recovery: it processes these (see settle()). */
+    if (not_owner(e)) return;
     int salvaging = 0;
     for (int round = 0; round < 64; round++) {
         enum { CHUNK = 1024 };
@@ -1577,6 +1624,56 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
     if (e->need_sweep) orphan_sweep(e, st);
     /* threads that met the lost page wait until its records are invalidated */
     if (salvaging) __atomic_store_n(&e->in_salvage, 0, __ATOMIC_RELEASE);
+}
+
+/* Would reading key now meet memory known to be lost (or armed), so that
+ * the read waits for recovery? Reads only what is not known lost, inside a
+ * guard of its own (a fault there counts as yes). Does not process losses
+ * and never waits: a thread that does not own recovery asks before a read
+ * it would rather put off than wait for (a server's event loop during a
+ * salvage copy). */
+static int touches_body(kv_engine *e, const void *key, uint32_t klen)
+{
+    kv_arena *a = e->arena;
+    uint64_t h = kv_hash(key, klen);
+    uint64_t c = cell_of(e->gdepth, h);
+    if (kv_arena_hazard(a, e->dir_sub * SUB + c * 4, 4)) return 1;
+    size_t s = CELLS(e)[c];
+    if (s >= e->al.nsub) return 0;               /* no page: LOST at once, no wait */
+    if (kv_arena_hazard(a, s * SUB, SUB)) return 1;
+    kv_ipage *p = PG(e, s);
+    int i = pg_find(e, p, key, klen, h);
+    if (i < 0) return 0;
+    kv_entry *en = kv_ip_entry(p, (uint32_t)i);
+    if (kv_e_state(en) != KV_ST_PRESENT) return 0;
+    uint64_t off = kv_e_off(en);
+    if (off + KV_REC_HDR > e->al.nsub * (uint64_t)SUB) return 0;
+    if (kv_arena_hazard(a, off, KV_REC_HDR)) return 1;
+    uint32_t csum, vlen;
+    size_t reclen;
+    if (rec_header(e, en, &csum, &vlen, &reclen)) return 1;
+    return kv_arena_hazard(a, off, reclen) != 0;
+}
+
+int kv_eng_touches_lost(kv_engine *e, const void *key, uint32_t klen)
+{
+    sigjmp_buf jb;
+    sigjmp_buf *volatile outer = kv_tls.jmp;
+    volatile int outer_active = kv_tls.active;
+    kv_guard_thread_init();
+    if (sigsetjmp(jb, 0)) {
+        kv_guard_landed();
+        if (kv_tls.fault_code) kv_arena_after_sync_fault(e->arena, kv_tls.fault_addr);
+        kv_tls.jmp = outer;
+        kv_tls.active = outer_active;
+        return 1;
+    }
+    kv_guard_arm(&jb);
+    int r = touches_body(e, key, klen);
+    kv_guard_disarm();
+    kv_tls.jmp = outer;
+    kv_tls.active = outer_active;
+    return r;
 }
 
 /* ------------------------------------------------------------ lifecycle */

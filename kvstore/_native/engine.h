@@ -89,6 +89,8 @@ typedef struct {
     size_t ttl_cursor;
     int salvage;
     volatile int in_salvage;      /* a thread is copying a lost hugepage (engine unlocked) */
+    unsigned long recover_owner;  /* 0, or the one thread (pthread_self) that processes
+                                   * losses; the others wait for it (kv_eng_recover) */
     void *(*unlock)(void);        /* let other threads run during a salvage copy (the GIL) */
     void (*relock)(void *);
     int need_sweep;
@@ -117,7 +119,16 @@ int kv_eng_flush(kv_engine *e);
  * replace lost index pages (their hash ranges become LOST), invalidate
  * exactly the records on lost subpages, quarantine, reclaim orphans. Cheap
  * when nothing is pending. st may be NULL. */
+/* Process pending losses: salvage (mainline), invalidate, quarantine. With
+ * recover_owner set, only that thread does it: on any other thread this
+ * returns at once (nothing processed), and an operation there that meets
+ * lost memory waits, engine unlocked, until the owner has processed it. So
+ * a long salvage copy never runs on, say, an event loop thread, which goes
+ * on serving whatever does not touch the lost page. */
 void kv_eng_recover(kv_engine *e, kv_recover_stats *st);
+/* Would a read of key now meet lost (or armed) memory and so wait for the
+ * recovery? Never waits, never processes losses. 1 yes, 0 no. */
+int kv_eng_touches_lost(kv_engine *e, const void *key, uint32_t klen);
 static inline void kv_eng_check(kv_engine *e)
 {
     if (__builtin_expect(__atomic_load_n(&e->arena->pending_flag, __ATOMIC_ACQUIRE) != 0, 0))

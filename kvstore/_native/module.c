@@ -864,6 +864,18 @@ static PyObject *get_impl(EngineObject *self, PyObject *key, int versioned)
     return lost_read(self, key, &info, versioned);
 }
 
+static PyObject *Engine_touches_lost(EngineObject *self, PyObject *key)
+{
+    ENGINE_OK(self);
+    Py_buffer b;
+    if (PyObject_GetBuffer(key, &b, PyBUF_SIMPLE) != 0) return NULL;
+    int r = 0;
+    if (b.len > 0 && b.len <= self->max_key && b.len <= (Py_ssize_t)KV_MAX_KEY)
+        r = kv_eng_touches_lost(&self->e, b.buf, (uint32_t)b.len);
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(r);
+}
+
 static PyObject *Engine_get(EngineObject *self, PyObject *key) { return get_impl(self, key, 0); }
 static PyObject *Engine_get_versioned(EngineObject *self, PyObject *key) { return get_impl(self, key, 1); }
 
@@ -1694,6 +1706,12 @@ static PyObject *Engine_get_salvaging(EngineObject *self, void *c)
     ENGINE_OK(self);
     return PyBool_FromLong(__atomic_load_n(&self->e.in_salvage, __ATOMIC_ACQUIRE));
 }
+static PyObject *Engine_get_losses_unprocessed(EngineObject *self, void *c)
+{
+    ENGINE_OK(self);
+    return PyBool_FromLong(__atomic_load_n(&self->e.arena->pending_flag, __ATOMIC_ACQUIRE) != 0 ||
+                           __atomic_load_n(&self->e.in_salvage, __ATOMIC_ACQUIRE));
+}
 static PyObject *Engine_get_loss_pending(EngineObject *self, void *c)
 {
     ENGINE_OK(self);
@@ -1718,6 +1736,9 @@ static PyObject *Engine_adopt_report(EngineObject *self, PyObject *unused)
 static PyMethodDef Engine_methods[] = {
     {"get", (PyCFunction)Engine_get, METH_O, "get(key) -> bytes or None; KeyLostError if the key was lost."},
     {"get_versioned", (PyCFunction)Engine_get_versioned, METH_O, "get_versioned(key) -> (version, value) or None."},
+    {"touches_lost", (PyCFunction)Engine_touches_lost, METH_O,
+     "touches_lost(key) -> bool: would a read of key now meet memory known lost (and so wait for "
+     "the recovery)? Never waits, never processes losses."},
     {"put", (PyCFunction)(void (*)(void))Engine_put, METH_FASTCALL | METH_KEYWORDS,
      "put(key, value, ttl=None) -> version."},
     {"put_versioned", (PyCFunction)Engine_put_versioned, METH_VARARGS,
@@ -1786,7 +1807,28 @@ static int Engine_set_salvage(EngineObject *self, PyObject *v, void *c)
     return 0;
 }
 
+static PyObject *Engine_get_recovery_thread(EngineObject *self, void *c)
+{
+    ENGINE_OK(self);
+    return PyLong_FromUnsignedLong(__atomic_load_n(&self->e.recover_owner, __ATOMIC_ACQUIRE));
+}
+static int Engine_set_recovery_thread(EngineObject *self, PyObject *v, void *c)
+{
+    if ((!self->ready || self->gen != g_fork_gen) && engine_unusable(self)) return -1;
+    unsigned long t = 0;
+    if (v && v != Py_None) {
+        t = PyLong_AsUnsignedLong(v);
+        if (t == (unsigned long)-1 && PyErr_Occurred()) return -1;
+    }
+    __atomic_store_n(&self->e.recover_owner, t, __ATOMIC_RELEASE);
+    return 0;
+}
+
 static PyGetSetDef Engine_getset[] = {
+    {"recovery_thread", (getter)Engine_get_recovery_thread, (setter)Engine_set_recovery_thread,
+     "0 (any thread processes losses), or the threading.get_ident() of the one thread that does: "
+     "recover() elsewhere processes nothing, and an operation elsewhere that meets lost memory "
+     "waits (GIL released) until that thread has processed it.", NULL},
     {"salvage", (getter)Engine_get_salvage, (setter)Engine_set_salvage,
      "Mainline policy: copy a whole lost hugepage into a spare one (default True).", NULL},
     {"closed", (getter)Engine_get_closed, NULL, "True once closed.", NULL},
@@ -1795,6 +1837,9 @@ static PyGetSetDef Engine_getset[] = {
     {"version", (getter)Engine_get_version, NULL, "Last version handed out.", NULL},
     {"loss_pending", (getter)Engine_get_loss_pending, NULL,
      "True while losses await processing (a salvage copy in progress included).", NULL},
+    {"losses_unprocessed", (getter)Engine_get_losses_unprocessed, NULL,
+     "True while lost memory awaits the engine's processing (a salvage copy included): a read "
+     "that meets it waits (see touches_lost).", NULL},
     {"salvaging", (getter)Engine_get_salvaging, NULL,
      "True while a lost hugepage is being copied (other threads keep running).", NULL},
     {NULL}};

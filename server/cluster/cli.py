@@ -2,7 +2,8 @@
 
     kvstore-cluster up --shards 3 --replicas 1 [--port 7000] [--dir DIR]
                        [--etcd URL] [--name NAME] [--min-replica-acks K]
-                       [--capacity SIZE] [--ttl S] [--detach]
+                       [--capacity SIZE] [--page-size auto|1G|2M|4K]
+                       [--kernel-policy auto|keep_ue|mainline] [--ttl S] [--detach]
     kvstore-cluster status (--dir DIR | --etcd URL --name NAME) [--json]
     kvstore-cluster down --dir DIR
     kvstore-cluster failover (--dir DIR | --etcd URL --name NAME) --shard S [--to NODE]
@@ -205,6 +206,10 @@ def _spawn_node(d, port, node_id, etcd_url, name, args):
     flags = ["--port", str(port), "--cluster", f"etcd://{etcd_url.split('://', 1)[1]}/{name}",
              "--cluster-node-id", node_id, "--cluster-ttl", str(args.ttl),
              "--capacity", args.capacity]
+    if getattr(args, "page_size", None):
+        flags += ["--page-size", args.page_size]
+    if getattr(args, "kernel_policy", None):
+        flags += ["--kernel-policy", args.kernel_policy]
     if args.min_replica_acks:
         flags += ["--min-replica-acks", str(args.min_replica_acks)]
     if args.fault_injection:
@@ -254,7 +259,8 @@ def cmd_up(args):
     st = {"name": args.name, "etcd": args.etcd, "etcd_pid": None, "nodes": [],
           "shards": args.shards, "replicas": args.replicas, "started": time.time(),
           "ttl": args.ttl, "capacity": args.capacity, "min_replica_acks": args.min_replica_acks,
-          "fault_injection": args.fault_injection}
+          "fault_injection": args.fault_injection, "page_size": args.page_size,
+          "kernel_policy": args.kernel_policy}
     etcd_proc = None
     procs = []
     try:
@@ -398,7 +404,8 @@ def cmd_add_node(args):
         raise SystemExit(f"kvstore-cluster: port {port} is in use (give --port)")
     opts = argparse.Namespace(ttl=st.get("ttl", 3), capacity=st.get("capacity", "64MiB"),
                               min_replica_acks=st.get("min_replica_acks", 0),
-                              fault_injection=st.get("fault_injection", False))
+                              fault_injection=st.get("fault_injection", False),
+                              page_size=st.get("page_size"), kernel_policy=st.get("kernel_policy"))
     node, proc = _spawn_node(d, port, new_node_id(), st["etcd"], st["name"], opts)
     st["nodes"].append(node)
     _save(d, st)
@@ -571,6 +578,12 @@ def build_parser():
     up.add_argument("--name", default="kvstore", help="cluster name (default kvstore)")
     up.add_argument("--min-replica-acks", type=int, default=0)
     up.add_argument("--capacity", default="64MiB", help="arena size per server (default 64MiB)")
+    up.add_argument("--page-size", choices=("auto", "1G", "2M", "4K"),
+                    help="arena page size of every server (kvstore-server --page-size; "
+                         "default: the server's, auto)")
+    up.add_argument("--kernel-policy", choices=("auto", "keep_ue", "mainline"),
+                    help="memory-error policy of every server (kvstore-server --kernel-policy; "
+                         "default: the server's, auto)")
     up.add_argument("--ttl", type=int, default=3, help="lease TTL in seconds (default 3)")
     up.add_argument("--enable-fault-injection", dest="fault_injection", action="store_true")
     up.add_argument("--detach", action="store_true", help="return once every slot has a live primary")
