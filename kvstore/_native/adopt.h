@@ -73,6 +73,38 @@ static inline void kv_hdr_sync_version(kv_engine *e)
  * 0, or -1 with a message in err (nothing adopted; e is left empty). */
 int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_t errlen);
 
+/* Deferred validation of the records (lazy.c; the rules are in lazy.h).
+ * kv_eng_adopt validates the header, the directory and the index pages and
+ * lists each PRESENT entry's record under its subpage (kv_lazy_begin);
+ * until every subpage is validated, e->lazy is set and:
+ *   kv_lazy_unval(e, s)    1 if subpage s is not validated yet;
+ *   kv_lazy_validate(e, s) validate s now (a read or write is about to use
+ *                          a record there; recovery met a loss there);
+ *   kv_lazy_room(e)        validate more (the next free run first) because
+ *                          an allocation found nothing free: 1 if something
+ *                          was validated, 0 if nothing is left to validate;
+ *   kv_lazy_step(e, n)     background: validate up to n subpages in address
+ *                          order; frees the state when done (e->lazy NULL);
+ *   kv_lazy_range_lost     an index page covering [lo, hi] was lost: records
+ *                          its entries named are no longer claimed;
+ *   kv_lazy_end(e)         drop the state (flush, free).
+ * Everything uses guarded copies only and may run inside or outside a
+ * guard. */
+int kv_lazy_begin(kv_engine *e, const size_t *pages, size_t npages, uint8_t *buf, kv_adopt_report *r);
+void kv_lazy_validate(kv_engine *e, size_t s);
+void kv_lazy_validate_demand(kv_engine *e, size_t s);
+int kv_lazy_room(kv_engine *e);
+size_t kv_lazy_step(kv_engine *e, size_t budget);
+void kv_lazy_settle_lost(kv_engine *e, size_t s);
+void kv_lazy_range_lost(kv_engine *e, uint64_t lo, uint64_t hi);
+void kv_lazy_end(kv_engine *e);
+size_t kv_lazy_pending(const kv_engine *e);
+int kv_lazy_unval_slow(const kv_engine *e, size_t s);
+static inline int kv_lazy_unval(const kv_engine *e, size_t s)
+{
+    return __builtin_expect(e->lazy != NULL, 0) && kv_lazy_unval_slow(e, s);
+}
+
 /* Test hook: abort() here when the environment variable KVSTORE_CRASH_AT
  * names this point (see docs/DESIGN.md "Restart"). */
 void kv_crash_point_slow(const char *name);

@@ -32,6 +32,7 @@
 #include "checksum.h"
 #include "engine.h"
 #include "adopt.h"
+#include "lazy.h"
 #include "guard.h"
 #include "index.h"
 #include "resp.h"
@@ -1594,6 +1595,10 @@ static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
         dset(d, "records_bytes", U((e->al.nsub - e->al.nfree - e->al.nlost - e->al.nindex -
                                     (kv_sp_kind(e->al.meta[0]) == KV_SP_HDR)) * 4096ULL)) ||
         dset(d, "generation", U(e->generation)) || dset(d, "unverified_subpages", U(e->verify_todo)) ||
+        dset(d, "unvalidated_subpages", U(kv_lazy_pending(e))) ||
+        dset(d, "adopt_records_validated", U(e->lazy ? e->lazy->records : e->lazy_records)) ||
+        dset(d, "adopt_records_bad", U(e->lazy ? e->lazy->records_bad : e->lazy_records_bad)) ||
+        dset(d, "adopt_validated_on_demand", U(e->lazy ? e->lazy->on_demand : e->lazy_on_demand)) ||
         dset(d, "allocator_bytes", U(e->al.nsub * (sizeof(kv_meta) + 3 * sizeof(uint32_t)) +
                                      (e->al.nsub + 63) / 64 * 8 + ((size_t)1 << e->al.gbits) * 12)) ||
         dset(d, "version", U(e->version)) || dset(d, "max_key", PyLong_FromSsize_t(self->max_key)) ||
