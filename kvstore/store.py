@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 from . import _native
 from .errors import ClosedError, KeyLostError, SourceBehindError, StoreFullError, UnrecoverableKeyError
 
-__all__ = ["Store", "LOST", "parse_size", "key_hash"]
+__all__ = ["Store", "LOST", "parse_size", "key_hash", "ArenaHandover"]
 
 #: Hash ranges are half-open ``[lo, hi)`` over ``0 <= h < HASH_SPACE``.
 HASH_SPACE = 1 << 64
@@ -90,6 +90,37 @@ def parse_size(value) -> int:
     if n <= 0:
         raise ValueError("a size must be positive")
     return n
+
+
+class ArenaHandover(int):
+    """An arena memfd handed over by an earlier process (a planned restart),
+    with what came with it. It is the fd (an int), so ``Store(adopt_fd=...)``
+    takes it where it takes a plain fd, and applies the rest before it
+    validates anything:
+
+    - ``lost``, ``poison``: that process's ``Arena.lost_bitmap()`` and
+      ``Arena.poison_bitmap()``: its lost subpages stay lost (quarantined,
+      never read or allocated), and what they held is LOST;
+    - ``spares``: ``[(page, fd, small), ...]``, the memfds its salvaged
+      pages live in (``Arena.spares()``), mapped over the same pages again.
+
+    The fds stay the caller's (the arena duplicates what it keeps).
+    """
+
+    def __new__(cls, fd: int, lost=None, poison=None, spares=()):
+        self = super().__new__(cls, fd)
+        self.lost = lost
+        self.poison = poison
+        self.spares = [tuple(x) for x in spares]
+        return self
+
+    @classmethod
+    def of(cls, arena) -> "ArenaHandover":
+        """What a live arena would hand over (fds are the arena's own)."""
+        lost = arena.lost_bitmap()
+        has_lost = any(lost)
+        return cls(arena.fd, lost if has_lost else None,
+                   arena.poison_bitmap() if has_lost else None, arena.spares())
 
 
 class Faults:
@@ -212,7 +243,9 @@ class Store(_native.Engine):
         self._adopt_started = time.monotonic()
         if adopt_fd is not None:
             # the memfd of an earlier process (a restart): its store, validated
-            arena = _native.Arena.adopt(adopt_fd, kernel_policy)
+            arena = _native.Arena.adopt(int(adopt_fd), kernel_policy, lost=getattr(adopt_fd, "lost", None),
+                                        poison=getattr(adopt_fd, "poison", None),
+                                        spares=getattr(adopt_fd, "spares", None))
             cap = -1
         else:
             arena = _native.Arena(cap, page_size, kernel_policy)

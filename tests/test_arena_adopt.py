@@ -325,6 +325,94 @@ def test_index_page_lost_before_validation():
         assert b.get(b"n%d" % i) == b"n" * 300
 
 
+# ------------------------------------- lost state handed over with the arena
+
+def _adopt_handover(src, **kw):
+    h = kvstore.ArenaHandover.of(src.arena)
+    fd = os.dup(src.arena.fd)
+    spares = [(p, os.dup(f), small) for p, f, small in h.spares]
+    try:
+        kw.setdefault("recovery", "manual")
+        return kvstore.Store(adopt_fd=kvstore.ArenaHandover(fd, h.lost, h.poison, spares), **kw)
+    finally:
+        os.close(fd)
+        for _p, f, _s in spares:
+            os.close(f)
+
+
+def test_lost_subpages_and_keys_are_handed_over():
+    a = _store()
+    want = _fill(a, 3000)
+    off, _ = a.locate(b"key:100")
+    sub = off // SUB
+    hit = set(_subpage_keys(a, want, sub))
+    a.faults.inject(off, "ao")
+    a.recover()
+    lost = {k for k, _v, _s in a.lost_keys()}
+    assert hit <= lost
+    b = _adopt_handover(a)
+    b.recover()
+    assert sub in b.arena.lost_subpages()
+    for k in hit:                                   # still LOST, not found again by checksum
+        assert b.state(k) == "lost"
+        with pytest.raises(KeyLostError):
+            b.get(k)
+    while not b.verify_step(1 << 22):
+        pass
+    assert b.engine_stats()["checksum_failures"] == 0
+    for k, v in want.items():
+        if k not in hit:
+            assert b.get(k) == v
+    # the quarantined subpage is never handed out again
+    for i in range(4000):
+        b.put(b"more:%d" % i, b"m" * 200)
+    assert all(b.locate(b"more:%d" % i)[0] // SUB != sub for i in range(4000))
+    assert sub in b.arena.lost_subpages()
+
+
+def test_salvaged_page_is_handed_over():
+    if _free_2m() < 12:
+        pytest.skip("needs 12 free 2 MiB hugepages (the pool is shared)")
+    try:
+        a = kvstore.Store("8MiB", page_size="2M", kernel_policy="mainline", recovery="manual")
+    except ArenaError as e:
+        pytest.skip(f"no 2 MiB hugepages now: {e}")
+    want = {}
+    for i in range(6000):
+        k, v = b"s:%d" % i, b"v%d-" % i * (1 + i % 20)
+        a.put(k, v)
+        want[k] = v
+    off, _ = a.locate(b"s:100")
+    sub = off // SUB
+    hit = set(_subpage_keys(a, want, sub))
+    a.faults.inject(off, "ao")                     # mainline: the whole 2 MiB page is lost
+    a.recover()
+    st = a.stats()
+    assert st["pages_salvaged"] == 1, st
+    spares = a.arena.spares()
+    assert [p for p, _fd, _small in spares] == [off // (2 << 20)]
+    # writes after the salvage land in the spare memfd too
+    for i in range(0, 6000, 7):
+        k = b"s:%d" % i
+        if k in hit:
+            continue
+        want[k] = b"after-salvage-%d" % i
+        a.put(k, want[k])
+    b = _adopt_handover(a)
+    b.recover()
+    assert [p for p, _fd, _small in b.arena.spares()] == [off // (2 << 20)]
+    assert sub in b.arena.lost_subpages()
+    for k, v in want.items():
+        if k in hit:
+            with pytest.raises(KeyLostError):
+                b.get(k)
+        else:
+            assert b.get(k) == v
+    while not b.verify_step(1 << 22):
+        pass
+    assert b.engine_stats()["checksum_failures"] == 0
+
+
 # ------------------------------------------------------------ crash points
 
 CHILD = textwrap.dedent("""
