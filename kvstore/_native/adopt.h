@@ -21,7 +21,8 @@
  * The engine writes the directory fields whenever the directory moves and
  * the version after every operation that took one. Everything else adoption
  * needs is in the index and the records themselves; the allocator's
- * metadata (process memory) is rebuilt from them.
+ * metadata (process memory) is rebuilt from them, subpage by subpage, after
+ * the store serves (lazy.h).
  */
 #ifndef KV_ADOPT_H
 #define KV_ADOPT_H
@@ -65,12 +66,14 @@ static inline void kv_hdr_sync_version(kv_engine *e)
 }
 
 /* Adopt arena a (kv_arena_adopt) into a fresh engine e: check the header,
- * validate the directory, the index pages and every entry against its
- * record's bounds, rebuild the allocator's metadata and the counters.
- * Index pages that do not verify become LOST ranges; entries whose record
- * does not verify become LOST keys (both queued for the rebuilder). Record
- * checksums are checked later (kv_eng_scrub; every read checks its own).
- * 0, or -1 with a message in err (nothing adopted; e is left empty). */
+ * validate the directory and the index pages, rebuild the counters, and
+ * list every PRESENT entry's record under its subpage for the deferred
+ * validation below (no record is read here). Index pages that do not
+ * verify become LOST ranges (queued for the rebuilder). Record bounds,
+ * overlaps and the allocator's metadata are settled per subpage later
+ * (lazy.c); record checksums by kv_eng_scrub's lap after that (every read
+ * checks its own). 0, or -1 with a message in err (nothing adopted; e is
+ * left empty). */
 int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_t errlen);
 
 /* Deferred validation of the records (lazy.c; the rules are in lazy.h).
