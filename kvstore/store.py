@@ -228,6 +228,11 @@ class Store(_native.Engine):
     rebuild_deadline: seconds after which a key no source returned is
         declared unrecoverable.
     rebuild_batch: keys per fetch call.
+    adopt_fd: the arena memfd of an earlier process (or a
+        :class:`ArenaHandover` with its lost and salvaged pages): adopt it
+        instead of making a new arena (docs/DESIGN.md "Restart"). The store
+        serves once the header, directory and index pages verify; records
+        are validated on first use and by :meth:`verify_step`.
     """
 
     def __init__(self, capacity="256MiB", page_size="auto", kernel_policy="auto",
@@ -258,8 +263,8 @@ class Store(_native.Engine):
             cap = self.engine_stats()["capacity"]
             r = self.adopt_report()
             log.info("kvstore adopt: generation=%d keys=%d index_pages=%d (bad %d) records=%d (bad %d) "
-                     "lost_keys=%d lost_ranges=%d version=%d in %.3fs; record checksums are verified "
-                     "in the background", r["generation"], r["keys"], r["index_pages"], r["index_pages_bad"],
+                     "lost_keys=%d lost_ranges=%d version=%d in %.3fs; records are validated on first use "
+                     "and in the background", r["generation"], r["keys"], r["index_pages"], r["index_pages_bad"],
                      r["records"], r["records_bad"], r["lost_keys"], r["lost_ranges"], r["version"],
                      time.monotonic() - self._adopt_started)
         if arena.fallback_reason:
@@ -750,7 +755,9 @@ class Store(_native.Engine):
 
     def verify_step(self, max_bytes: int = 64 << 20) -> bool:
         """One step of the background verification after adoption (a scrub
-        of up to ``max_bytes``). True once every record was checked."""
+        of up to ``max_bytes``: first the structure of the record subpages not
+        validated yet, then the record checksums). True once every record
+        was checked."""
         if self._verify_done_at is not None:
             return True
         self.scrub(max_bytes)
