@@ -4,6 +4,7 @@ restarting from an RDB file and a Redis replica restarting with a full
 resync, on the same data.
 
     python -m bench.restart [--sizes 1GiB,2GiB] [--value 4000] [--quick] [--write]
+                            [--kvstore-only SIZES]
 
 For each size the store (4 KiB backing by default: the hugepage pools of
 this shared machine are in use by others) is filled to ~70% with keys
@@ -23,6 +24,8 @@ this shared machine are in use by others) is filled to ~70% with keys
   the replica with the right value (after the full resync).
 
 ``--quick`` uses 64 MiB and checks only that the numbers are possible.
+``--kvstore-only 4GiB`` runs those sizes without the Redis side (which
+needs three copies of the data in memory on a shared machine).
 """
 
 from __future__ import annotations
@@ -134,6 +137,10 @@ def kvstore_runs(cap, value_len, page_size, problems):
         sample_check(srv.port, get_value, nkeys, problems)
         handover = [ln for ln in srv.logs().splitlines() if "event=restart_done" in ln]
         out["logged"] = [ln.split("seconds=")[1].split()[0] for ln in handover]
+        # the adoption itself (Store(adopt_fd=) before the first reply), without
+        # the interpreter's start-up and imports that the hand-over time includes
+        adopted = [ln for ln in srv.logs().splitlines() if "event=arena_adopted" in ln]
+        out["adopt_logged"] = [ln.split("seconds=")[1].split()[0] for ln in adopted]
     finally:
         srv.stop()
     return out, nkeys
@@ -211,20 +218,35 @@ def redis_runs(nkeys, value_len, problems):
     return out
 
 
+def _adopt_col(kv):
+    """The logged adoption times (restart, crash) in seconds."""
+    return " / ".join(f"{float(x):.3f} s" for x in kv.get("adopt_logged", [])) or "?"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1GiB,2GiB")
     ap.add_argument("--value", type=int, default=4000)
     ap.add_argument("--page-size", default="4K")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kvstore-only", default="", help="sizes to run without the Redis side")
     ap.add_argument("--write", action="store_true", help="append the report to bench/RESULTS.md")
     a = ap.parse_args(argv)
-    sizes = ["64MiB"] if a.quick else a.sizes.split(",")
+    sizes = ["64MiB"] if a.quick else [x for x in a.sizes.split(",") if x]
+    kv_only = [x for x in a.kvstore_only.split(",") if x] if not a.quick else []
     problems = []
     rows = []
-    for size in sizes:
+    for size in sizes + kv_only:
         cap = parse_size(size)
         kv, nkeys = kvstore_runs(cap, a.value, a.page_size, problems)
+        if size in kv_only:
+            data_mb = nkeys * a.value / (1 << 20)
+            rows.append([size, f"{nkeys:,}", f"{data_mb:,.0f} MiB",
+                         f"**{kv['restart_first']:.3f} s**", f"{kv['restart_verified']:.3f} s",
+                         f"**{kv['crash_first']:.3f} s**", f"{kv['crash_verified']:.3f} s",
+                         "not run", "not run", "not run", _adopt_col(kv)])
+            print(size, kv, flush=True)
+            continue
         rd = redis_runs(nkeys, a.value, problems)
         for name, v in (("kv", kv), ("redis", rd)):
             for key, x in v.items():
@@ -235,7 +257,7 @@ def main(argv=None):
                      f"**{kv['restart_first']:.3f} s**", f"{kv['restart_verified']:.3f} s",
                      f"**{kv['crash_first']:.3f} s**", f"{kv['crash_verified']:.3f} s",
                      f"{rd['rdb_first']:.3f} s", f"{rd['rdb_loaded']:.3f} s",
-                     f"{rd['replica_first']:.3f} s"])
+                     f"{rd['replica_first']:.3f} s", _adopt_col(kv)])
         print(size, kv, rd, flush=True)
     text = header("Restart: KV.RESTART, kill -9 under --supervise, Redis RDB reload and replica resync",
                   "bench.restart")
@@ -244,12 +266,14 @@ def main(argv=None):
              f"({subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split()[2]}). "
              "First read: a new connection's GET of one key answered with the right value (polled "
              "every 1 ms). Verified: KV.STATS unverified_subpages reaches 0 (every record checksum "
-             "checked by the background pass). Redis RDB: SAVE, stop, start redis-server on the "
+             "checked by the background pass). Adoption: the new process's logged "
+             "`event=arena_adopted seconds=` (Store(adopt_fd=) before it serves; the first read also "
+             "waits for the interpreter's start-up and imports). Redis RDB: SAVE, stop, start redis-server on the "
              "RDB; first GET not -LOADING, loaded: loading:0. Redis replica: killed, started "
              "again without an RDB; its first GET of the key after the full resync.\n\n")
     text += table(["size", "keys", "values", "KV.RESTART first read", "KV.RESTART verified",
                    "kill -9 first read", "kill -9 verified", "Redis RDB first read", "Redis RDB loaded",
-                   "Redis replica resync first read"], rows) + "\n"
+                   "Redis replica resync first read", "adoption (restart / crash)"], rows) + "\n"
     print(text)
     if problems:
         print("IMPOSSIBLE:", *problems, sep="\n  ")

@@ -18,7 +18,7 @@ from .errors import (  # noqa: F401 - the exceptions are kvstore.<Name> too
 
 __version__ = "0.1.0"
 
-_FROM_STORE = ("Store", "LOST", "parse_size", "key_hash")
+_FROM_STORE = ("Store", "LOST", "parse_size", "key_hash", "ArenaHandover")
 
 
 def __getattr__(name):

@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 from . import _native
 from .errors import ClosedError, KeyLostError, SourceBehindError, StoreFullError, UnrecoverableKeyError
 
-__all__ = ["Store", "LOST", "parse_size", "key_hash"]
+__all__ = ["Store", "LOST", "parse_size", "key_hash", "ArenaHandover"]
 
 #: Hash ranges are half-open ``[lo, hi)`` over ``0 <= h < HASH_SPACE``.
 HASH_SPACE = 1 << 64
@@ -94,6 +94,37 @@ def parse_size(value) -> int:
     if n <= 0:
         raise ValueError("a size must be positive")
     return n
+
+
+class ArenaHandover(int):
+    """An arena memfd handed over by an earlier process (a planned restart),
+    with what came with it. It is the fd (an int), so ``Store(adopt_fd=...)``
+    takes it where it takes a plain fd, and applies the rest before it
+    validates anything:
+
+    - ``lost``, ``poison``: that process's ``Arena.lost_bitmap()`` and
+      ``Arena.poison_bitmap()``: its lost subpages stay lost (quarantined,
+      never read or allocated), and what they held is LOST;
+    - ``spares``: ``[(page, fd, small), ...]``, the memfds its salvaged
+      pages live in (``Arena.spares()``), mapped over the same pages again.
+
+    The fds stay the caller's (the arena duplicates what it keeps).
+    """
+
+    def __new__(cls, fd: int, lost=None, poison=None, spares=()):
+        self = super().__new__(cls, fd)
+        self.lost = lost
+        self.poison = poison
+        self.spares = [tuple(x) for x in spares]
+        return self
+
+    @classmethod
+    def of(cls, arena) -> "ArenaHandover":
+        """What a live arena would hand over (fds are the arena's own)."""
+        lost = arena.lost_bitmap()
+        has_lost = any(lost)
+        return cls(arena.fd, lost if has_lost else None,
+                   arena.poison_bitmap() if has_lost else None, arena.spares())
 
 
 class Faults:
@@ -201,6 +232,11 @@ class Store(_native.Engine):
     rebuild_deadline: seconds after which a key no source returned is
         declared unrecoverable.
     rebuild_batch: keys per fetch call.
+    adopt_fd: the arena memfd of an earlier process (or a
+        :class:`ArenaHandover` with its lost and salvaged pages): adopt it
+        instead of making a new arena (docs/DESIGN.md "Restart"). The store
+        serves once the header, directory and index pages verify; records
+        are validated on first use and by :meth:`verify_step`.
     """
 
     def __init__(self, capacity="256MiB", page_size="auto", kernel_policy="auto",
@@ -216,7 +252,9 @@ class Store(_native.Engine):
         self._adopt_started = time.monotonic()
         if adopt_fd is not None:
             # the memfd of an earlier process (a restart): its store, validated
-            arena = _native.Arena.adopt(adopt_fd, kernel_policy)
+            arena = _native.Arena.adopt(int(adopt_fd), kernel_policy, lost=getattr(adopt_fd, "lost", None),
+                                        poison=getattr(adopt_fd, "poison", None),
+                                        spares=getattr(adopt_fd, "spares", None))
             cap = -1
         else:
             arena = _native.Arena(cap, page_size, kernel_policy)
@@ -229,8 +267,8 @@ class Store(_native.Engine):
             cap = self.engine_stats()["capacity"]
             r = self.adopt_report()
             log.info("kvstore adopt: generation=%d keys=%d index_pages=%d (bad %d) records=%d (bad %d) "
-                     "lost_keys=%d lost_ranges=%d version=%d in %.3fs; record checksums are verified "
-                     "in the background", r["generation"], r["keys"], r["index_pages"], r["index_pages_bad"],
+                     "lost_keys=%d lost_ranges=%d version=%d in %.3fs; records are validated on first use "
+                     "and in the background", r["generation"], r["keys"], r["index_pages"], r["index_pages_bad"],
                      r["records"], r["records_bad"], r["lost_keys"], r["lost_ranges"], r["version"],
                      time.monotonic() - self._adopt_started)
         if arena.fallback_reason:
@@ -739,7 +777,9 @@ class Store(_native.Engine):
 
     def verify_step(self, max_bytes: int = 64 << 20) -> bool:
         """One step of the background verification after adoption (a scrub
-        of up to ``max_bytes``). True once every record was checked."""
+        of up to ``max_bytes``: first the structure of the record subpages not
+        validated yet, then the record checksums). True once every record
+        was checked."""
         if self._verify_done_at is not None:
             return True
         self.scrub(max_bytes)

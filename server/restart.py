@@ -4,9 +4,11 @@
 re-execute the server with the same command line (new code is picked up from
 disk). The arena memfd and the listening sockets cross the exec as the fds 3,
 4, ... with ``LISTEN_PID``/``LISTEN_FDS``/``LISTEN_FDNAMES`` (names ``arena``
-and ``listen``), the same hand-over systemd's fd store and
-``kvstore-server --supervise`` use after a crash (server/sdnotify.py,
-server/supervise.py). The listening socket is never closed, so a client
+and ``listen``; after memory errors also ``lostmap``, the lost and poisoned
+subpages, and ``spare``, the memfds salvaged pages live in), the same
+hand-over systemd's fd store and ``kvstore-server --supervise`` use after a
+crash (server/sdnotify.py, server/supervise.py; a crash hands over the arena
+and sockets only: lost subpages are found again by checksum). The listening socket is never closed, so a client
 connecting during the hand-over waits in the kernel's accept queue; clients
 already connected see their connection closed once.
 
@@ -63,20 +65,69 @@ def adopt_store(make_fresh, make_adopted):
     if not arena:
         return make_fresh(), False
     t = time.monotonic()
+    handed = arena_inherited(fds, state)
+    extra = fds.get("lostmap", []) + fds.get("spare", [])
     try:
-        store = make_adopted(arena[0])
+        store = make_adopted(handed)
     except Exception as e:               # noqa: BLE001 - any refusal: start empty, never misread
         event("error", "arena_not_adopted", error=f"{type(e).__name__}: {e}",
               detail="starting empty; replicas and peers see a new node (full sync)")
-        for fd in arena:
+        for fd in arena + extra:
             os.close(fd)
         state.clear()
         return make_fresh(), False
-    for fd in arena:
-        os.close(fd)                     # the arena keeps its own duplicate
+    for fd in arena + extra:
+        os.close(fd)                     # the arena keeps its own duplicates
     r = store.adopt_report()
-    event("warning", "arena_adopted", seconds=round(time.monotonic() - t, 4), **r)
+    event("warning", "arena_adopted", seconds=round(time.monotonic() - t, 4),
+          lost_subpages_handed_over=sum(bin(b).count("1") for b in handed.lost or b""),
+          salvaged_pages_handed_over=len(handed.spares), **r)
     return store, True
+
+
+# -- what crosses the exec with the arena memfd besides its bytes: the lost
+# and poisoned subpages (fd "lostmap": a memfd holding Arena.lost_bitmap()
+# then Arena.poison_bitmap()) and the memfds salvaged pages live in (fds
+# "spare", in the order of state["arena"]["spares"] = [[page, small], ...]).
+
+def arena_handover(arena):
+    """(fds, names, state) to hand over with the arena fd of ``arena``."""
+    import kvstore
+    h = kvstore.ArenaHandover.of(arena)
+    fds, names = [], []
+    st = {"spares": [[page, bool(small)] for page, _fd, small in h.spares]}
+    if h.lost is not None:
+        fd = os.memfd_create("kvstore-lostmap")
+        os.write(fd, h.lost + h.poison)
+        fds.append(fd)
+        names.append("lostmap")
+        st["lostmap_bytes"] = len(h.lost)
+    for _page, fd, _small in h.spares:
+        fds.append(fd)
+        names.append("spare")
+    return fds, names, st
+
+
+def arena_inherited(fds, state):
+    """The inherited arena fd as a kvstore.ArenaHandover (with the lost
+    subpages and salvaged pages that came with it)."""
+    import kvstore
+    st = state.get("arena") or {}
+    lost = poison = None
+    n = int(st.get("lostmap_bytes", 0))
+    if n and fds.get("lostmap"):
+        raw = os.pread(fds["lostmap"][0], 2 * n, 0)
+        if len(raw) == 2 * n:
+            lost, poison = raw[:n], raw[n:]
+        else:
+            event("error", "lostmap_unreadable", detail="lost subpages found again by checksum")
+    spares = []
+    spare_fds = fds.get("spare", [])
+    for (page, small), fd in zip(st.get("spares", []), spare_fds):
+        spares.append((int(page), fd, bool(small)))
+    if len(spare_fds) != len(st.get("spares", [])):
+        event("error", "spares_mismatch", fds=len(spare_fds), pages=len(st.get("spares", [])))
+    return kvstore.ArenaHandover(fds["arena"][0], lost, poison, spares)
 
 
 def listeners():
@@ -210,6 +261,9 @@ async def _restart(server, reason):
     store = server.store
     fds = [store.arena.fd]
     names = ["arena"]
+    more, more_names, state["arena"] = arena_handover(store.arena)
+    fds += more
+    names += more_names
     for srv in server._listeners:
         for s in srv.sockets:
             fds.append(s.fileno())
@@ -229,6 +283,9 @@ async def _restart(server, reason):
     try:
         os.execve(sys.executable, argv, env)
     except OSError as e:                 # the old process goes on serving
+        for fd, name in zip(fds, names):
+            if name == "lostmap":
+                os.close(fd)
         server._restarting = False
         event("error", "restart_failed", error=str(e))
 

@@ -311,3 +311,62 @@ def test_refused_arena_starts_empty(tmp_path):
 def kvstore_error(msg):
     import kvstore
     return kvstore.ArenaError(msg)
+
+
+def _kv_stats(r):
+    st = r.execute_command("KV.STATS")
+    st = dict(zip(st[::2], st[1::2])) if isinstance(st, list) else st
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in st.items()}
+
+
+def test_kv_restart_hands_over_lost_keys_and_quarantined_subpages():
+    """No replica: keys lost before KV.RESTART stay LOST after it (handed
+    over, not found again by checksum), the rest is intact, and the lost
+    subpage stays quarantined."""
+    p = start()
+    try:
+        r = rc(p)
+        want = {f"k{i}".encode(): f"value-{i}-".encode() * (1 + i % 30) for i in range(3000)}
+        r.mset(want)
+        r.execute_command("KV.INJECT", "ao", "KEY", "k500")
+
+        def lost_now():
+            try:
+                r.get("k500")
+            except redis.ResponseError as e:
+                return "LOST" in str(e).upper()
+            return False
+        wait_for(lost_now, 20, 0.01, "k500 LOST")
+        lost = set()
+        for k in want:
+            try:
+                r.get(k)
+            except redis.ResponseError as e:
+                assert "LOST" in str(e).upper()
+                lost.add(k)
+        assert b"k500" in lost and len(lost) < 100
+        before = _kv_stats(r)
+        assert int(before["lost_subpages"]) == 1
+        old = r.info("server")["run_id"]
+        assert r.execute_command("KV.RESTART") == b"OK"
+        _serving(p, old)
+        r = rc(p)
+        adopted = log_events(p, "arena_adopted")
+        assert adopted and "lost_subpages_handed_over=1" in adopted[-1], adopted
+        for k, v in want.items():
+            if k in lost:
+                with pytest.raises(redis.ResponseError, match="LOST"):
+                    r.get(k)
+            else:
+                assert r.get(k) == v, k
+        wait_for(lambda: int(_kv_stats(r)["unverified_subpages"]) == 0, 60, 0.05, "verification")
+        st = _kv_stats(r)
+        assert int(st["lost_subpages"]) == 1               # still quarantined
+        assert int(st["checksum_failures"]) == 0           # nothing found again by checksum
+        r.mset({f"n{i}": "x" * 300 for i in range(5000)})   # fills space; never the lost subpage
+        assert int(_kv_stats(r)["lost_subpages"]) == 1
+        for k in lost:
+            with pytest.raises(redis.ResponseError, match="LOST"):
+                r.get(k)
+    finally:
+        p.stop()

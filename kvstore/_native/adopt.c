@@ -67,23 +67,6 @@ void kv_hdr_sync(kv_engine *e)
 
 /* ------------------------------------------------------------ adoption */
 
-typedef struct {
-    uint64_t off, end;     /* record bytes; end: footprint end */
-    uint64_t h;            /* key hash */
-    uint64_t entry_off;    /* arena offset of the index entry */
-    int bad;
-} rec_t;
-
-typedef struct {
-    size_t s;
-} page_t;
-
-static int rec_cmp(const void *x, const void *y)
-{
-    const rec_t *a = x, *b = y;
-    return a->off < b->off ? -1 : a->off > b->off;
-}
-
 /* Mark the entry at entry_off LOST in the arena (its loc word). */
 static void entry_mark_lost(kv_arena *a, uint64_t entry_off)
 {
@@ -123,11 +106,10 @@ int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_
     kv_hdr h;
     size_t fo;
     uint32_t *cells = NULL;
-    page_t *pages = NULL;
-    rec_t *recs = NULL;
+    size_t *pages = NULL;
     uint64_t (*bad)[2] = NULL;
     uint8_t *buf = NULL;
-    size_t npages = 0, nrecs = 0, recs_cap = 0, nbad = 0, bad_cap = 0;
+    size_t npages = 0, nbad = 0, bad_cap = 0;
 
     if (a->size < SUB || kv_arena_read(a, 0, &h, sizeof h, &fo) != 0) {
         snprintf(err, errlen, "the arena header is unreadable (memory lost there): not adopted");
@@ -193,7 +175,7 @@ int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_
              page_entries_ok(p);
         if (ok) {
             kv_alloc_claim(&e->al, s, kv_sp_index(p->lo, p->hi));
-            pages[npages++].s = s;
+            pages[npages++] = s;
         } else {
             if (nbad == bad_cap) {
                 size_t nc = bad_cap ? bad_cap * 2 : 16;
@@ -212,102 +194,34 @@ int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_
         c = c1 + 1;
     }
 
-    /* 2. Every PRESENT entry's record: header readable, bounds sane. */
-    uint64_t limit = (uint64_t)h.nsub * SUB, maxv = h.version;
+    /* 2. The versions the entries hold; REBUILDING entries become LOST
+     * (their fetch died with the old process). */
+    uint64_t maxv = h.version;
     for (size_t k = 0; k < npages; k++) {
-        size_t s = pages[k].s;
+        size_t s = pages[k];
         if (kv_arena_read(a, s * SUB, buf, SUB, &fo) != 0) continue;
         kv_ipage *p = (kv_ipage *)buf;
         if (p->lost_at > maxv) maxv = p->lost_at;
         for (uint32_t i = 0; i < p->n; i++) {
             kv_entry *en = kv_ip_entry(p, i);
-            uint64_t eoff = s * SUB + (p->slot[i] & 0xFFFF);
             if (kv_e_version(en) > maxv) maxv = kv_e_version(en);
-            int st = kv_e_state(en);
-            if (st == KV_ST_REBUILDING) entry_mark_lost(a, eoff);   /* the fetch died with the process */
-            if (st != KV_ST_PRESENT) continue;
-            uint64_t off = kv_e_off(en);
-            uint32_t rh[2];
-            int ok = off >= SUB && off + KV_REC_HDR <= limit && kv_arena_read(a, off, rh, 8, &fo) == 0;
-            uint64_t len = ok ? KV_REC_HDR + ((kv_e_flags(en) & KV_F_LONG) ? kv_e_klen(en) : 0) + (uint64_t)rh[1] : 0;
-            if (ok) {
-                if (len <= SUB)
-                    ok = off + len <= limit && off / SUB == (off + len - 1) / SUB;
-                else
-                    ok = off % SUB == 0 && off + kv_alloc_footprint(len) <= limit;
-            }
-            if (!ok) {
-                entry_mark_lost(a, eoff);
-                r->records_bad++;
-                continue;
-            }
-            if (nrecs == recs_cap) {
-                size_t nc = recs_cap ? recs_cap * 2 : 1024;
-                void *nr = realloc(recs, nc * sizeof *recs);
-                if (!nr) {
-                    snprintf(err, errlen, "out of memory while adopting the arena");
-                    goto fail;
-                }
-                recs = nr;
-                recs_cap = nc;
-            }
-            recs[nrecs++] = (rec_t){off, off + kv_alloc_footprint(len), entry_hash(en), eoff, 0};
-        }
-    }
-
-    /* 3. Records must not overlap, a subpage of small records holds one
-     * group, and nothing lies on the header, directory or index pages. */
-    qsort(recs, nrecs, sizeof *recs, rec_cmp);
-    for (size_t i = 1, far = 0; i < nrecs; i++) {
-        if (recs[i].off < recs[far].end) recs[i].bad = recs[far].bad = 1;
-        if (recs[i].end > recs[far].end) far = i;
-    }
-    for (size_t i = 0; i < nrecs;) {
-        uint64_t s = recs[i].off / SUB;
-        if (recs[i].end - recs[i].off > SUB) {      /* large: a run of whole subpages */
-            size_t n = (size_t)((recs[i].end - recs[i].off) / SUB);
-            int ok = !recs[i].bad;
-            for (size_t t = 0; ok && t < n; t++) ok = e->al.meta[s + t] == 0;
-            if (ok) {
-                uint64_t g = kv_alloc_group(&e->al, recs[i].h);
-                kv_alloc_claim(&e->al, s, kv_sp_mk(KV_SP_HEAD) | kv_sp_tag(e->al.gbits, g) | (kv_meta)n);
-                for (size_t t = 1; t < n; t++) kv_alloc_claim(&e->al, s + t, kv_sp_mk(KV_SP_CONT));
-            } else {
-                recs[i].bad = 1;
-            }
-            i++;
-            continue;
-        }
-        size_t j = i;
-        while (j < nrecs && recs[j].off / SUB == s && recs[j].end - recs[j].off <= SUB) j++;
-        uint64_t g = kv_alloc_group(&e->al, recs[i].h);
-        uint32_t fill = 0, live = 0, nrec = 0;
-        int free_sp = e->al.meta[s] == 0;
-        for (size_t t = i; t < j; t++) {
-            if (!free_sp || kv_alloc_group(&e->al, recs[t].h) != g) recs[t].bad = 1;
-            if (recs[t].bad) continue;
-            live += (uint32_t)(recs[t].end - recs[t].off);
-            nrec++;
-            if (recs[t].end - s * SUB > fill) fill = (uint32_t)(recs[t].end - s * SUB);
-        }
-        if (nrec)
-            kv_alloc_claim(&e->al, s, kv_sp_small_set(kv_sp_mk(KV_SP_SMALL) | kv_sp_tag(e->al.gbits, g), fill,
-                                                      live, nrec));
-        i = j;
-    }
-    for (size_t i = 0; i < nrecs; i++) {
-        if (recs[i].bad) {
-            entry_mark_lost(a, recs[i].entry_off);
-            r->records_bad++;
-        } else {
-            r->records++;
+            if (kv_e_state(en) == KV_ST_REBUILDING) entry_mark_lost(a, s * SUB + (p->slot[i] & 0xFFFF));
         }
     }
     e->version = maxv;
 
+    /* 3. The records are not read here: each PRESENT entry's record is
+     * listed under its subpage and validated when first used, or by the
+     * background pass (lazy.c); nothing is allocated before its subpage
+     * was validated. */
+    if (kv_lazy_begin(e, pages, npages, buf, r) != 0) {
+        snprintf(err, errlen, "out of memory while adopting the arena");
+        goto fail;
+    }
+
     /* 4. Counters and the rebuilder's queues. */
     for (size_t k = 0; k < npages; k++) {
-        size_t s = pages[k].s;
+        size_t s = pages[k];
         if (kv_arena_read(a, s * SUB, buf, SUB, &fo) != 0) continue;
         kv_ipage *p = (kv_ipage *)buf;
         uint32_t c = kv_eng__pgc_count(p);
@@ -346,14 +260,12 @@ int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_
     kv_hdr_sync(e);
     free(cells);
     free(pages);
-    free(recs);
     free(bad);
     free(buf);
     return 0;
 fail:
     free(cells);
     free(pages);
-    free(recs);
     free(bad);
     free(buf);
     kv_eng_free(e);

@@ -21,7 +21,8 @@
  * The engine writes the directory fields whenever the directory moves and
  * the version after every operation that took one. Everything else adoption
  * needs is in the index and the records themselves; the allocator's
- * metadata (process memory) is rebuilt from them.
+ * metadata (process memory) is rebuilt from them, subpage by subpage, after
+ * the store serves (lazy.h).
  */
 #ifndef KV_ADOPT_H
 #define KV_ADOPT_H
@@ -65,13 +66,47 @@ static inline void kv_hdr_sync_version(kv_engine *e)
 }
 
 /* Adopt arena a (kv_arena_adopt) into a fresh engine e: check the header,
- * validate the directory, the index pages and every entry against its
- * record's bounds, rebuild the allocator's metadata and the counters.
- * Index pages that do not verify become LOST ranges; entries whose record
- * does not verify become LOST keys (both queued for the rebuilder). Record
- * checksums are checked later (kv_eng_scrub; every read checks its own).
- * 0, or -1 with a message in err (nothing adopted; e is left empty). */
+ * validate the directory and the index pages, rebuild the counters, and
+ * list every PRESENT entry's record under its subpage for the deferred
+ * validation below (no record is read here). Index pages that do not
+ * verify become LOST ranges (queued for the rebuilder). Record bounds,
+ * overlaps and the allocator's metadata are settled per subpage later
+ * (lazy.c); record checksums by kv_eng_scrub's lap after that (every read
+ * checks its own). 0, or -1 with a message in err (nothing adopted; e is
+ * left empty). */
 int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_t errlen);
+
+/* Deferred validation of the records (lazy.c; the rules are in lazy.h).
+ * kv_eng_adopt validates the header, the directory and the index pages and
+ * lists each PRESENT entry's record under its subpage (kv_lazy_begin);
+ * until every subpage is validated, e->lazy is set and:
+ *   kv_lazy_unval(e, s)    1 if subpage s is not validated yet;
+ *   kv_lazy_validate(e, s) validate s now (a read or write is about to use
+ *                          a record there; recovery met a loss there);
+ *   kv_lazy_room(e)        validate more (the next free run first) because
+ *                          an allocation found nothing free: 1 if something
+ *                          was validated, 0 if nothing is left to validate;
+ *   kv_lazy_step(e, n)     background: validate up to n subpages in address
+ *                          order; frees the state when done (e->lazy NULL);
+ *   kv_lazy_range_lost     an index page covering [lo, hi] was lost: records
+ *                          its entries named are no longer claimed;
+ *   kv_lazy_end(e)         drop the state (flush, free).
+ * Everything uses guarded copies only and may run inside or outside a
+ * guard. */
+int kv_lazy_begin(kv_engine *e, const size_t *pages, size_t npages, uint8_t *buf, kv_adopt_report *r);
+void kv_lazy_validate(kv_engine *e, size_t s);
+void kv_lazy_validate_demand(kv_engine *e, size_t s);
+int kv_lazy_room(kv_engine *e);
+size_t kv_lazy_step(kv_engine *e, size_t budget);
+void kv_lazy_settle_lost(kv_engine *e, size_t s);
+void kv_lazy_range_lost(kv_engine *e, uint64_t lo, uint64_t hi);
+void kv_lazy_end(kv_engine *e);
+size_t kv_lazy_pending(const kv_engine *e);
+int kv_lazy_unval_slow(const kv_engine *e, size_t s);
+static inline int kv_lazy_unval(const kv_engine *e, size_t s)
+{
+    return __builtin_expect(e->lazy != NULL, 0) && kv_lazy_unval_slow(e, s);
+}
 
 /* Test hook: abort() here when the environment variable KVSTORE_CRASH_AT
  * names this point (see docs/DESIGN.md "Restart"). */

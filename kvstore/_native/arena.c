@@ -148,6 +148,7 @@ static int try_map(kv_arena *a, size_t size, size_t ps, char *err, size_t errlen
 }
 
 static kv_arena *arena_setup(kv_arena *a, int policy, char *err, size_t errlen);
+static void bit_set(uint64_t *bm, size_t i);
 
 kv_arena *kv_arena_create(size_t size, size_t page_size, int policy, char *err, size_t errlen)
 {
@@ -254,8 +255,13 @@ kv_arena *kv_arena_adopt(int fd, int policy, char *err, size_t errlen)
         snprintf(err, errlen, "cannot duplicate the inherited arena fd %d: %s", fd, strerror(errno));
         return NULL;
     }
-    /* The same pages (hugepages included) are mapped again: no new memory. */
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, nfd, 0);
+    /* The same pages (hugepages included) are mapped again: no new memory.
+     * Not MAP_POPULATE: the pages are in the memfd already, so a first
+     * touch is an ordinary minor fault (never a SIGBUS); populating 4 KiB
+     * pages up front would cost ~0.6 s per GiB before the first read. The
+     * adoption reads only the header, directory and index pages; the
+     * rest is faulted in by use and by the background validation. */
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, nfd, 0);
     if (p == MAP_FAILED) {
         snprintf(err, errlen, "mmap of the inherited arena (%zu bytes) failed: %s", size, strerror(errno));
         close(nfd);
@@ -277,6 +283,55 @@ kv_arena *kv_arena_adopt(int fd, int policy, char *err, size_t errlen)
     a->hugetlb = huge;
     a->keep_ue = 0;   /* the flag is not visible on an fd; mainline is the safe guess */
     return arena_setup(a, policy, err, errlen);
+}
+
+int kv_arena_adopt_spare(kv_arena *a, size_t p, int fd, int small, char *err, size_t errlen)
+{
+    struct stat st;
+    if (p >= a->npages) {
+        snprintf(err, errlen, "salvaged page %zu is outside the arena (%zu pages)", p, a->npages);
+        return -1;
+    }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || (size_t)st.st_size < a->page_size) {
+        snprintf(err, errlen, "the memfd of salvaged page %zu (fd %d) is not a whole page", p, fd);
+        return -1;
+    }
+    int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (nfd < 0) {
+        snprintf(err, errlen, "cannot duplicate the memfd of salvaged page %zu: %s", p, strerror(errno));
+        return -1;
+    }
+    int *nf = realloc(a->spare_fds, (a->nspare + 1) * sizeof(int));
+    if (!nf) {
+        close(nfd);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    a->spare_fds = nf;
+    void *m = mmap(a->base + (p << a->page_shift), a->page_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                   nfd, 0);
+    if (m == MAP_FAILED) {
+        snprintf(err, errlen, "MAP_FIXED of salvaged page %zu failed: %s", p, strerror(errno));
+        close(nfd);
+        return -1;
+    }
+    a->spare_fds[a->nspare++] = nfd;
+    a->page_fd[p] = nfd;
+    a->page_foff[p] = 0;
+    if (small && !a->page_small[p]) {
+        a->page_small[p] = 1;
+        __atomic_fetch_add(&a->pages_degraded, 1, __ATOMIC_RELAXED);
+    }
+    return 0;
+}
+
+void kv_arena_adopt_lost(kv_arena *a, size_t first, size_t n, int poisoned)
+{
+    if (first >= a->nsub) return;
+    if (n > a->nsub - first) n = a->nsub - first;
+    if (poisoned)
+        for (size_t i = first; i < first + n; i++) bit_set(a->poison, i);
+    kv_arena_mark_lost(a, first << KV_SUB_SHIFT, n << KV_SUB_SHIFT);
 }
 
 void kv_arena_free(kv_arena *a)

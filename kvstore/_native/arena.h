@@ -84,6 +84,21 @@ void kv_arena_free(kv_arena *a);
  * with a message in err on failure. */
 kv_arena *kv_arena_adopt(int fd, int policy, char *err, size_t errlen);
 
+/* What an earlier process hands over with its arena memfd (a planned
+ * restart), applied after kv_arena_adopt and before the engine adopts:
+ *
+ * kv_arena_adopt_spare: page p of the old process was salvaged into the
+ * memfd fd (a spare hugepage, or 4 KiB shmem pages when small): map it
+ * over the same addresses again (fd is duplicated; the caller keeps its
+ * own). 0, or -1 with a message.
+ *
+ * kv_arena_adopt_lost: subpages [first, first + n) were lost there: they
+ * are lost here too (poisoned: pread fails there, as it did there), and pending,
+ * so recovery quarantines them and makes whatever they held LOST; nothing
+ * reads them again. */
+int kv_arena_adopt_spare(kv_arena *a, size_t p, int fd, int small, char *err, size_t errlen);
+void kv_arena_adopt_lost(kv_arena *a, size_t first, size_t n, int poisoned);
+
 /* Probe (once per process) whether memfd_create accepts
  * MFD_MF_KEEP_UE_MAPPED and whether MADV_HWPOISON is available. */
 int kv_probe_keep_ue(void);

@@ -368,6 +368,11 @@ static int header_plausible(const kv_engine *e, uint64_t off, uint64_t len)
 static int rec_header(kv_engine *e, kv_entry *en, uint32_t *csum, uint32_t *vlen, size_t *reclen)
 {
     uint64_t off = kv_e_off(en);
+    if (__builtin_expect(kv_lazy_unval(e, off / SUB), 0)) {
+        /* adopted, not validated yet: validate the subpage first (lazy.h) */
+        kv_lazy_validate_demand(e, off / SUB);
+        if (kv_e_state(en) != KV_ST_PRESENT || kv_lazy_unval(e, off / SUB)) return KV_AGAIN;
+    }
     TOUCH(e, off, KV_REC_HDR);
     memcpy(csum, AP(e, off), 4);
     memcpy(vlen, AP(e, off + 4), 4);
@@ -522,6 +527,11 @@ static int64_t alloc_record(kv_engine *e, size_t len, int use_reserve, uint64_t 
 {
     int64_t off = kv_alloc_take(&e->al, len, 0, h);
     if (off < 0 && use_reserve) off = kv_alloc_take(&e->al, len, 1, h);
+    /* after adoption: validate more of the arena until there is room */
+    while (off < 0 && kv_lazy_room(e)) {
+        off = kv_alloc_take(&e->al, len, 0, h);
+        if (off < 0 && use_reserve) off = kv_alloc_take(&e->al, len, 1, h);
+    }
     if (off >= 0) return off;
     for (int pass = 0; pass < 4 && e->al.dead_bytes >= len; pass++) {
         if (!kv_eng_compact(e, 4096)) break;
@@ -535,6 +545,7 @@ static int64_t alloc_record(kv_engine *e, size_t len, int use_reserve, uint64_t 
 static int64_t take_index(kv_engine *e, size_t n, kv_meta m)
 {
     int64_t s = kv_alloc_take_meta(&e->al, n, m, 0);
+    while (s < 0 && kv_lazy_room(e)) s = kv_alloc_take_meta(&e->al, n, m, 0);
     for (int pass = 0; s < 0 && pass < 4 && e->al.dead_bytes >= SUB; pass++) {
         if (!kv_eng_compact(e, 4096)) break;
         s = kv_alloc_take_meta(&e->al, n, m, 0);
@@ -1188,6 +1199,7 @@ static int64_t new_page(kv_engine *e, uint64_t lo, uint64_t hi, unsigned flags, 
 {
     for (int tries = 0; tries < 8; tries++) {
         int64_t q = kv_alloc_take_meta(&e->al, 1, kv_sp_index(lo, hi), 1);
+        while (q < 0 && kv_lazy_room(e)) q = kv_alloc_take_meta(&e->al, 1, kv_sp_index(lo, hi), 1);
         if (q < 0) return -1;
         uint8_t buf[KV_IP_HDR] __attribute__((aligned(8)));
         kv_ip_init((kv_ipage *)buf, lo, hi, flags, lost_at);
@@ -1214,6 +1226,7 @@ static void dir_rebuild(kv_engine *e)
     int64_t s2 = -1;
     for (int tries = 0; tries < 8 && s2 < 0; tries++) {
         s2 = kv_alloc_take_meta(&e->al, n, kv_sp_mk(KV_SP_DIR), 1);
+        while (s2 < 0 && kv_lazy_room(e)) s2 = kv_alloc_take_meta(&e->al, n, kv_sp_mk(KV_SP_DIR), 1);
         if (s2 < 0) break;
         uint32_t *tmp = malloc(n * SUB);
         if (!tmp) {
@@ -1270,6 +1283,7 @@ static void index_lost(kv_engine *e, size_t s, kv_recover_stats *st)
     e->n_lost -= (cnt >> 10) & 1023;
     e->n_ttl -= (cnt >> 20) & 1023;
     e->pgc[s] = 0;
+    kv_lazy_range_lost(e, lo, hi);
     int64_t q = new_page(e, lo, hi, KV_IP_LOSTRANGE, V);
     kv_alloc_quarantine(&e->al, s);
     if (e->sweep_n == e->sweep_cap) {
@@ -1588,6 +1602,14 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
             }
         }
 
+        /* After adoption: a lost subpage not validated yet is settled
+         * first (the entries naming records there become LOST; an
+         * unreferenced one is free or part of a large record below it). */
+        if (e->lazy)
+            for (size_t i = 0; i < n; i++)
+                for (uint64_t s = ranges[i][0]; s < ranges[i][0] + ranges[i][1] && s < e->al.nsub; s++)
+                    if (sub_lost(e, s) && kv_lazy_unval(e, (size_t)s)) kv_lazy_settle_lost(e, (size_t)s);
+
         /* Free subpages among the lost ones leave the free pool first: the
          * directory rebuild and the fresh pages for lost index ranges below
          * allocate, and must land on healthy memory (after a whole-page
@@ -1729,6 +1751,7 @@ static void free_queues(kv_engine *e)
 
 void kv_eng_free(kv_engine *e)
 {
+    kv_lazy_end(e);
     free_queues(e);
     kv_alloc_free(&e->al);
     free(e->lostq);
@@ -1741,6 +1764,7 @@ void kv_eng_free(kv_engine *e)
 int kv_eng_flush(kv_engine *e)
 {
     kv_eng_check(e);
+    kv_lazy_end(e);        /* everything is free now, validated or not */
     kv_alloc_reset(&e->al);
     free_queues(e);
     e->nkeys = e->n_ttl = e->n_lost = 0;
@@ -1796,6 +1820,15 @@ static void scrub_fn(kv_engine *e, size_t ps, kv_ipage *p, void *vctx)
 uint64_t kv_eng_scrub(kv_engine *e, uint64_t max_bytes, uint64_t *found)
 {
     kv_eng_check(e);
+    if (e->lazy) {
+        /* after adoption the structure is settled first (each subpage
+         * validated costs about one read per record header there) */
+        size_t budget = (size_t)(max_bytes / SUB) + 1;
+        size_t done = kv_lazy_step(e, budget);
+        *found = 0;
+        kv_eng_check(e);
+        return (uint64_t)done * SUB;
+    }
     scrub_ctx w = {0};
     size_t n = e->al.nsub, s = e->scrub_cursor, start = s;
     for (size_t k = 0; k < n && w.done < max_bytes; k++, s++) {
@@ -2001,6 +2034,16 @@ void kv_eng__lostrange_push(kv_engine *e, uint64_t lo, uint64_t hi, uint64_t ver
     lostrange_push(e, lo, hi, version);
 }
 void kv_eng__lostq_push(kv_engine *e, const kv_entry *en) { lostq_push(e, en); }
+/* lazy.c marked the entry en (a copy of it) on index page ps LOST. */
+void kv_eng__count_lost(kv_engine *e, size_t ps, const kv_entry *en)
+{
+    uint32_t c = e->pgc[ps];
+    uint32_t l = ((c >> 10) & 1023) + 1;
+    e->pgc[ps] = (c & ~(1023u << 10)) | (l & 1023) << 10;
+    e->n_lost++;
+    e->c_lost_keys++;
+    lostq_push(e, en);
+}
 int64_t kv_eng__new_page(kv_engine *e, uint64_t lo, uint64_t hi, unsigned flags, uint64_t lost_at)
 {
     return new_page(e, lo, hi, flags, lost_at);

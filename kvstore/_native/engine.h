@@ -71,6 +71,8 @@ typedef struct {
     uint64_t lo, hi, version;   /* hi inclusive */
 } kv_lostrange;
 
+struct kv_lazy;
+
 typedef struct {
     kv_arena *arena;
     kv_alloc al;
@@ -101,6 +103,8 @@ typedef struct {
     uint64_t hdr_version;         /* version last written to the arena header (adopt.h) */
     uint64_t generation;          /* processes that adopted this arena */
     uint64_t verify_todo;         /* after adoption: subpages the scrubber has yet to pass */
+    struct kv_lazy *lazy;         /* after adoption: record subpages not validated yet (lazy.h) */
+    uint64_t lazy_records, lazy_records_bad, lazy_on_demand;   /* what that validation found */
     int64_t txn_off;              /* a record written but not yet referenced */
     size_t txn_len;
     /* counters */

@@ -32,6 +32,7 @@
 #include "checksum.h"
 #include "engine.h"
 #include "adopt.h"
+#include "lazy.h"
 #include "guard.h"
 #include "index.h"
 #include "resp.h"
@@ -347,18 +348,98 @@ static PyObject *Arena_lost_subpages(ArenaObject *self, PyObject *unused)
     return l;
 }
 
-static PyObject *Arena_lost_bitmap(ArenaObject *self, PyObject *unused)
+static PyObject *bitmap_bytes(const kv_arena *a, const uint64_t *bm)
 {
-    ARENA_OPEN(self);
-    size_t nbytes = (self->a->nsub + 7) / 8;
+    size_t nbytes = (a->nsub + 7) / 8;
     PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)nbytes);
     if (!b) return NULL;
     uint8_t *p = (uint8_t *)PyBytes_AS_STRING(b);
     for (size_t i = 0; i < nbytes; i++) {
-        uint64_t w = __atomic_load_n(&self->a->lost[i / 8], __ATOMIC_RELAXED);
+        uint64_t w = __atomic_load_n(&bm[i / 8], __ATOMIC_RELAXED);
         p[i] = (uint8_t)(w >> ((i % 8) * 8));
     }
     return b;
+}
+
+static PyObject *Arena_lost_bitmap(ArenaObject *self, PyObject *unused)
+{
+    ARENA_OPEN(self);
+    return bitmap_bytes(self->a, self->a->lost);
+}
+
+static PyObject *Arena_poison_bitmap(ArenaObject *self, PyObject *unused)
+{
+    ARENA_OPEN(self);
+    return bitmap_bytes(self->a, self->a->poison);
+}
+
+/* spares() -> [(page, fd, small)]: pages salvaged into memfds of their own. */
+static PyObject *Arena_spares(ArenaObject *self, PyObject *unused)
+{
+    ARENA_OPEN(self);
+    kv_arena *a = self->a;
+    PyObject *l = PyList_New(0);
+    if (!l) return NULL;
+    for (size_t p = 0; p < a->npages; p++) {
+        if (a->page_fd[p] == a->fd) continue;
+        PyObject *t = Py_BuildValue("(nii)", (Py_ssize_t)p, a->page_fd[p], (int)a->page_small[p]);
+        if (!t || PyList_Append(l, t) != 0) {
+            Py_XDECREF(t);
+            Py_DECREF(l);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return l;
+}
+
+/* Apply what the earlier process handed over with its arena (see
+ * kv_arena_adopt_spare, kv_arena_adopt_lost): 0, or -1 with an exception. */
+static int adopt_handover(modstate *st, kv_arena *a, PyObject *spares, PyObject *lost, PyObject *poison)
+{
+    if (spares && spares != Py_None) {
+        PyObject *seq = PySequence_Fast(spares, "spares must be a sequence of (page, fd, small)");
+        if (!seq) return -1;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+            Py_ssize_t page;
+            int fd, small;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "nip:spares", &page, &fd, &small)) {
+                Py_DECREF(seq);
+                return -1;
+            }
+            if (page < 0) {
+                PyErr_SetString(PyExc_ValueError, "a salvaged page number is negative");
+                Py_DECREF(seq);
+                return -1;
+            }
+            char err[256];
+            if (kv_arena_adopt_spare(a, (size_t)page, fd, small, err, sizeof err) != 0) {
+                PyErr_SetString(st->ArenaError, err);
+                Py_DECREF(seq);
+                return -1;
+            }
+        }
+        Py_DECREF(seq);
+    }
+    if (lost && lost != Py_None) {
+        Py_buffer lb, pb = {0};
+        if (PyObject_GetBuffer(lost, &lb, PyBUF_SIMPLE) != 0) return -1;
+        if (poison && poison != Py_None && PyObject_GetBuffer(poison, &pb, PyBUF_SIMPLE) != 0) {
+            PyBuffer_Release(&lb);
+            return -1;
+        }
+        const uint8_t *l = lb.buf, *q = pb.obj ? pb.buf : NULL;
+        size_t nbits = (size_t)lb.len * 8;
+        if (nbits > a->nsub) nbits = a->nsub;
+        for (size_t i = 0; i < nbits; i++) {
+            if (!((l[i / 8] >> (i % 8)) & 1)) continue;
+            int poisoned = q && (Py_ssize_t)(i / 8) < pb.len && ((q[i / 8] >> (i % 8)) & 1);
+            kv_arena_adopt_lost(a, i, 1, poisoned);
+        }
+        PyBuffer_Release(&lb);
+        if (pb.obj) PyBuffer_Release(&pb);
+    }
+    return 0;
 }
 
 static PyObject *Arena_pread(ArenaObject *self, PyObject *args)
@@ -515,10 +596,11 @@ static PyObject *Arena_get_closed(ArenaObject *self, void *c) { return PyBool_Fr
 
 static PyObject *Arena_adopt(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"fd", "kernel_policy", NULL};
+    static char *kwlist[] = {"fd", "kernel_policy", "lost", "poison", "spares", NULL};
     int fd;
-    PyObject *pol = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|O:adopt", kwlist, &fd, &pol)) return NULL;
+    PyObject *pol = NULL, *lost = NULL, *poison = NULL, *spares = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|O$OOO:adopt", kwlist, &fd, &pol, &lost, &poison, &spares))
+        return NULL;
     int policy;
     if (parse_policy(pol, &policy) != 0) return NULL;
     modstate *st = state_of(type);
@@ -537,13 +619,19 @@ static PyObject *Arena_adopt(PyTypeObject *type, PyObject *args, PyObject *kw)
         return NULL;
     }
     self->a = a;
+    if (adopt_handover(st, a, spares, lost, poison) != 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
     return (PyObject *)self;
 }
 
 static PyMethodDef Arena_methods[] = {
     {"adopt", (PyCFunction)(void (*)(void))Arena_adopt, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
-     "Arena.adopt(fd, kernel_policy='auto'): map an arena memfd inherited from an earlier process "
-     "(the same pages; fd is duplicated, the caller keeps its own)."},
+     "Arena.adopt(fd, kernel_policy='auto', *, lost=None, poison=None, spares=None): map an arena memfd "
+     "inherited from an earlier process (the same pages; fd is duplicated, the caller keeps its own). "
+     "lost, poison: that process's lost_bitmap() and poison_bitmap(); spares: its spares(), the "
+     "memfds its salvaged pages live in (mapped over the same pages again)."},
     {"read", (PyCFunction)Arena_read, METH_VARARGS, "read(offset, n) -> bytes: guarded copy out of the arena."},
     {"write", (PyCFunction)Arena_write, METH_VARARGS, "write(offset, data): guarded copy into the arena."},
     {"inject", (PyCFunction)(void (*)(void))Arena_inject, METH_VARARGS | METH_KEYWORDS,
@@ -552,6 +640,10 @@ static PyMethodDef Arena_methods[] = {
      "drain() -> [(first_subpage, count)]: subpages lost since the last drain."},
     {"lost_subpages", (PyCFunction)Arena_lost_subpages, METH_NOARGS, "All lost subpages, sorted."},
     {"lost_bitmap", (PyCFunction)Arena_lost_bitmap, METH_NOARGS, "Lost bitmap: bit i of byte i//8 = subpage i."},
+    {"poison_bitmap", (PyCFunction)Arena_poison_bitmap, METH_NOARGS,
+     "Subpages whose bytes are gone for good (pread fails there), same layout as lost_bitmap()."},
+    {"spares", (PyCFunction)Arena_spares, METH_NOARGS,
+     "spares() -> [(page, fd, small)]: pages salvaged into memfds of their own (small: 4 KiB pages)."},
     {"pread", (PyCFunction)Arena_pread, METH_VARARGS,
      "pread(offset, n): read the backing memfd; EIO when it starts in a poisoned subpage, short before one."},
     {"salvage", (PyCFunction)Arena_salvage, METH_O,
@@ -1606,6 +1698,10 @@ static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
         dset(d, "records_bytes", U((e->al.nsub - e->al.nfree - e->al.nlost - e->al.nindex -
                                     (kv_sp_kind(e->al.meta[0]) == KV_SP_HDR)) * 4096ULL)) ||
         dset(d, "generation", U(e->generation)) || dset(d, "unverified_subpages", U(e->verify_todo)) ||
+        dset(d, "unvalidated_subpages", U(kv_lazy_pending(e))) ||
+        dset(d, "adopt_records_validated", U(e->lazy ? e->lazy->records : e->lazy_records)) ||
+        dset(d, "adopt_records_bad", U(e->lazy ? e->lazy->records_bad : e->lazy_records_bad)) ||
+        dset(d, "adopt_validated_on_demand", U(e->lazy ? e->lazy->on_demand : e->lazy_on_demand)) ||
         dset(d, "allocator_bytes", U(e->al.nsub * (sizeof(kv_meta) + 3 * sizeof(uint32_t)) +
                                      (e->al.nsub + 63) / 64 * 8 + ((size_t)1 << e->al.gbits) * 12)) ||
         dset(d, "version", U(e->version)) || dset(d, "max_key", PyLong_FromSsize_t(self->max_key)) ||
