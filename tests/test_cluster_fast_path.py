@@ -12,6 +12,8 @@ the C path ran, so each test also sees which path answered):
 * a primary paused past its lease (SIGSTOP) answers the SET that waited in
   its socket with ``-CLUSTERDOWN``, never ``+OK``, and does not write it:
   the lease check holds for the C path too;
+* a replica serves GETs of READONLY connections in C, MOVED to the others
+  and for writes;
 * a slot being migrated away goes through the Python path (``-ASK`` for a
   key not here, ``-MOVED`` on the target without ASKING), while the other
   slots of the same node stay on the C path.
@@ -244,6 +246,48 @@ def test_migrating_slot_goes_through_python(tmp_path):
         assert _send(dst["port"], [b"GET", keys[1]]) == [moved]
         assert _send(dst["port"], [b"ASKING"], [b"GET", keys[1]], [b"GET", keys[1]]) == [
             b"+OK", b"v-" + keys[1], moved]
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.down()
+
+
+def test_replica_serves_readonly_gets_in_c_and_redirects_the_rest(tmp_path):
+    c = Cluster(tmp_path / "ro", 1, 1)
+    try:
+        doc = c.wait_placed()
+        prim = next(n for n in doc["nodes"] if n["role"] == "primary")
+        rep = next(n for n in doc["nodes"] if n["role"] == "replica")
+        key = b"ro-key"
+        slot = key_slot(key)
+        moved = b"-MOVED %d 127.0.0.1:%d" % (slot, prim["port"])
+        pr = redis.Redis(port=prim["port"], socket_timeout=5)
+        assert pr.set(key, b"v")
+        assert pr.execute_command("WAIT", 1, 10000) == 1
+        # a primary with a replica records its writes: SET goes through
+        # Python there, GET still runs in C
+        before = _fast(prim["port"])
+        assert _send(prim["port"], [b"SET", key, b"v"], [b"GET", key]) == [b"+OK", b"v"]
+        assert _fast(prim["port"]) - before == 0      # the batch starts with the SET
+        before = _fast(prim["port"])
+        assert _send(prim["port"], [b"GET", key], [b"GET", key]) == [b"v", b"v"]
+        assert _fast(prim["port"]) - before == 2
+        assert pr.execute_command("WAIT", 1, 10000) == 1
+
+        # the replica: MOVED without READONLY, reads in C with it, writes MOVED
+        before = _fast(rep["port"])
+        assert _send(rep["port"], [b"GET", key]) == [moved]
+        s = socket.create_connection(("127.0.0.1", rep["port"]), timeout=10)
+        try:
+            assert _send(rep["port"], [b"READONLY"], sock=s) == [b"+OK"]
+            assert _send(rep["port"], [b"GET", key], [b"GET", key], [b"SET", key, b"w"],
+                         [b"GET", key], sock=s) == [b"v", b"v", moved, b"v"]
+            assert _fast(rep["port"]) - before == 2
+            assert _send(rep["port"], [b"READWRITE"], [b"GET", key], sock=s) == [b"+OK", moved]
+        finally:
+            s.close()
+        assert pr.get(key) == b"v"
     except BaseException:
         print(c.logs())
         raise
