@@ -1,6 +1,6 @@
 """Cluster failover time and cluster throughput, kvstore next to Redis Cluster.
 
-    python -m bench.cluster [--runs 3] [--ttl 3] [--quick]
+    python -m bench.cluster [--runs 3] [--ttl 3] [--quick] [-P 1,16] [--throughput-only]
 
 Failover time: a client writes one key of the victim's slots every 20 ms
 (redis-py ``RedisCluster``, a fresh slot map after every error); the time is
@@ -12,10 +12,13 @@ Cluster: 3 primaries + 3 replicas (Redis needs a majority of primaries to
 fail over), ``cluster-node-timeout`` = TTL x 1000 ms, built with
 ``redis-cli --cluster create``.
 
-Throughput: ``redis-benchmark --cluster -t set,get -n N -c 50`` against
-kvstore clusters of 1 and 2 shards (no replicas; redis-benchmark refuses
-``--cluster`` with one node, so the 1-shard run goes without it), next to
-one plain kvstore-server (no cluster mode: the C GET/SET fast path runs). On a 2-core machine
+Throughput: ``redis-benchmark --cluster -t set,get -n N*P -c 50 -P P``
+(for each ``-P`` value: 1 is one command per round trip, 16 a pipeline)
+against kvstore clusters of 1 and 2 shards (no replicas; redis-benchmark
+refuses ``--cluster`` with one node, so the 1-shard run goes without it),
+next to one plain kvstore-server (no cluster mode). Both run plain GET/SET
+in the engine's C RESP path; in cluster mode only for keys of slots the
+node serves (the rest goes through the Python routing hook). On a 2-core machine
 shared with other work the servers compete with redis-benchmark for the
 same cores, so 2 shards cannot show 2x: the figure says how much the
 routing costs rather than how the cluster scales.
@@ -189,7 +192,7 @@ def redis_failover(kind, ttl):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def kv_throughput(shards, n):
+def kv_throughput(shards, n, pipeline=1):
     d = tempfile.mkdtemp(prefix="bench-cluster-")
     base = free_port_run(shards)
     try:
@@ -200,8 +203,8 @@ def kv_throughput(shards, n):
         # benchmarked without --cluster (every slot is local to that node)
         cl = ["--cluster"] if shards > 1 else []
         r = subprocess.run(["redis-benchmark", *cl, "-p", str(base), "-t", "set,get",
-                            "-n", str(n), "-c", "50", "-q"], capture_output=True, text=True,
-                           timeout=300)
+                            "-n", str(n), "-c", "50", "-P", str(pipeline), "-q"],
+                           capture_output=True, text=True, timeout=300)
         out = r.stdout + r.stderr
         res = {}
         for name in ("SET", "GET"):
@@ -214,12 +217,13 @@ def kv_throughput(shards, n):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def plain_throughput(n):
+def plain_throughput(n, pipeline=1):
     from kvstore.server.spawn import start_server
     srv = start_server("--capacity", "64MiB")
     try:
         r = subprocess.run(["redis-benchmark", "-p", str(srv.port), "-t", "set,get", "-n", str(n),
-                            "-c", "50", "-q"], capture_output=True, text=True, timeout=300)
+                            "-c", "50", "-P", str(pipeline), "-q"], capture_output=True, text=True,
+                           timeout=300)
         out = r.stdout + r.stderr
         res = {}
         for name in ("SET", "GET"):
@@ -238,12 +242,16 @@ def main(argv=None):
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("--quick", action="store_true", help="1 run, kill -9 only, n=5000")
     ap.add_argument("--no-redis", action="store_true")
+    ap.add_argument("-P", dest="pipelines", default="1,16",
+                    help="redis-benchmark -P values, comma-separated (default 1,16)")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="skip the failover runs: redis-benchmark rows only")
     a = ap.parse_args(argv)
     if a.quick:
         a.runs, a.n = 1, 5000
     print(header("Cluster failover and throughput", "bench.cluster"))
     rows = []
-    kinds = ["kill"] if a.quick else ["kill", "stop"]
+    kinds = [] if a.throughput_only else ["kill"] if a.quick else ["kill", "stop"]
     for kind in kinds:
         for who, fn in (("kvstore", kv_failover), ("redis", redis_failover)):
             if who == "redis" and (a.no_redis or shutil.which("redis-server") is None):
@@ -253,16 +261,19 @@ def main(argv=None):
             rows.append([who, label, a.runs, f"{median(xs):.2f}", f"{max(xs):.2f}",
                          " ".join(f"{x:.2f}" for x in xs)])
             print(f"{who} {label}: {xs}", file=sys.stderr, flush=True)
-    print(f"\nFailover: seconds from the fault to writes resuming (lease TTL / "
-          f"cluster-node-timeout = {a.ttl} s)\n")
-    print(table(["server", "fault", "runs", "p50 s", "max s", "all"], rows))
-    p = plain_throughput(a.n)
-    trows = [["plain server", p["SET"], p["GET"], p["errors"]]]
-    for shards in (1, 2):
-        r = kv_throughput(shards, a.n)
-        trows.append([shards, r["SET"], r["GET"], r["errors"]])
-    print(f"\nredis-benchmark --cluster -t set,get -n {a.n} -c 50 (kvstore, no replicas)\n")
-    print(table(["shards", "SET/s", "GET/s", "errors"], trows))
+    if rows:
+        print(f"\nFailover: seconds from the fault to writes resuming (lease TTL / "
+              f"cluster-node-timeout = {a.ttl} s)\n")
+        print(table(["server", "fault", "runs", "p50 s", "max s", "all"], rows))
+    trows = []
+    for pl in (int(x) for x in a.pipelines.split(",")):
+        p = plain_throughput(a.n * pl, pl)
+        trows.append(["plain server", pl, p["SET"], p["GET"], p["errors"]])
+        for shards in (1, 2):
+            r = kv_throughput(shards, a.n * pl, pl)
+            trows.append([shards, pl, r["SET"], r["GET"], r["errors"]])
+    print(f"\nredis-benchmark --cluster -t set,get -n {a.n}xP -c 50 -P P (kvstore, no replicas)\n")
+    print(table(["shards", "P", "SET/s", "GET/s", "errors"], trows))
     print(f"\n{command_line('bench.cluster')}")
     return 0
 

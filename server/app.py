@@ -135,6 +135,7 @@ class Server:
 
     def reset_stats(self):
         self.stats_commands = 0
+        self.stats_fast_commands = 0     # of which the C RESP path ran (INFO kvstore_fast_commands)
         self.stats_recoveries = 0
 
     # ---------------------------------------------------------------- lifecycle

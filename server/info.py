@@ -90,6 +90,7 @@ def info_sections(server, wanted):
         "stats": {
             "total_connections_received": server.stats_connections,
             "total_commands_processed": server.stats_commands,
+            "kvstore_fast_commands": server.stats_fast_commands,
             "rejected_connections": server.stats_rejected,
             "kvstore_protected_mode_rejections": server.stats_protected,
             "client_query_buffer_limit_disconnections": d["query_buffer_limit"],

@@ -117,6 +117,9 @@ class Replication:
         master = self.role == "master"
         cluster = getattr(self.server, "cluster", None)
         w.guard = self._guard if (not master or self.primary.min_acks or cluster) else None
+        # a cluster primary without --min-replica-acks: the guard is only the
+        # fencing check, which the C RESP path may make per batch instead
+        w.fast_guard = cluster.can_ack if (master and cluster and not self.primary.min_acks) else None
         w.recording = master and self.primary.backlog is not None
 
     def _guard(self):

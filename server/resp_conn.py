@@ -139,6 +139,7 @@ class RespConnection(BaseConnection):
                     event("debug", "resp_fast_failed", error=f"{type(e).__name__}: {e}")
                 if n:
                     self.server.stats_commands += n
+                    self.server.stats_fast_commands += n
                     if len(replies) >= _BIG:
                         try:
                             self.count_big(len(replies))

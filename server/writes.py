@@ -57,6 +57,10 @@ class WritePath:
         self._put = store.put          # bound once: put() is on the hot path
         #: None, or a callable raising the refusal of a client write.
         self.guard = None
+        #: None, or a callable returning True when ``guard`` would let a
+        #: client write through right now (checked once per batch by the C
+        #: RESP path, which runs no guard); None means it never may.
+        self.fast_guard = None
         #: True while some subscriber wants the entries of client writes.
         self.recording = False
         #: Entries of the command running now, until propagate().
@@ -81,8 +85,14 @@ class WritePath:
             self.store.write_observer = None
 
     def fast_set_allowed(self):
-        """May a plain SET run without this path (the C RESP fast path)?"""
-        return self.guard is None and not self.recording and not self.watchers
+        """May a plain SET run without this path (the C RESP fast path)?
+
+        With a ``guard`` set only when ``fast_guard`` (a cheap check that
+        says the guard would pass right now, e.g. a cluster primary's lease
+        is good) is set and returns True."""
+        if self.recording or self.watchers:
+            return False
+        return self.guard is None or (self.fast_guard is not None and self.fast_guard())
 
     # -- WATCH
 

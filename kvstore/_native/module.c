@@ -700,6 +700,8 @@ typedef struct {
     PyObject *weakrefs;
     int adopted;
     kv_adopt_report adopt;
+    int fast_slots_on;                          /* resp_fast checks fast_slots */
+    unsigned char fast_slots[KV_SLOTS / 8];     /* cluster mode: slots resp_fast may serve */
 } EngineObject;
 
 static int engine_unusable(EngineObject *self)
@@ -1756,11 +1758,40 @@ static PyObject *Engine_resp_fast(EngineObject *self, PyObject *args)
     char *out = NULL;
     size_t outlen = 0, n = 0;
     size_t used = kv_resp_fast(&self->e, b.buf, (size_t)b.len, flags, (size_t)self->max_key,
-                               (size_t)self->max_value, (size_t)max_out, &out, &outlen, &n);
+                               (size_t)self->max_value, (size_t)max_out,
+                               self->fast_slots_on ? self->fast_slots : NULL, &out, &outlen, &n);
     PyBuffer_Release(&b);
     PyObject *r = Py_BuildValue("(ny#n)", (Py_ssize_t)used, out ? out : "", (Py_ssize_t)outlen, (Py_ssize_t)n);
     free(out);
     return r;
+}
+
+/* set_fast_slots(bitmap | None): the hash slots resp_fast may serve (cluster
+ * mode); None: no slot check (a server outside cluster mode). */
+static PyObject *Engine_set_fast_slots(EngineObject *self, PyObject *arg)
+{
+    if (arg == Py_None) {
+        self->fast_slots_on = 0;
+        Py_RETURN_NONE;
+    }
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    if (b.len != (Py_ssize_t)sizeof self->fast_slots) {
+        PyErr_Format(PyExc_ValueError, "set_fast_slots wants %zu bytes (one bit per hash slot) or None, "
+                     "not %zd bytes", sizeof self->fast_slots, b.len);
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    memcpy(self->fast_slots, b.buf, sizeof self->fast_slots);
+    self->fast_slots_on = 1;
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_get_fast_slots(EngineObject *self, void *c)
+{
+    if (!self->fast_slots_on) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)self->fast_slots, sizeof self->fast_slots);
 }
 
 static PyObject *Engine_close(EngineObject *self, PyObject *unused)
@@ -1886,6 +1917,9 @@ static PyMethodDef Engine_methods[] = {
     {"resp_fast", (PyCFunction)Engine_resp_fast, METH_VARARGS,
      "resp_fast(buffer, flags=0, max_out=0) -> (consumed, replies, n): run leading plain RESP "
      "GET/SET in C, stopping once the replies hold max_out bytes (0: no limit)."},
+    {"set_fast_slots", (PyCFunction)Engine_set_fast_slots, METH_O,
+     "set_fast_slots(bitmap | None): cluster mode, the hash slots resp_fast may serve (2048 bytes, "
+     "bit s = byte s // 8, bit s % 8; any other key stops it); None: no slot check."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Free the index and unmap the arena (idempotent)."},
     {NULL}};
 
@@ -1928,6 +1962,8 @@ static PyGetSetDef Engine_getset[] = {
     {"salvage", (getter)Engine_get_salvage, (setter)Engine_set_salvage,
      "Mainline policy: copy a whole lost hugepage into a spare one (default True).", NULL},
     {"closed", (getter)Engine_get_closed, NULL, "True once closed.", NULL},
+    {"fast_slots", (getter)Engine_get_fast_slots, NULL,
+     "The bitmap set by set_fast_slots (bytes), or None when resp_fast checks no slots.", NULL},
     {"arena", (getter)Engine_get_arena, NULL, "The Arena.", NULL},
     {"loss_fd", (getter)Engine_get_loss_fd, NULL, "eventfd readable when memory was lost.", NULL},
     {"version", (getter)Engine_get_version, NULL, "Last version handed out.", NULL},
@@ -2045,7 +2081,18 @@ static PyObject *mod_record_checksum(PyObject *m, PyObject *args)
     return PyLong_FromUnsignedLong((uint32_t)kv_xxh64_digest(&st));
 }
 
+static PyObject *mod_key_slot(PyObject *m, PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    unsigned slot = kv_key_slot(b.buf, (size_t)b.len);
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLong(slot);
+}
+
 static PyMethodDef mod_methods[] = {
+    {"key_slot", mod_key_slot, METH_O,
+     "key_slot(key) -> the Redis Cluster hash slot resp_fast computes (same as kvstore.slots.key_slot)."},
     {"xxh64", (PyCFunction)(void (*)(void))mod_xxh64, METH_VARARGS | METH_KEYWORDS,
      "xxh64(data, seed=0) -> int: XXH64 digest (same as xxhash.xxh64_intdigest)."},
     {"key_hash", mod_key_hash, METH_O,
@@ -2083,6 +2130,7 @@ static int mod_exec(PyObject *m)
     if (PyModule_AddIntConstant(m, "MAX_KEY", KV_MAX_KEY) < 0) return -1;
     if (PyModule_AddIntConstant(m, "RESP_ALLOW_SET", KV_RESP_ALLOW_SET) < 0) return -1;
     if (PyModule_AddIntConstant(m, "RESP_RESP3", KV_RESP_RESP3) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "SLOTS", KV_SLOTS) < 0) return -1;
     if (PyModule_AddIntConstant(m, "MFD_MF_KEEP_UE_MAPPED", MFD_MF_KEEP_UE_MAPPED) < 0) return -1;
     static int atfork_done;
     if (!atfork_done) {

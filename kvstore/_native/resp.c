@@ -8,6 +8,13 @@
  * Python layer (a LOST key to repair, a full store to report, a key over
  * the limit): the Python parser takes over from there, so behaviour is the
  * same whichever path runs a command.
+ *
+ * In cluster mode the caller also passes the node's "fast slots" bitmap
+ * (kv_resp_fast's `slots`): a command runs here only when its key's hash
+ * slot (kv_key_slot, Redis Cluster's keyHashSlot) has its bit set, i.e.
+ * this node serves that slot with no redirect, migration or ASKING to
+ * consider. Any other key stops the fast path, and the Python routing hook
+ * answers MOVED, ASK or CLUSTERDOWN.
  */
 #define _GNU_SOURCE
 #include "resp.h"
@@ -80,6 +87,41 @@ static int parse_bulk(const char *b, size_t len, size_t *pos, const char **data,
     return 1;
 }
 
+/* CRC16/XMODEM (poly 0x1021, init 0, no reflection, no final xor), as
+ * Redis Cluster; crc16_tab[i] is the CRC of the byte i. */
+static uint16_t crc16_tab[256];
+static int crc16_ready;
+
+static void crc16_init(void)
+{
+    for (unsigned i = 0; i < 256; i++) {
+        unsigned c = i << 8;
+        for (int j = 0; j < 8; j++) c = (c & 0x8000) ? (c << 1) ^ 0x1021 : c << 1;
+        crc16_tab[i] = (uint16_t)c;
+    }
+    __atomic_store_n(&crc16_ready, 1, __ATOMIC_RELEASE);
+}
+
+static uint16_t crc16(const unsigned char *p, size_t n)
+{
+    uint16_t crc = 0;
+    for (size_t i = 0; i < n; i++) crc = (uint16_t)((crc << 8) ^ crc16_tab[((crc >> 8) ^ p[i]) & 0xff]);
+    return crc;
+}
+
+unsigned kv_key_slot(const char *key, size_t n)
+{
+    if (!__atomic_load_n(&crc16_ready, __ATOMIC_ACQUIRE)) crc16_init();
+    const unsigned char *k = (const unsigned char *)key;
+    const unsigned char *open = memchr(k, '{', n);
+    if (open) {
+        size_t s = (size_t)(open - k) + 1;
+        const unsigned char *close = memchr(k + s, '}', n - s);
+        if (close && close > k + s) return crc16(k + s, (size_t)(close - (k + s))) & (KV_SLOTS - 1);
+    }
+    return crc16(k, n) & (KV_SLOTS - 1);
+}
+
 static int is_cmd(const char *s, size_t n, const char *name)
 {
     return n == 3 && (s[0] | 0x20) == name[0] && (s[1] | 0x20) == name[1] && (s[2] | 0x20) == name[2];
@@ -105,7 +147,7 @@ static void *obuf_val_buf(void *ctx, size_t n)
 }
 
 size_t kv_resp_fast(kv_engine *e, const char *b, size_t len, int flags, size_t max_key, size_t max_value,
-                    size_t max_out, char **out, size_t *outlen, size_t *ncmds)
+                    size_t max_out, const unsigned char *slots, char **out, size_t *outlen, size_t *ncmds)
 {
     obuf o = {0};
     size_t pos = 0, done = 0;
@@ -123,6 +165,10 @@ size_t kv_resp_fast(kv_engine *e, const char *b, size_t len, int flags, size_t m
         if (!get && !set) break;
         if (parse_bulk(b, len, &i, &key, &kn, max_key) != 1) break;
         if (set && parse_bulk(b, len, &i, &val, &vn, max_value) != 1) break;
+        if (slots) {
+            unsigned slot = kv_key_slot(key, kn);
+            if (!(slots[slot >> 3] & (1u << (slot & 7)))) break;   /* routed by Python */
+        }
         if (get) {
             if (!now) now = kv_now_ms();
             obuf_val ov = {&o, 0};

@@ -25,7 +25,17 @@ server build one :class:`ClusterMode` after its listeners are up. It
   replica;
 * moves the keys of the slots its shard is migrating away, while it is
   their live primary (:class:`~.migrate.SlotMover`; keys it has in flight
-  are answered here, never with ASK).
+  are answered here, never with ASK);
+* keeps the engine's C GET/SET path (``Engine.resp_fast``) on for the keys
+  :meth:`route` would let through untouched: after every change of the
+  map, role or migrations it pushes the "fast slots" bitmap
+  (:meth:`push_fast_slots`, ``Engine.set_fast_slots``): as primary the
+  slots it owns that are not migrating, as replica its shard's slots (used
+  only by READONLY connections). A key of any other slot stops the C path
+  and goes through :meth:`route`. Connections in ASKING state never use the
+  C path (:meth:`fast_ok`), and a plain SET runs there only while
+  :meth:`can_ack` holds, checked per batch (``WritePath.fast_guard``): a
+  fenced primary answers ``-CLUSTERDOWN`` from the Python path.
 
 The native protocol gets the same refusals as errors ``[code, message,
 extra]`` (PROTOCOL.md): ``MOVED``/``ASK`` with extra ``{"slot", "host",
@@ -115,14 +125,17 @@ class ClusterMode(ClusterNode):
                       "fenced_refusals": 0, "fenced_acks_refused": 0, "role_changes": 0,
                       "migrate_installed": 0}
         self.mover = SlotMover(self)
+        self._fast_all = False          # primary: every connection may use the C path
+        self.fast_slots = bytes(_slots.SLOTS // 8)    # what push_fast_slots pushed last
 
     # -- lifecycle
 
     async def start(self, start_timeout=None):
         self.agent.start_timeout = start_timeout
         # route before the first map arrives: keyed commands answer
-        # CLUSTERDOWN until then (and the C fast path stands aside)
-        self.server.table.add_hook(self.route)
+        # CLUSTERDOWN until then (no fast slot yet: the C path serves no key)
+        self.push_fast_slots()
+        self.server.table.add_hook(self.route, fast_ok=self.fast_ok)
         self.server.repl.configure_writes()
         await self.agent.start()
         return self
@@ -158,20 +171,69 @@ class ClusterMode(ClusterNode):
                 repl.become_replica(*want)
         repl.configure_writes()
         self.mover.update(view)
+        self.push_fast_slots()
 
     def fence(self, reason):
         self.fenced = True
         self.fence_reason = reason
+        self.push_fast_slots()
 
     def unfence(self):
         self.fenced = False
         self.fence_reason = ""
+        self.push_fast_slots()
 
     def report_offset(self):
         repl = self.server.repl
         if repl.role == "master":
             return repl.primary.offset, repl.primary.replid
         return repl.replica.applied, repl.replica.master_replid or ""
+
+    # -- the C GET/SET path
+
+    def fast_slot_bitmap(self):
+        """The slots whose plain GET/SET :meth:`route` lets through untouched
+        (for a replica: untouched on a READONLY connection), one bit each."""
+        bits = bytearray(_slots.SLOTS // 8)
+        v = self.view
+        if v is None or v.role not in ("primary", "replica") or v.shard is None:
+            return bytes(bits)
+        owner, me = self.owner, v.shard
+        skip = set(v.migrating) | set(v.importing) if v.role == "primary" else ()
+        for lo, hi in _slots.normalize(v.slots):
+            for s in range(lo, hi + 1):
+                if owner[s] == me and s not in skip:
+                    bits[s >> 3] |= 1 << (s & 7)
+        return bytes(bits)
+
+    def push_fast_slots(self):
+        """Give the engine the slots its C GET/SET path may serve now.
+
+        Called on every change route() depends on: a new map (epoch, role,
+        slots, migrations), fencing and unfencing. Fencing itself does not
+        change the slots (a fenced primary still serves reads, as route()
+        does); its writes are held back per batch by :meth:`can_ack`."""
+        v = self.view
+        self._fast_all = v is not None and v.role == "primary"
+        bits = self.fast_slot_bitmap()
+        self.fast_slots = bits
+        st = self.server.store
+        setter = getattr(st, "set_fast_slots", None)
+        if setter is not None:
+            setter(bits)
+
+    def fast_ok(self, conn):
+        """The routing hook's gate for the C path: no ASKING pending (that
+        command must reach route()), and on a replica only READONLY
+        connections (the others get MOVED for every key)."""
+        if getattr(conn, "cluster_asking", False):
+            return False
+        return self._fast_all or getattr(conn, "cluster_readonly", False)
+
+    def can_ack(self):
+        """True while a client write may be made and acknowledged now
+        (:meth:`check_write` would not refuse it)."""
+        return not self.fenced and self.agent.can_ack()
 
     # -- the write path
 
