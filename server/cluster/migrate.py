@@ -106,6 +106,7 @@ _TEST_HOLD = os.environ.get("KVSTORE_TEST_MIGRATE_HOLD") or None
 def _test_hold():
     return _TEST_HOLD is not None and os.path.exists(_TEST_HOLD)
 
+
 #: What a target answers when it refuses the migration connection's credentials.
 _AUTH_CODES = ("NOAUTH", "WRONGPASS", "NOPERM", "ERR")
 
@@ -289,7 +290,7 @@ class SlotMover:
             # some keys here may have been moved already, and changed or
             # deleted on the target since (their local delete had not
             # reached this node). None is served or written here until the
-            # target has seen it (see holds_unconfirmed).
+            # target has seen it (routing answers TRYAGAIN: node.py).
             store = self.mode.server.store
             self.unconfirmed = {k for k in store.keys()
                                 if _slots.key_slot(k) in view.migrating}
@@ -488,6 +489,7 @@ class SlotMover:
                 else:
                     self.stats["resent"] += 1       # written meanwhile: the newer value goes next
             self._propagate()
+            self.stats["unconfirmed"] = len(self.unconfirmed)
             self.stats["keys_moved"] += n
             self.stats["batches"] += 1
             return n
