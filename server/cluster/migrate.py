@@ -26,7 +26,9 @@ slots and this node is their shard's live primary)
       are *held*: routing serves them here, never with ASK, so the source
       stays the one place that decides them until they are settled;
     * when a round finds no key left in some migrating slots it asks the
-      controller to finish them (request ``migrate-done`` with those slots;
+      controller to finish them (request ``migrate-done`` with those slots,
+      asked again after ``request_again`` seconds while still migrating: the
+      controller refuses a whole request naming a slot finished meanwhile;
       the controller flips their owner to the target, epoch + 1, and clients
       get MOVED from then on).
 
@@ -270,7 +272,11 @@ class SlotMover:
         self.task = None
         self.held = set()           # keys in flight (sent, not settled yet)
         self.pending_dels = {}      # key -> version: deletes to forward to the target
-        self.requested = {}         # slot -> epoch of the migrate-done request sent
+        self.requested = {}         # slot -> when its migrate-done request was sent (monotonic)
+        #: seconds after which a drained slot still migrating is asked for
+        #: again (the controller refuses a whole request naming a slot that
+        #: finished meanwhile, e.g. by a request of a primary that just died)
+        self.request_again = 3.0
         self._conns = {}            # (host, port) -> AsyncConnection
         self.unconfirmed = set()    # keys here the target may hold a newer state of
         self._role = None           # the role of the last view
@@ -383,7 +389,9 @@ class SlotMover:
                 by_target.setdefault(moving[s][1], []).append(k)
         for k in self.pending_dels:
             busy.add(_slots.key_slot(k))
-        done = [s for s in moving if s not in busy and s not in self.requested]
+        now = time.monotonic()
+        done = [s for s in moving if s not in busy
+                and now - self.requested.get(s, -1e9) > self.request_again]
         if done and not _test_hold():
             await self.request_done(done, v.epoch)
         for addr, keys in by_target.items():
@@ -397,7 +405,7 @@ class SlotMover:
 
     async def request_done(self, slots, epoch):
         for s in slots:
-            self.requested[s] = epoch
+            self.requested[s] = time.monotonic()
         ranges = _slots.to_ranges(set(slots))
         try:
             rid = await self.mode.agent.topo.request("migrate-done", slots=[list(r) for r in ranges])
