@@ -12,8 +12,15 @@ they add is routing:
 * **One connection pool per node** (the single-node pools, thread-safe for
   ClusterClient, per event loop for AsyncClusterClient).
 * **MOVED**: the slot's new owner goes into the cache at once, a full reload
-  follows, the command is resent (it was not applied). **ASK**: the command
-  is sent once to the node named, the cache is left alone.
+  follows, the command is resent (it was not applied). **ASK** (the slot is
+  migrating and the key is no longer on its source): the command is sent to
+  the node named, preceded on the same connection by the ``asking`` op
+  (which lets that one command use the slot the node is importing); the
+  cache is left alone. Each part of a split batch follows its own ASK.
+  **TRYAGAIN** (a multi-key op whose keys are split between the two sides of
+  a migration; not applied) is asked again after a pause, within the
+  retry time bound. :attr:`ClusterClient.redirects` counts what was
+  followed.
 * **Failover.** ``CLUSTERDOWN`` (the slot has no live primary, or the node is
   fenced: the write was not made), a connection that could not be opened,
   and a connection broken after sending an idempotent read are retried after
@@ -80,7 +87,9 @@ _FANOUT = {
     "lost": lambda rs: [x for r in rs for x in r],
 }
 
-_REROUTE = ("MOVED", "ASK", "CLUSTERDOWN")
+_REROUTE = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
+#: Sent right before a command that follows ASK, on the same connection.
+_ASKING = Command("asking", [], None, True)
 _MAYBE_APPLIED = "may or may not be applied"
 
 
@@ -228,6 +237,7 @@ class _Router:
         self.loaded = False
         self.stale = True                   # reload before the next round
         self.lock = threading.Lock()
+        self.redirects = {"moved": 0, "ask": 0, "tryagain": 0}
 
     def candidates(self):
         """Nodes to ask for the map: the known ones in random order, then the startup nodes."""
@@ -360,7 +370,8 @@ class _Round:
         self.deadline = deadline
         self.results = [None] * len(parts)
         self.pending = list(range(len(parts)))
-        self.asking = {}
+        self.asking = {}            # part index -> the node an ASK named
+        self.asked = set()          # parts sent with ``asking`` this round
         self.last = {}              # part index -> the error that made it retry
         self.backoff = False
         self.attempt = 0
@@ -370,8 +381,13 @@ class _Round:
         """``{addr: [part index]}`` for this round; parts with no known node wait."""
         by_node = {}
         waiting = []
+        self.asked = set()
         for i in self.pending:
-            addr = self.asking.pop(i, None) or self.router.node_of(self.parts[i])
+            addr = self.asking.pop(i, None)
+            if addr is not None:
+                self.asked.add(i)
+            else:
+                addr = self.router.node_of(self.parts[i])
             if addr is None:
                 waiting.append(i)
                 exc = self.map_error
@@ -386,6 +402,32 @@ class _Round:
                 by_node.setdefault(addr, []).append(i)
         self.pending = waiting
         return by_node
+
+    def commands(self, idxs):
+        """What goes on one node's connection for these parts: each part's
+        command, preceded by ``asking`` when it follows an ASK (the server
+        lets only the next command of the connection use the slot)."""
+        out = []
+        for i in idxs:
+            if i in self.asked:
+                out.append(_ASKING)
+            out.append(self.parts[i].command)
+        return out
+
+    def replies(self, idxs, replies):
+        """The parts' replies from what :meth:`commands` sent (the
+        ``asking`` replies dropped; a failed ``asking`` leaves its command
+        to be answered by the node as without it)."""
+        if not self.asked:
+            return replies
+        out = []
+        pos = 0
+        for i in idxs:
+            if i in self.asked:
+                pos += 1
+            out.append(replies[pos])
+            pos += 1
+        return out
 
     def failed(self, idxs, exc, sent):
         """The node's connection failed (``sent``: maybe after the requests went out)."""
@@ -414,8 +456,18 @@ class _Round:
                     continue
                 if code == "MOVED":
                     self.router.moved(slot, addr)
+                    self.router.redirects["moved"] += 1
                 else:
                     self.asking[i] = addr
+                    self.router.redirects["ask"] += 1
+                self.pending.append(i)
+                self.last[i] = (status, result)
+                continue
+            if code == "TRYAGAIN":
+                # a multi-key op whose keys are split between the two sides of
+                # a migration: not applied; asked again after a pause
+                self.router.redirects["tryagain"] += 1
+                self.backoff = True
                 self.pending.append(i)
                 self.last[i] = (status, result)
                 continue
@@ -488,6 +540,13 @@ class _ClusterBase(CommandsMixin):
         """``from_url("kv://[:password@]h1:p1,h2:p2[?socket_timeout=2]")``; keyword
         arguments override what the URL says."""
         return cls(**{**parse_cluster_url(url), **kwargs})
+
+    @property
+    def redirects(self):
+        """How many ``MOVED`` and ``ASK`` answers this client followed and
+        ``TRYAGAIN`` answers it waited out: ``{"moved": n, "ask": n,
+        "tryagain": n}`` (a copy)."""
+        return dict(self._router.redirects)
 
     @property
     def slot_map_epoch(self):
@@ -656,7 +715,7 @@ class ClusterClient(_ClusterBase):
                     conn = pool.get_connection()
                     sent = True
                     try:
-                        replies = conn.call_many([parts[i].command for i in idxs])
+                        replies = rnd.replies(idxs, conn.call_many(rnd.commands(idxs)))
                     except BaseException:
                         pool.release(conn, broken=True)
                         raise
@@ -778,14 +837,13 @@ class AsyncClusterClient(_ClusterBase):
             rnd.map_error = exc
 
     async def _one_node(self, rnd, addr, idxs):
-        parts = rnd.parts
         sent = False
         try:
             pool = self._pool(addr)
             conn = await pool.get_connection()
             sent = True
             try:
-                replies = await conn.call_many([parts[i].command for i in idxs])
+                replies = rnd.replies(idxs, await conn.call_many(rnd.commands(idxs)))
             except BaseException:
                 pool.release(conn, broken=True)
                 raise

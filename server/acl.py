@@ -233,7 +233,7 @@ NATIVE_COMMANDS = {
     "flushall": "flushall", "fetch": "kv.fetch", "fetch_range": "kv.fetch", "sync": "sync",
     "replicaof": "replicaof",
     "wait": "wait", "digest": "kv.digest", "role": "role", "restart": "kv.restart",
-    "cluster": "cluster", "migrate_put": "kv.migrate", "migrate_del": "kv.migrate",
+    "cluster": "cluster", "asking": "asking", "migrate_put": "kv.migrate", "migrate_del": "kv.migrate",
 }
 
 # Key access a command needs on the keys it names, from Redis 7's key specs:

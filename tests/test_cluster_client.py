@@ -45,6 +45,8 @@ class ClusterFake(FakeServer):
                 return [rid, 0, [[0, SLOTS - 1, [host, port, "a" * 40]]]]
             if args[0] == "info":
                 return [rid, 0, {"cluster_state": "ok", "cluster_current_epoch": self.epoch}]
+        if op == "asking":
+            return [rid, 0, True]
         return super()._dispatch(rid, op, args)
 
 
@@ -133,6 +135,10 @@ def test_ask_is_one_shot_and_moved_updates_the_cache(two_fakes):
         a.actions["get"].append(_redirect("ASK", b"k", b))
         assert c.get(b"k") == b"on-b"
         assert c.node_for_key(b"k") == ("127.0.0.1", a.port)      # ASK: cache untouched
+        # on b: ``asking`` then the command, on one connection, in that order
+        sent = [(cid, op) for cid, op, _ in b.requests if op in ("asking", "get")]
+        assert [op for _, op in sent] == ["asking", "get"] and sent[0][0] == sent[1][0]
+        assert c.redirects == {"moved": 0, "ask": 1, "tryagain": 0}
         assert c.get(b"k") == b"on-a"
         # MOVED: the cache names b at once (and the reload that follows
         # agrees once the map says so)
@@ -145,6 +151,24 @@ def test_ask_is_one_shot_and_moved_updates_the_cache(two_fakes):
         assert c.slot_map_epoch == 2
         n_a = len(a.requests)
         assert c.get(b"k") == b"on-b" and len(a.requests) == n_a
+
+
+def test_tryagain_is_waited_out(two_fakes):
+    a, _ = two_fakes
+    a.data[b"k"] = (1, b"v")
+    slot = key_slot(b"k")
+    with ClusterClient([("127.0.0.1", a.port)], cluster_retry_timeout=5) as c:
+        a.actions["mget"].append(("error", "TRYAGAIN", "Multiple keys request during "
+                                  "rehashing of slot", {}))
+        assert c.mget([b"k"]) == [b"v"]
+        assert c.redirects == {"moved": 0, "ask": 0, "tryagain": 1}
+        assert a.ops().count("mget") == 2
+    with ClusterClient([("127.0.0.1", a.port)], cluster_retry_timeout=0.3) as c:
+        for _ in range(100):
+            a.actions["get"].append(("error", "TRYAGAIN", f"slot {slot}", {}))
+        with pytest.raises(errors.ResponseError) as ei:
+            c.get(b"k")
+        assert ei.value.code == "TRYAGAIN"
 
 
 def test_clusterdown_retried_until_served_but_maybe_applied_write_is_not(two_fakes):

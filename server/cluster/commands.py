@@ -1,4 +1,4 @@
-"""CLUSTER, ASKING, READONLY, READWRITE (RESP) and the native ``cluster`` op.
+"""CLUSTER, ASKING, READONLY, READWRITE (RESP) and the native ``cluster`` and ``asking`` ops.
 
 Reply formats are Redis Cluster's (checked against redis-server 7 with
 ``cluster-enabled yes``): ``CLUSTER SLOTS`` is ``[[lo, hi, [host, port, id],
@@ -11,7 +11,8 @@ disabled``.
 The native op ``cluster [sub, ...]`` answers the same questions with plain
 values (PROTOCOL.md): ``["slots"]``, ``["shards"]``, ``["nodes"]``,
 ``["myid"]``, ``["info"]``, ``["keyslot", key]``, ``["countkeysinslot",
-slot]``, ``["getkeysinslot", slot, count]``.
+slot]``, ``["getkeysinslot", slot, count]``. The native op ``asking []`` is
+RESP ``ASKING``: it applies to the next op on the same connection only.
 """
 
 from ..errors import CommandError
@@ -167,6 +168,18 @@ def cmd_readwrite(conn, args):
     return b"+OK\r\n"
 
 
+def native_asking(conn, args):
+    """``asking []``: as RESP ``ASKING``, the next op on this connection may
+    use a slot this node is importing (after an ``ASK`` error)."""
+    if args:
+        raise CommandError("TYPE asking takes []", "TYPE", "asking takes []")
+    if conn.server.cluster is None:
+        raise CommandError("NOCLUSTER cluster mode is not enabled", "NOCLUSTER",
+                           "cluster mode is not enabled")
+    conn.cluster_asking = True
+    return True
+
+
 def native_cluster(conn, args):
     if not args or not isinstance(args[0], str):
         raise CommandError("TYPE cluster takes [subcommand, ...]", "TYPE",
@@ -211,6 +224,7 @@ def cluster_rows():
         Command('READWRITE', 1, ('fast',), (0, 0, 0), group='cluster', resp=cmd_readwrite,
                 summary='Undo READONLY.'),
         Command(None, 0, native='cluster', native_fn=native_cluster),
+        Command(None, 0, native='asking', native_fn=native_asking),
         Command(None, 0, native='migrate_put', native_fn=_migrate.native_migrate_put),
         Command(None, 0, native='migrate_del', native_fn=_migrate.native_migrate_del),
     ]

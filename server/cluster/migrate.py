@@ -26,13 +26,23 @@ slots and this node is their shard's live primary)
       are *held*: routing serves them here, never with ASK, so the source
       stays the one place that decides them until they are settled;
     * when a round finds no key left in some migrating slots it asks the
-      controller to finish them (request ``migrate-done`` with those slots;
+      controller to finish them (request ``migrate-done`` with those slots,
+      asked again after ``request_again`` seconds while still migrating: the
+      controller refuses a whole request naming a slot finished meanwhile;
       the controller flips their owner to the target, epoch + 1, and clients
       get MOVED from then on).
 
 Routing during the move (node.py): the source serves keys it still has (or
 holds), and answers ``-ASK slot target`` for the others, new keys included;
-the target serves a migrating slot's keys only after ``ASKING``.
+``-TRYAGAIN`` for a multi-key command whose keys are partly here and partly
+moved; the target serves a migrating slot's keys only after ``ASKING``
+(native ``asking``), for the next command of that connection.
+
+The mover connects to the target with the credentials replication uses
+(``--masterauth``, else ``--requirepass``; the default user). A target that
+refuses them is logged (``event=migrate_auth_refused``, once per target
+until it accepts) and counted (``kvstore_migrate_auth_failures``); the keys
+stay at the source and the mover keeps trying.
 
 Target primary (``migrate_put`` / ``migrate_del``, native only)
     Accepts keys of a slot it is importing and only while it is a live,
@@ -42,11 +52,24 @@ Target primary (``migrate_put`` / ``migrate_del``, native only)
     stays at the source. Installs and forwarded deletes are replicated to the
     target's replicas like any write.
 
+    Deletes are final (:class:`Imports`): the target remembers the version
+    of every key it installed for a slot it imports, until that slot's
+    migration ends. A key installed at ``v`` and absent now was deleted (or
+    expired) here, through ASK or a forwarded delete; a ``migrate_put`` of
+    it at a version ``<= v`` is an older copy the source still had and is
+    skipped (``kvstore_migrate_stale_refused``), so the delete is never
+    undone. The source lets go of a key only once the target holds it at
+    that version, so any copy a source replica still has is at ``<= v``.
+
 Failover in the middle (see docs/DESIGN.md, "Resharding")
     * of the source primary: its replica is promoted with the migration
       still in the map and runs the mover from where its data is: keys
       whose local delete had not reached it are sent again, and the target
-      skips them (same version);
+      skips them (same version, a newer one written there through ASK, or
+      deleted there since: see above). Until the target has seen a key the
+      promoted node had in a migrating slot (``unconfirmed``), routing
+      answers ``-TRYAGAIN`` for it: its copy may be older than the target's
+      state, so it is neither served nor written here;
     * of the target primary: batches in flight fail, the mover reconnects
       to the new target primary named by the map and sends again. The
       source deletes a batch only after the target's acknowledgement *and*,
@@ -54,21 +77,40 @@ Failover in the middle (see docs/DESIGN.md, "Resharding")
       the installs (the native ``wait [1, timeout]`` on the same
       connection), so the replica that takes over has every key the source
       let go of.
-    Known limit: a key that was moved, then deleted on the target through
-    ASK, can come back if the source primary fails before its local delete
-    of that key replicated (the target keeps no tombstone of it).
+    Known limit: the record of installed keys lives in the target
+    primary's memory. If the source primary and then the target primary
+    both fail before the slot finishes, a key deleted on the target through
+    ASK whose delete on the source had not replicated can come back.
 """
 
 import asyncio
+import os
 import time
 
+from kvstore import errors
 from kvstore.errors import KeyLostError
 
 from ..errors import CommandError
 from ..logs import event
 from . import slots as _slots
 
-__all__ = ["SlotMover", "native_migrate_put", "native_migrate_del"]
+__all__ = ["Imports", "SlotMover", "native_migrate_put", "native_migrate_del"]
+
+#: Test only: ``KVSTORE_TEST_MIGRATE_HOLD=PATH`` (read at start). While the
+#: file PATH exists, a source primary keeps its drained slots migrating (it
+#: does not ask for ``migrate-done``) and does not replicate its local
+#: deletes of moved keys, as if it always died before they reached its
+#: replicas. It lets tests act in the middle of a move. Never set it in
+#: production.
+_TEST_HOLD = os.environ.get("KVSTORE_TEST_MIGRATE_HOLD") or None
+
+
+def _test_hold():
+    return _TEST_HOLD is not None and os.path.exists(_TEST_HOLD)
+
+
+#: What a target answers when it refuses the migration connection's credentials.
+_AUTH_CODES = ("NOAUTH", "WRONGPASS", "NOPERM", "ERR")
 
 
 def _err(code, msg):
@@ -98,9 +140,54 @@ def _key(k):
     raise _err("TYPE", "migrate keys are str or bin")
 
 
+class Imports:
+    """The target primary's record of the keys it installed through
+    ``migrate_put``: ``key -> version``, per importing slot, kept until the
+    slot's migration ends (it is no longer importing here).
+
+    It is what makes a delete on the target final: a key installed here at
+    version ``v`` and absent now was deleted (or expired) here, and a
+    ``migrate_put`` of it at a version ``<= v`` is an older copy the source
+    still had (a source replica promoted before the source's own delete of
+    the moved key reached it) -- it is skipped, never installed again. A
+    version above ``v`` is a write the source made after the key came
+    here, and is installed as any newer write."""
+
+    def __init__(self):
+        self.versions = {}          # key -> highest version installed here
+        self.slots = frozenset()    # the importing slots the record is for
+
+    def follow(self, importing):
+        """Forget the keys of slots no longer being imported."""
+        importing = frozenset(importing)
+        if importing == self.slots:
+            return
+        self.slots = importing
+        if self.versions:
+            self.versions = {k: v for k, v in self.versions.items()
+                             if _slots.key_slot(k) in importing}
+
+    def installed(self, key, version):
+        if version > self.versions.get(key, 0):
+            self.versions[key] = version
+
+    def refuses(self, key, version):
+        """True if ``key`` (absent here) was installed here at ``version`` or later."""
+        return self.versions.get(key, 0) >= version
+
+
+def _imports(c):
+    imp = getattr(c, "imports", None)
+    if imp is None:
+        imp = c.imports = Imports()
+    v = c.view
+    imp.follow(v.importing if v is not None else ())
+    return imp
+
+
 def native_migrate_put(conn, args):
     """``[[[key, version, value, expire_at_ms], ...]]`` -> ``{"installed", "skipped", "retry"}``."""
-    _cluster(conn)
+    c = _cluster(conn)
     if len(args) != 1 or type(args[0]) is not list:
         raise _err("TYPE", "migrate_put takes [[[key, version, value, expire_at_ms], ...]]")
     items = []
@@ -113,6 +200,7 @@ def native_migrate_put(conn, args):
         items.append((k, it[1], it[2].encode() if isinstance(it[2], str) else it[2], it[3]))
     store = conn.server.store
     writes = conn.server.writes
+    imports = _imports(c)
     now = time.time_ns() // 1_000_000
     installed = skipped = 0
     retry = []
@@ -125,9 +213,13 @@ def native_migrate_put(conn, args):
         if (cur is not None and cur[0] >= ver) or (exp and exp <= now):
             skipped += 1
             continue
+        if cur is None and imports.refuses(k, ver):
+            skipped += 1            # deleted here after it came: stays deleted
+            c.mover.stats["stale_refused"] += 1
+            continue
         writes.install_versioned(k, val, ver, exp)
+        imports.installed(k, ver)
         installed += 1
-    c = conn.server.cluster
     c.stats["migrate_installed"] += installed
     repl = conn.server.repl
     online = repl.primary.online_count() if repl is not None and repl.role == "master" else 0
@@ -180,14 +272,44 @@ class SlotMover:
         self.task = None
         self.held = set()           # keys in flight (sent, not settled yet)
         self.pending_dels = {}      # key -> version: deletes to forward to the target
-        self.requested = {}         # slot -> epoch of the migrate-done request sent
+        self.requested = {}         # slot -> when its migrate-done request was sent (monotonic)
+        #: seconds after which a drained slot still migrating is asked for
+        #: again (the controller refuses a whole request naming a slot that
+        #: finished meanwhile, e.g. by a request of a primary that just died)
+        self.request_again = 3.0
         self._conns = {}            # (host, port) -> AsyncConnection
+        self.unconfirmed = set()    # keys here the target may hold a newer state of
+        self._role = None           # the role of the last view
+        self._auth_logged = None
         self.stats = {"keys_moved": 0, "batches": 0, "lost_waits": 0, "resent": 0,
-                      "deletes_forwarded": 0, "errors": 0, "replica_waits_failed": 0}
+                      "deletes_forwarded": 0, "errors": 0, "replica_waits_failed": 0,
+                      "stale_refused": 0, "unconfirmed": 0, "auth_failures": 0}
 
     # -- lifecycle
 
     def update(self, view):
+        imp = getattr(self.mode, "imports", None)
+        if imp is not None:
+            imp.follow(view.importing if view.role == "primary" else ())
+        if view.role == "primary" and self._role != "primary" and view.migrating:
+            # a primary now (promoted, or restarted) in the middle of a move:
+            # some keys here may have been moved already, and changed or
+            # deleted on the target since (their local delete had not
+            # reached this node). None is served or written here until the
+            # target has seen it (routing answers TRYAGAIN: node.py).
+            store = self.mode.server.store
+            self.unconfirmed = {k for k in store.keys()
+                                if _slots.key_slot(k) in view.migrating}
+            if self.unconfirmed:
+                event("warning", "migrate_unconfirmed_keys", keys=len(self.unconfirmed),
+                      slots=len(view.migrating))
+        elif view.role != "primary":
+            self.unconfirmed = set()
+        elif self.unconfirmed:
+            self.unconfirmed = {k for k in self.unconfirmed
+                                if _slots.key_slot(k) in view.migrating}
+        self.stats["unconfirmed"] = len(self.unconfirmed)
+        self._role = view.role
         want = view.role == "primary" and bool(view.migrating)
         if want and (self.task is None or self.task.done()):
             self.task = asyncio.get_running_loop().create_task(self.run())
@@ -267,8 +389,10 @@ class SlotMover:
                 by_target.setdefault(moving[s][1], []).append(k)
         for k in self.pending_dels:
             busy.add(_slots.key_slot(k))
-        done = [s for s in moving if s not in busy and s not in self.requested]
-        if done:
+        now = time.monotonic()
+        done = [s for s in moving if s not in busy
+                and now - self.requested.get(s, -1e9) > self.request_again]
+        if done and not _test_hold():
             await self.request_done(done, v.epoch)
         for addr, keys in by_target.items():
             if addr is None:
@@ -281,7 +405,7 @@ class SlotMover:
 
     async def request_done(self, slots, epoch):
         for s in slots:
-            self.requested[s] = epoch
+            self.requested[s] = time.monotonic()
         ranges = _slots.to_ranges(set(slots))
         try:
             rid = await self.mode.agent.topo.request("migrate-done", slots=[list(r) for r in ranges])
@@ -295,8 +419,27 @@ class SlotMover:
         from kvstore.client._async import AsyncConnection
         c = self._conns.get(addr)
         if c is None or c.closed:
-            c = AsyncConnection(addr[0], addr[1], socket_timeout=self.timeout)
-            await c.connect()
+            # the target is a node of the same cluster: it authenticates
+            # with the credentials replication uses (--masterauth, else
+            # --requirepass), as the default user
+            password = self.mode.server.repl.password
+            c = AsyncConnection(addr[0], addr[1], password=password,
+                                socket_timeout=self.timeout)
+            try:
+                await c.connect()
+            except errors.ResponseError as e:
+                if getattr(e, "code", None) not in _AUTH_CODES:
+                    raise
+                self.stats["auth_failures"] += 1
+                where = f"{addr[0]}:{addr[1]}"
+                if self._auth_logged != where:
+                    self._auth_logged = where
+                    event("error", "migrate_auth_refused", target=where, error=str(e),
+                          hint="the target refused this node's credentials "
+                               "(--masterauth, else --requirepass): slots cannot move "
+                               "until every node of the cluster shares them")
+                raise
+            self._auth_logged = None
             self._conns[addr] = c
         return c
 
@@ -317,6 +460,7 @@ class SlotMover:
                 self.stats["lost_waits"] += 1
                 continue                            # stays here; tried again next round
             if got is None:
+                self.unconfirmed.discard(k)         # gone here (expired): nothing to settle
                 continue
             ver, val = got
             items.append([k, ver, val, store.expire_at(k)])
@@ -339,6 +483,7 @@ class SlotMover:
             for k, ver in sent.items():
                 if k in retry:
                     continue
+                self.unconfirmed.discard(k)         # the target compared it with its own
                 try:
                     cur = store.get_versioned(k)
                 except KeyLostError:
@@ -352,6 +497,7 @@ class SlotMover:
                 else:
                     self.stats["resent"] += 1       # written meanwhile: the newer value goes next
             self._propagate()
+            self.stats["unconfirmed"] = len(self.unconfirmed)
             self.stats["keys_moved"] += n
             self.stats["batches"] += 1
             return n
@@ -369,5 +515,7 @@ class SlotMover:
         if not entries:
             return
         writes.entries = []
+        if _test_hold():
+            return      # test only: these deletes never reach the replicas
         for sub in writes.subscribers:
             sub.on_writes(entries, None)

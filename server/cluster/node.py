@@ -19,10 +19,13 @@ server build one :class:`ClusterMode` after its listeners are up. It
 * routes keyed commands (:meth:`route`, a pre-dispatch hook of the command
   table): ``-MOVED slot host:port`` for slots this node does not serve,
   ``-ASK`` for keys of a slot being migrated away that are no longer here,
-  ``-CROSSSLOT`` for multi-key commands across slots, ``-CLUSTERDOWN`` when
-  a slot has no primary (or the node is not placed yet). ``ASKING`` lets the
-  next command use an importing slot; ``READONLY`` lets a client read from a
-  replica;
+  ``-TRYAGAIN`` for a multi-key command of such a slot whose keys are
+  partly here and partly moved (as Redis Cluster) and for keys a primary
+  promoted mid-move has not yet reconciled with the target, ``-CROSSSLOT``
+  for multi-key commands across slots, ``-CLUSTERDOWN`` when a slot has no
+  primary (or the node is not placed yet). ``ASKING`` (native ``asking``)
+  lets the next command use an importing slot; ``READONLY`` lets a client
+  read from a replica;
 * moves the keys of the slots its shard is migrating away, while it is
   their live primary (:class:`~.migrate.SlotMover`; keys it has in flight
   are answered here, never with ASK);
@@ -39,7 +42,8 @@ server build one :class:`ClusterMode` after its listeners are up. It
 
 The native protocol gets the same refusals as errors ``[code, message,
 extra]`` (PROTOCOL.md): ``MOVED``/``ASK`` with extra ``{"slot", "host",
-"port"}``, ``CROSSSLOT``, ``CLUSTERDOWN``; and one op, ``cluster``.
+"port"}``, ``TRYAGAIN``, ``CROSSSLOT``, ``CLUSTERDOWN``; and the ops
+``cluster`` and ``asking``.
 """
 
 import time
@@ -121,8 +125,8 @@ class ClusterMode(ClusterNode):
         self.owner = [None] * _slots.SLOTS     # slot -> shard id
         self.fenced = True
         self.fence_reason = "not started"
-        self.stats = {"moved": 0, "ask": 0, "crossslot": 0, "clusterdown": 0,
-                      "fenced_refusals": 0, "fenced_acks_refused": 0, "role_changes": 0,
+        self.stats = {"moved": 0, "ask": 0, "asked": 0, "tryagain": 0, "crossslot": 0,
+                      "clusterdown": 0, "fenced_refusals": 0, "fenced_acks_refused": 0, "role_changes": 0,
                       "migrate_installed": 0}
         self.mover = SlotMover(self)
         self._fast_all = False          # primary: every connection may use the C path
@@ -299,8 +303,18 @@ class ClusterMode(ClusterNode):
                 mig = v.migrating.get(slot)
                 if mig is not None and mig[1] is not None:
                     store, mover = self.server.store, self.mover
-                    if not all(mover.holds(bytes(k) if not isinstance(k, str) else k.encode())
-                               or store.exists(k) for k in keys):
+                    kbs = [bytes(k) if not isinstance(k, str) else k.encode() for k in keys]
+                    if mover.unconfirmed and any(k in mover.unconfirmed for k in kbs):
+                        self.stats["tryagain"] += 1
+                        raise _err("TRYAGAIN", "Key of a migrating slot not yet "
+                                   "reconciled with the target after a failover")
+                    here = [mover.holds(k) or store.exists(k) for k in kbs]
+                    if not all(here):
+                        if any(here):
+                            # neither side has all of them: Redis's answer
+                            self.stats["tryagain"] += 1
+                            raise _err("TRYAGAIN", "Multiple keys request during "
+                                       "rehashing of slot")
                         self.stats["ask"] += 1
                         raise _moved("ASK", slot, mig[1])
                 return
@@ -313,6 +327,7 @@ class ClusterMode(ClusterNode):
             self.stats["moved"] += 1
             raise _moved("MOVED", slot, addr)
         if asking and slot in v.importing and v.role == "primary":
+            self.stats["asked"] += 1
             return
         sh = v.map.shard(owner)
         if sh is None or not sh.primary:
