@@ -117,6 +117,8 @@ class Replication:
         cluster = getattr(self.server, "cluster", None)
         w.guard = self._guard if (not master or self.primary.min_acks or cluster) else None
         w.recording = master and self.primary.backlog is not None
+        ps = self.primary.persist
+        w.intent = ps if w.recording and ps is not None and ps.active else None
 
     def _guard(self):
         if self.role != "master":
@@ -201,6 +203,8 @@ class Replication:
     def become_replica(self, host, port):
         self.replica.stop()
         self.primary.drop_sessions("node became a replica")
+        if self.primary.persist is not None:
+            self.primary.persist.forget()      # this history no longer goes on here
         self.role = "slave"
         self.replica.start(host, port)
         self.configure_writes()
