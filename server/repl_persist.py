@@ -43,7 +43,10 @@ newer offset: more keys are sent again, never fewer), then the intent list
 is emptied; only then are the bytes sent. A replica that had not received
 the last chunk when the process died gets it from the tail: both a replica
 at ``offset`` and one at ``tail_at`` continue with a partial sync. One further
-behind does a full sync (the rest of the backlog was process memory).
+behind does a full sync (the rest of the backlog was process memory). A
+command whose keys do not fit the intent list (about 1 KiB of key names)
+marks it overflowed: a crash before its entries are handed over makes the
+next worker start a new replication id (a full sync).
 """
 
 import struct
