@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -82,3 +83,28 @@ def test_plain_delete_keeps_the_header_in_step():
     assert b.adopt_report()["version"] == v            # the header's counter
     b.close()
     a.close()
+
+
+def test_keys_since_lists_the_keys_newer_than_a_version():
+    """Engine.keys_since(v): what a crash restart sends to replicas again
+    (every key written after v: present, LOST, expired, long keys)."""
+    s = kvstore.Store("16MiB", page_size="4K", recovery="manual")
+    for i in range(300):
+        s.put(b"old:%d" % i, b"v")
+    v = s.version
+    longkey = b"L" * 3000
+    s.put(longkey, b"long")
+    s.put(b"old:7", b"rewritten")
+    s.put(b"ttl", b"x", ttl=0.001)
+    s.put(b"gone", b"x")
+    s.delete(b"gone")
+    s.faults.inject_key(b"old:7", "ao")
+    s.recover()
+    time.sleep(0.01)                        # "ttl" has expired
+    got = s.keys_since(v)
+    assert sorted(got) == sorted([longkey, b"old:7", b"ttl"])
+    assert s.keys_since(s.version) == []
+    assert len(s.keys_since(0)) == len(s.keys()) + 1        # + the expired key
+    with pytest.raises(OverflowError):
+        s.keys_since(-1)
+    s.close()
