@@ -252,15 +252,10 @@ def resume(server):
               detail="new replication id; replicas do a full sync")
         p.persist.forget()
         return False
-    from .repl_primary import Backlog
     p.replid = st["replid"]
-    if st["tail"] is not None:
-        # the last chunk sent before the crash: a replica that missed it
-        # continues from where it was
-        p.backlog = Backlog(p.backlog_size, offset=st["offset"] - len(st["tail"]))
-        p.backlog.append(st["tail"])
-    else:
-        p.backlog = Backlog(p.backlog_size, offset=st["offset"])
+    # the last chunk sent before the crash, when kept: a replica that missed
+    # it continues from where it was
+    p.start_backlog(st["offset"], st["tail"])
     p.persist.attach(st)
     repl.configure_writes()
     # the FLUSHALL first, then the writes in version order, then what is gone

@@ -218,6 +218,15 @@ class Primary:
         if self.persist is not None:
             self.persist.forget()
 
+    def start_backlog(self, offset, tail=None):
+        """An empty backlog ending at ``offset`` (a restart goes on with the
+        history), holding ``tail``, the chunk that ended there, when given."""
+        if tail:
+            self.backlog = Backlog(self.backlog_size, offset=offset - len(tail))
+            self.backlog.append(tail)
+        else:
+            self.backlog = Backlog(self.backlog_size, offset=offset)
+
     def keep_position(self):
         """Keep this history's position in the arena from now on
         (:mod:`.repl_persist`): the snapshot or the stream holds every write
