@@ -41,7 +41,9 @@ from kvstore.wire import NEED_MORE, FrameError, pack_frame
 from .conn import BaseConnection
 from .framing import FrameParser
 from .logs import event
+from .repl_persist import ArenaReplState
 from .resp import integer
+from .writes import crash_point
 
 __all__ = ["Backlog", "Primary", "ReplicaSession"]
 
@@ -194,6 +196,10 @@ class Primary:
         self.loop = repl.loop
         self.replid = new_replid()
         self.backlog = None
+        #: The replication position kept in the arena for a crash restart
+        #: (:mod:`.repl_persist`); None for a store without an arena.
+        self.persist = ArenaReplState(self.store) if hasattr(self.store, "arena") else None
+        self._fed_version = 0
         self.pending = []
         self.pending_bytes = 0
         self._flush_scheduled = False
@@ -209,6 +215,25 @@ class Primary:
         self.replid = new_replid()
         self.backlog = None
         self.pending, self.pending_bytes = [], 0
+        if self.persist is not None:
+            self.persist.forget()
+
+    def start_backlog(self, offset, tail=None):
+        """An empty backlog ending at ``offset`` (a restart goes on with the
+        history), holding ``tail``, the chunk that ended there, when given."""
+        if tail:
+            self.backlog = Backlog(self.backlog_size, offset=offset - len(tail))
+            self.backlog.append(tail)
+        else:
+            self.backlog = Backlog(self.backlog_size, offset=offset)
+
+    def keep_position(self):
+        """Keep this history's position in the arena from now on
+        (:mod:`.repl_persist`): the snapshot or the stream holds every write
+        the Store made so far."""
+        if self.persist is not None and self.backlog is not None:
+            self._fed_version = self.store.version
+            self.persist.start(self.replid, self.backlog.end, self._fed_version)
 
     def online_count(self):
         return sum(1 for s in self.sessions if s.state == "online" and not s.closed)
@@ -229,6 +254,10 @@ class Primary:
     def feed(self, blob, reply_index=None):
         self.pending.append(blob)
         self.pending_bytes += len(blob)
+        if self.persist is not None:
+            # every write the Store made so far is in the stream after this
+            self._fed_version = self.store.version
+            self.persist.fed()
         if reply_index is not None and self.min_acks:
             self.marks.append(reply_index)
             self.server.reply_gate = self.gate
@@ -246,6 +275,9 @@ class Primary:
         if self.backlog is None:
             return
         start = self.backlog.append(blob)
+        if self.persist is not None:
+            self.persist.commit(self.backlog.end, self._fed_version, blob)
+            crash_point("stream:send")
         for s in self.sessions:
             s.chunk(start, blob)
 
@@ -265,6 +297,7 @@ class Primary:
     def handle_sync(self, conn, replid, offset, listen_port):
         if self.backlog is None:
             self.backlog = Backlog(self.backlog_size)
+            self.keep_position()
             self.repl.configure_writes()
         self.flush_pending()
         chunks = None

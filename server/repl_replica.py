@@ -220,6 +220,10 @@ class ReplicaLink:
                 event("error", "primary_link_failed", host=self.host, port=self.port,
                       error=f"{type(e).__name__}: {e}")
             finally:
+                if self.syncing:
+                    # cut off inside a full sync: the snapshot is partial,
+                    # so the next sync must be a full one too
+                    self.replica.master_replid = None
                 if self.up:
                     self.down_since = time.monotonic()
                     delay = 0.05        # it was working: retry soon

@@ -121,6 +121,8 @@ class Replication:
         # fencing check, which the C RESP path may make per batch instead
         w.fast_guard = cluster.can_ack if (master and cluster and not self.primary.min_acks) else None
         w.recording = master and self.primary.backlog is not None
+        ps = self.primary.persist
+        w.intent = ps if w.recording and ps is not None and ps.active else None
 
     def _guard(self):
         if self.role != "master":
@@ -205,6 +207,8 @@ class Replication:
     def become_replica(self, host, port):
         self.replica.stop()
         self.primary.drop_sessions("node became a replica")
+        if self.primary.persist is not None:
+            self.primary.persist.forget()      # this history no longer goes on here
         self.role = "slave"
         self.replica.start(host, port)
         self.configure_writes()

@@ -150,16 +150,28 @@ def listeners():
 
 def restore(server, adopted):
     """Replication state of the previous process (only when its arena was
-    adopted: the data and the offsets go together)."""
+    adopted: the data and the offsets go together). After a planned restart
+    it comes from the environment; after a crash, from what the primary
+    kept in the arena (:mod:`.repl_persist`)."""
     _, state = inherited()
+    repl = server.repl
+    p = repl.primary
+    if adopted and not state.get("replid") and state.get("role") != "slave":
+        from .repl_persist import resume
+        resume(server)                   # a crash restart
+    elif p.persist is not None and not (adopted and state.get("replid")):
+        p.persist.forget()               # no history of the arena goes on here
     if not adopted or not state:
         return
-    repl = server.repl
     from .repl_primary import Backlog
-    p = repl.primary
     if state.get("replid"):
         p.replid = state["replid"]
         p.backlog = Backlog(p.backlog_size, offset=int(state.get("offset", 0)))
+        if p.persist is not None:
+            if state.get("role") == "slave":
+                p.persist.forget()
+            else:
+                p.keep_position()
         repl.configure_writes()
     if state.get("role") == "slave" and state.get("master"):
         host, port = state["master"]

@@ -25,6 +25,7 @@ when :meth:`fast_set_allowed` says a SET needs nothing from this path.
 """
 
 import contextlib
+import os
 import time
 import weakref
 
@@ -33,7 +34,7 @@ from kvstore.errors import KeyLostError, KeyTooLargeError, StoreFullError
 from .errors import CommandError
 from .logs import event
 
-__all__ = ["ValueLargerThanStoreError", "WritePath"]
+__all__ = ["ValueLargerThanStoreError", "WritePath", "crash_point"]
 
 
 class ValueLargerThanStoreError(CommandError):
@@ -47,6 +48,28 @@ class ValueLargerThanStoreError(CommandError):
 
 _SUB = 4096          # the allocator's subpage
 _REC_HDR = 8         # record header: checksum + value length
+
+#: Test hook, as the engine's (adopt.h): abort() at the point named by
+#: KVSTORE_CRASH_AT; with KVSTORE_CRASH_ONCE=path only the process that
+#: creates path does (a supervised server's next worker has the same
+#: environment). Points: ``write:propagate`` (a command's writes are in the
+#: Store, its entries not yet handed to replication), ``stream:send``
+#: (server/repl_primary.py: a chunk is in the backlog and its position kept
+#: in the arena, not yet sent to the replicas).
+_CRASH_AT = os.environ.get("KVSTORE_CRASH_AT", "")
+
+
+def crash_point(name):
+    if _CRASH_AT != name:
+        return
+    once = os.environ.get("KVSTORE_CRASH_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError:
+            return
+    os.write(2, f"kvstore: KVSTORE_CRASH_AT={name}: aborting here\n".encode())
+    os.abort()
 
 
 class WritePath:
@@ -65,6 +88,12 @@ class WritePath:
         self.recording = False
         #: Entries of the command running now, until propagate().
         self.entries = []
+        #: None, or the primary's kept replication position
+        #: (:class:`.repl_persist.ArenaReplState`): a write whose effect
+        #: carries no fresh version (a delete, a TTL change, a write at a
+        #: given version, a flush) names its key there before the Store
+        #: changes, so a crash before propagate() cannot hide it.
+        self.intent = None
         #: Objects with on_writes(entries, reply_index), on_install(key, value,
         #: version, status) and read_repair(key, version) (a context manager).
         self.subscribers = []
@@ -176,7 +205,10 @@ class WritePath:
         the new value and is logged."""
         st = self.store
         del self.entries[mark:]
+        it = self.intent
         for k, old in snap.items():
+            if old is None and it is not None:
+                it.intent(k)
             if old is None and st.delete(k) and self.recording:
                 self.entries.append(("d", k, st.version))
         for k, old in snap.items():
@@ -250,6 +282,8 @@ class WritePath:
             self.guard()
         if self.watchers:
             self.touch(key)
+        if self.intent is not None:
+            self.intent.intent(key)
         try:
             self.store.put_versioned(key, value, version, at_ms)
         except StoreFullError:
@@ -292,6 +326,8 @@ class WritePath:
     def delete(self, key):
         if self.guard is not None:
             self.guard()
+        if self.intent is not None:
+            self.intent.intent(key)
         r = self.store.delete(key)
         if r:
             if self.watchers:
@@ -306,6 +342,8 @@ class WritePath:
         """Absolute expiry in ms since the epoch; 0 removes the expiry."""
         if self.guard is not None:
             self.guard()
+        if self.intent is not None:
+            self.intent.intent(key)
         r = self.store.expire_at_ms(key, ms)
         if r:
             if self.watchers:
@@ -335,6 +373,8 @@ class WritePath:
             self.guard()
         if self.watchers:
             self.touch_all()
+        if self.intent is not None:
+            self.intent.intent_flush()
         r = self.store.flush()
         if self.recording:
             self.entries.append(("f",))
@@ -347,6 +387,8 @@ class WritePath:
         entries = self.entries
         if not entries:
             return
+        if _CRASH_AT:
+            crash_point("write:propagate")
         self.entries = []
         for sub in self.subscribers:
             sub.on_writes(entries, reply_index)

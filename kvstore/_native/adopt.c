@@ -1,9 +1,11 @@
 /* adopt.c - the arena header and adoption of an inherited arena. See adopt.h. */
 #include "adopt.h"
 
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define SUB 4096u
 
@@ -19,6 +21,14 @@ __attribute__((constructor)) static void crash_init(void)
 void kv_crash_point_slow(const char *name)
 {
     if (crash_at && strcmp(crash_at, name) == 0) {
+        /* KVSTORE_CRASH_ONCE=path: only the process that creates path aborts
+         * (a supervised server's next worker inherits the same environment) */
+        const char *once = getenv("KVSTORE_CRASH_ONCE");
+        if (once && *once) {
+            int fd = open(once, O_WRONLY | O_CREAT | O_EXCL, 0600);
+            if (fd < 0) return;
+            close(fd);
+        }
         fprintf(stderr, "kvstore: KVSTORE_CRASH_AT=%s: aborting here\n", name);
         abort();
     }
@@ -63,6 +73,20 @@ void kv_hdr_sync(kv_engine *e)
     } f = {e->al.gbits, e->gdepth, e->dir_sub, e->dir_n, e->version, e->generation};
     size_t fo;
     if (kv_arena_write(a, offsetof(kv_hdr, gbits), &f, sizeof f, &fo) == 0) e->hdr_version = e->version;
+}
+
+/* Raise the header's version to v before an operation whose effect leaves
+ * no entry carrying its version (a delete) reaches memory. Adoption takes
+ * the header's version as a floor, so a crash between the delete's effect
+ * and the header write after the operation cannot hand its version out
+ * again. Writes only the version field; kv_hdr_sync_version skips the
+ * write after the operation when e->version has caught up with it. */
+void kv_hdr_version_ahead(kv_engine *e, uint64_t v)
+{
+    kv_arena *a = e->arena;
+    if (v <= e->hdr_version || kv_arena_hazard(a, 0, sizeof(kv_hdr)) != 0) return;
+    size_t fo;
+    if (kv_arena_write(a, offsetof(kv_hdr, version), &v, sizeof v, &fo) == 0) e->hdr_version = v;
 }
 
 /* ------------------------------------------------------------ adoption */

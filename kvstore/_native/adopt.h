@@ -64,6 +64,9 @@ static inline void kv_hdr_sync_version(kv_engine *e)
 {
     if (__builtin_expect(e->version != e->hdr_version, 0)) kv_hdr_sync(e);
 }
+/* Write version v (> e->version: the one an operation is about to take) to
+ * the header before the operation's effect; see adopt.c. */
+void kv_hdr_version_ahead(kv_engine *e, uint64_t v);
 
 /* Adopt arena a (kv_arena_adopt) into a fresh engine e: check the header,
  * validate the directory and the index pages, rebuild the counters, and

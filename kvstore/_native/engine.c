@@ -832,6 +832,10 @@ static int body_upsert(kv_engine *e, void *va)
                 size_t rl;
                 int rc = release_len(e, en, &rl);
                 if (rc) return rc;
+                /* the delete leaves no entry with its version: the header
+                 * holds it before the entry goes (adopt.c) */
+                kv_hdr_version_ahead(e, e->version + 1);
+                kv_crash_point("delete:ahead");
                 entry_drop(e, p, (uint32_t)i, rl);
                 kv_crash_point("delete:drop");
                 a->existed = 1;
@@ -900,6 +904,7 @@ static int body_upsert(kv_engine *e, void *va)
         kv_crash_point(a->mode == UP_PUT ? "put:record" : "install:record");
     }
     /* commit: nothing below touches memory not checked above */
+    if (a->mode == UP_TOMB) kv_hdr_version_ahead(e, e->version + 1);
     kv_entry *ne;
     if (en && kv_e_bytes(en) == nsize) {
         /* same size (an overwrite, mostly): rewrite the entry in place */

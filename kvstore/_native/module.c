@@ -1247,8 +1247,10 @@ static PyObject *Engine_expire_at(EngineObject *self, PyObject *key)
 typedef struct {
     EngineObject *self;
     PyObject *list;
-    int what;                 /* 0 keys, 1 lost keys, 2 entries with hashes, 3 lost ranges */
+    int what;                 /* 0 keys, 1 lost keys, 2 entries with hashes, 3 lost ranges,
+                                 4 keys newer than since */
     uint64_t lo, hi, now;
+    uint64_t since;
 } scan_ctx;
 
 static void *scan_keybuf(void *ctx, size_t n)
@@ -1282,6 +1284,7 @@ static int scan_visit(void *vctx, const kv_ipage *p, uint64_t plo, uint64_t phi)
         int st = kv_e_state(en);
         if (st == KV_ST_TOMB || st == KV_ST_FREE) continue;
         if (c->what == 1 && st < KV_ST_LOST) continue;
+        if (c->what == 4 && kv_e_version(en) <= c->since) continue;
         if (c->what == 0 && (kv_e_flags(en) & KV_F_TTL) && kv_e_ttl(en) && kv_e_ttl(en) <= c->now) continue;
         uint32_t klen = kv_e_klen(en);
         PyObject *k = NULL;
@@ -1330,7 +1333,7 @@ static int scan_visit(void *vctx, const kv_ipage *p, uint64_t plo, uint64_t phi)
 
 static PyObject *scan_list(EngineObject *self, int what, uint64_t lo, uint64_t hi)
 {
-    scan_ctx c = {self, PyList_New(0), what, lo, hi, kv_now_ms()};
+    scan_ctx c = {self, PyList_New(0), what, lo, hi, kv_now_ms(), 0};
     if (!c.list) return NULL;
     if (kv_eng_scan(&self->e, lo, hi, scan_visit, &c) != 0) {
         if (!PyErr_Occurred()) PyErr_SetString(self->st->MemoryFaultError, "the index directory is unreadable");
@@ -1350,6 +1353,24 @@ static PyObject *Engine_lost_keys(EngineObject *self, PyObject *unused)
 {
     ENGINE_OK(self);
     return scan_list(self, 1, 0, ~0ULL);
+}
+
+/* keys_since(version) -> [key] of every entry (present or lost, expired or
+ * not) whose version is above version. A long key that is not present is
+ * left out: its name went with its record. */
+static PyObject *Engine_keys_since(EngineObject *self, PyObject *arg)
+{
+    ENGINE_OK(self);
+    unsigned long long v = PyLong_AsUnsignedLongLong(arg);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    scan_ctx c = {self, PyList_New(0), 4, 0, ~0ULL, kv_now_ms(), v};
+    if (!c.list) return NULL;
+    if (kv_eng_scan(&self->e, 0, ~0ULL, scan_visit, &c) != 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(self->st->MemoryFaultError, "the index directory is unreadable");
+        Py_DECREF(c.list);
+        return NULL;
+    }
+    return c.list;
 }
 
 /* scan_range(lo, hi) -> [("key", key, version, state) | ("range", lo, hi, lost_at)]
@@ -1879,6 +1900,8 @@ static PyMethodDef Engine_methods[] = {
     {"ttl_ms", (PyCFunction)Engine_ttl_ms, METH_O, "ttl_ms(key) -> ms left, -1 (no expiry), -2 (absent)."},
     {"expire_at", (PyCFunction)Engine_expire_at, METH_O, "expire_at(key) -> absolute expiry in ms, 0 if none."},
     {"keys", (PyCFunction)Engine_keys, METH_NOARGS, "keys() -> list of keys (present and lost)."},
+    {"keys_since", (PyCFunction)Engine_keys_since, METH_O,
+     "keys_since(version) -> keys (present and lost) whose version is above version."},
     {"locate", (PyCFunction)Engine_locate, METH_O, "locate(key) -> (arena offset, record length)."},
     {"recover", (PyCFunction)Engine_recover, METH_NOARGS,
      "recover() -> dict: process lost memory now (salvage, invalidate, quarantine)."},
