@@ -934,8 +934,36 @@ typedef struct {
     uint32_t klen;
     uint64_t h, exp;
     int state, had;
+    uint64_t version;     /* set_ttl: 0 = next, else that version (replication) */
+    uint64_t out_version;
 } mut_args;
 
+/* Rebind PRESENT entry en's record to version v: verify the checksum under
+ * the old version, write the one under v. 0, KV_LOSTKEY (the record did not
+ * verify: the key is LOST now) or KV_AGAIN. Touches the whole record first. */
+static int rec_rebind(kv_engine *e, kv_entry *en, const uint8_t *key, uint32_t klen, uint64_t v)
+{
+    uint32_t csum, vlen;
+    size_t reclen;
+    int rc = rec_header(e, en, &csum, &vlen, &reclen);
+    if (rc) return rc;
+    uint64_t off = kv_e_off(en);
+    TOUCH(e, off, reclen);
+    const uint8_t *val = AP(e, off + reclen - vlen);
+    if (rec_csum(key, klen, val, vlen, kv_e_version(en)) != csum) {
+        e->c_checksum_fail++;
+        lose(e, en, reclen);
+        return KV_LOSTKEY;
+    }
+    uint32_t nc = rec_csum(key, klen, val, vlen, v);
+    memcpy(AP(e, off), &nc, 4);
+    return 0;
+}
+
+/* A change of expiry is a write: the key takes a new version (the same
+ * counter as puts and deletes), and its record's checksum is rebound to it,
+ * so a peer's copy from before the change is older and never installed over
+ * it. Only PRESENT keys: a LOST key's expiry changes once it is back. */
 static int body_set_ttl(kv_engine *e, void *va)
 {
     mut_args *a = va;
@@ -946,45 +974,76 @@ static int body_set_ttl(kv_engine *e, void *va)
         int i = pg_find(e, p, a->key, a->klen, a->h);
         if (i < 0) return (p->flags & KV_IP_LOSTRANGE) ? KV_LOSTKEY : KV_ABSENT;
         kv_entry *en = kv_ip_entry(p, (uint32_t)i);
-        if (kv_e_state(en) == KV_ST_TOMB) return KV_ABSENT;
+        int st = kv_e_state(en);
+        if (st == KV_ST_TOMB) return KV_ABSENT;
         unsigned f = kv_e_flags(en);
         a->had = (f & KV_F_TTL) != 0;
         if (a->had) {
+            uint64_t old = kv_e_ttl(en);
+            if (old <= kv_now_ms()) {          /* already expired: gone, as a read would find */
+                size_t rl;
+                int rc = release_len(e, en, &rl);
+                if (rc) return rc;
+                entry_drop(e, p, (uint32_t)i, rl);
+                e->c_expired++;
+                a->had = 0;
+                return KV_ABSENT;
+            }
+        }
+        if (st != KV_ST_PRESENT) return KV_LOSTKEY;
+        if (!a->had && !a->exp) return KV_OK;     /* nothing changes, no version */
+        if (a->version && a->version <= kv_e_version(en)) return KV_SKIP;   /* older than what is here */
+        uint64_t v = a->version ? a->version : e->version + 1;
+        const uint8_t *key = a->key;
+        if (f & KV_F_LONG) {
+            /* the key lives in the record: checked by the checksum below */
+            key = AP(e, kv_e_off(en) + KV_REC_HDR);
+        }
+        if (a->had) {
+            int rc = rec_rebind(e, en, key, a->klen, v);
+            if (rc) return rc;
             if (a->exp) memcpy(kv_e_ttlp(en), &a->exp, 8);
             else {
                 kv_e_set_flags(en, f & ~KV_F_TTL);
                 p->dead = (uint16_t)(p->dead + 8);
                 pgc_add(e, p, 0, 0, -1);
             }
-            return KV_OK;
+            kv_e_set_version(en, v);
+        } else {
+            uint32_t size = kv_e_bytes(en);
+            int room = make_room(p, size + 8, i);
+            if (!room) {
+                int rc = split(e, s, size + 12);
+                if (rc != KV_OK) return rc;
+                continue;
+            }
+            int rc = rec_rebind(e, en, key, a->klen, v);
+            if (rc) return rc;
+            uint8_t tmp[16 + KV_INLINE_KEY + 16];
+            memcpy(tmp, en, size);
+            kv_ip_del(p, (uint32_t)i);
+            if (room == 2) kv_ip_compact(p);
+            kv_entry *ne = kv_ip_add(p, kv_tag(a->h), size + 8);
+            memcpy(ne, tmp, size);
+            kv_e_set_flags(ne, f | KV_F_TTL);
+            memcpy(kv_e_ttlp(ne), &a->exp, 8);
+            kv_e_set_version(ne, v);
+            pgc_add(e, p, 0, 0, 1);
         }
-        if (!a->exp) return KV_OK;
-        uint32_t size = kv_e_bytes(en);
-        int room = make_room(p, size + 8, i);
-        if (!room) {
-            int rc = split(e, s, size + 12);
-            if (rc != KV_OK) return rc;
-            continue;
-        }
-        uint8_t tmp[16 + KV_INLINE_KEY + 16];
-        memcpy(tmp, en, size);
-        kv_ip_del(p, (uint32_t)i);
-        if (room == 2) kv_ip_compact(p);
-        kv_entry *ne = kv_ip_add(p, kv_tag(a->h), size + 8);
-        memcpy(ne, tmp, size);
-        kv_e_set_flags(ne, f | KV_F_TTL);
-        memcpy(kv_e_ttlp(ne), &a->exp, 8);
-        pgc_add(e, p, 0, 0, 1);
+        if (v > e->version) e->version = v;
+        a->out_version = v;
         return KV_OK;
     }
     return KV_FULL;
 }
 
-int kv_eng_set_ttl(kv_engine *e, const void *key, uint32_t klen, uint64_t exp_ms, int *had)
+int kv_eng_set_ttl(kv_engine *e, const void *key, uint32_t klen, uint64_t exp_ms, uint64_t version, int *had,
+                   uint64_t *out_version)
 {
-    mut_args a = {key, klen, kv_hash(key, klen), exp_ms, 0, 0};
+    mut_args a = {key, klen, kv_hash(key, klen), exp_ms, 0, 0, version, 0};
     int rc = run(e, body_set_ttl, &a);
     *had = a.had;
+    if (out_version) *out_version = a.out_version;
     return rc == KV_AGAIN ? KV_FULL : rc;
 }
 

@@ -146,9 +146,15 @@ int kv_eng_put(kv_engine *e, const void *key, uint32_t klen, const void *val, si
  * not; -1 (KV_FULL) if a tombstone was needed and there was no room. */
 int kv_eng_delete(kv_engine *e, const void *key, uint32_t klen);
 
-/* Set (exp_ms > 0) or clear (0) the expiry: KV_OK, KV_ABSENT, KV_LOSTKEY,
- * KV_FULL. *had: the key had an expiry. */
-int kv_eng_set_ttl(kv_engine *e, const void *key, uint32_t klen, uint64_t exp_ms, int *had);
+/* Set (exp_ms > 0) or clear (0) the expiry of a PRESENT key. A change takes
+ * a version like a write (version 0 = next; else that exact version, from a
+ * primary's stream) and rebinds the record's checksum to it; clearing an
+ * expiry the key does not have changes nothing. KV_OK (*out_version: the
+ * new version, 0 when nothing changed), KV_ABSENT, KV_LOSTKEY (LOST keys
+ * are read-repaired first), KV_SKIP (version given and not newer than the
+ * key's), KV_FULL. *had: the key had an expiry. */
+int kv_eng_set_ttl(kv_engine *e, const void *key, uint32_t klen, uint64_t exp_ms, uint64_t version, int *had,
+                   uint64_t *out_version);
 
 /* Move a lost key between LOST / REBUILDING / UNRECOVERABLE. 1 if done. */
 int kv_eng_set_state(kv_engine *e, const void *key, uint32_t klen, int state);

@@ -920,23 +920,40 @@ static PyObject *put_impl(EngineObject *self, PyObject *key, PyObject *value, ui
 static PyObject *Engine_put(EngineObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     ENGINE_OK(self);
-    PyObject *ttl = nargs >= 3 ? args[2] : NULL;
+    PyObject *ttl = nargs >= 3 ? args[2] : NULL, *at = NULL;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *name = PyTuple_GET_ITEM(kwnames, i);
         if (PyUnicode_CompareWithASCIIString(name, "ttl") == 0 && !ttl) {
             ttl = args[nargs + i];
+        } else if (PyUnicode_CompareWithASCIIString(name, "expire_at_ms") == 0 && !at) {
+            at = args[nargs + i];
         } else {
             PyErr_Format(PyExc_TypeError, "put() got an unexpected keyword argument %R", name);
             return NULL;
         }
     }
     if (nargs < 2 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "put(key, value, ttl=None) takes 2 or 3 arguments");
+        PyErr_SetString(PyExc_TypeError, "put(key, value, ttl=None, *, expire_at_ms=None) takes 2 or 3 arguments");
         return NULL;
     }
     uint64_t exp;
-    if (ttl_to_ms(ttl, &exp)) return NULL;
+    if (at && at != Py_None) {
+        if (ttl && ttl != Py_None) {
+            PyErr_SetString(PyExc_TypeError, "put(): give ttl or expire_at_ms, not both");
+            return NULL;
+        }
+        /* absolute expiry in ms since the epoch: 0 none, -1 keep the key's */
+        long long v = PyLong_AsLongLong(at);
+        if (v == -1 && PyErr_Occurred()) return NULL;
+        if (v < -1) {
+            PyErr_SetString(PyExc_ValueError, "expire_at_ms must be >= 0 (or -1: keep)");
+            return NULL;
+        }
+        exp = v < 0 ? UINT64_MAX : (uint64_t)v;
+    } else if (ttl_to_ms(ttl, &exp)) {
+        return NULL;
+    }
     return put_impl(self, args[0], args[1], 0, exp);
 }
 
@@ -1087,17 +1104,24 @@ done:
     return out;
 }
 
-/* expire_at_ms(key, abs_ms) -> bool: set (abs_ms > 0) or clear (0) expiry. */
+/* expire_at_ms(key, abs_ms, version=0) -> bool: set (abs_ms > 0) or clear
+ * (0) expiry. A change takes a version (the next one, or `version` when a
+ * primary's stream gives it); see kv_eng_set_ttl. */
 static PyObject *Engine_expire_at_ms(EngineObject *self, PyObject *args)
 {
     PyObject *key;
-    unsigned long long at;
-    if (!PyArg_ParseTuple(args, "OK:expire_at_ms", &key, &at)) return NULL;
+    unsigned long long at, version = 0;
+    if (!PyArg_ParseTuple(args, "OK|K:expire_at_ms", &key, &at, &version)) return NULL;
     ENGINE_OK(self);
+    if (version > KV_VERSION_MASK) {
+        PyErr_SetString(PyExc_ValueError, "version must be between 0 and 2**48-1");
+        return NULL;
+    }
     Py_buffer k;
     if (key_arg(self, key, &k)) return NULL;
     int had = 0;
-    int rc = kv_eng_set_ttl(&self->e, k.buf, (uint32_t)k.len, at, &had);
+    uint64_t nv = 0;
+    int rc = kv_eng_set_ttl(&self->e, k.buf, (uint32_t)k.len, at, version, &had, &nv);
     put_bytes(&k);
     if (rc == KV_ABSENT) Py_RETURN_FALSE;
     if (rc == KV_LOSTKEY) {
@@ -1107,6 +1131,7 @@ static PyObject *Engine_expire_at_ms(EngineObject *self, PyObject *args)
         return raise_lost(self, key, &info);
     }
     if (rc == KV_FULL) return put_error(self, KV_FULL, 16);
+    if (rc == KV_SKIP) Py_RETURN_FALSE;
     if (at == 0) return PyBool_FromLong(had);
     Py_RETURN_TRUE;
 }
@@ -1719,7 +1744,7 @@ static PyMethodDef Engine_methods[] = {
     {"get", (PyCFunction)Engine_get, METH_O, "get(key) -> bytes or None; KeyLostError if the key was lost."},
     {"get_versioned", (PyCFunction)Engine_get_versioned, METH_O, "get_versioned(key) -> (version, value) or None."},
     {"put", (PyCFunction)(void (*)(void))Engine_put, METH_FASTCALL | METH_KEYWORDS,
-     "put(key, value, ttl=None) -> version."},
+     "put(key, value, ttl=None, *, expire_at_ms=None) -> version. ttl: seconds from now; expire_at_ms: absolute (ms since the epoch, 0 none, -1 keep the key's)."},
     {"put_versioned", (PyCFunction)Engine_put_versioned, METH_VARARGS,
      "put_versioned(key, value, version, expire_at_ms=0): apply a write with its version."},
     {"delete", (PyCFunction)Engine_delete, METH_O, "delete(key) -> True if the key existed (present or lost)."},
@@ -1727,7 +1752,7 @@ static PyMethodDef Engine_methods[] = {
     {"mget", (PyCFunction)Engine_mget, METH_VARARGS, "mget(keys, marker=None) -> [value or None]."},
     {"mput", (PyCFunction)Engine_mput, METH_O, "mput(mapping or pairs) -> [version]."},
     {"expire_at_ms", (PyCFunction)Engine_expire_at_ms, METH_VARARGS,
-     "expire_at_ms(key, ms) -> bool: set (ms>0, absolute) or clear (0) the expiry."},
+     "expire_at_ms(key, ms, version=0) -> bool: set (ms>0, absolute) or clear (0) the expiry; a change takes a version."},
     {"ttl_ms", (PyCFunction)Engine_ttl_ms, METH_O, "ttl_ms(key) -> ms left, -1 (no expiry), -2 (absent)."},
     {"expire_at", (PyCFunction)Engine_expire_at, METH_O, "expire_at(key) -> absolute expiry in ms, 0 if none."},
     {"keys", (PyCFunction)Engine_keys, METH_NOARGS, "keys() -> list of keys (present and lost)."},
