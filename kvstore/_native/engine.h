@@ -101,6 +101,12 @@ typedef struct {
     uint64_t verify_todo;         /* after adoption: subpages the scrubber has yet to pass */
     int64_t txn_off;              /* a record written but not yet referenced */
     size_t txn_len;
+    uint64_t meta_sub;            /* the allocator's metadata region (alloc.h), in the arena */
+    size_t meta_n;                /* its length in subpages; 0: still in process memory */
+    int pgc_ext;                  /* pgc lives in that region */
+    uint64_t inject_seen;         /* arena->inject_seq when armed subpages were last looked for */
+    size_t meta_scrub;            /* where the scrubber resumes in the region */
+    uint64_t c_meta_rebuilds, c_meta_all_lost;
     /* counters */
     uint64_t c_lost_keys, c_checksum_fail, c_faults_on_read, c_rebuilt, c_expired,
         c_compactions, c_moved, c_scrubbed_bytes, c_scrub_found, c_recoveries,
@@ -118,8 +124,14 @@ int kv_eng_flush(kv_engine *e);
  * exactly the records on lost subpages, quarantine, reclaim orphans. Cheap
  * when nothing is pending. st may be NULL. */
 void kv_eng_recover(kv_engine *e, kv_recover_stats *st);
+/* The allocator's metadata is used through plain loads and stores: after a
+ * simulated fault was injected, an armed subpage of its region counts as
+ * touched at the next operation (the allocator is used by most of them). */
+void kv_eng__meta_watch(kv_engine *e);
 static inline void kv_eng_check(kv_engine *e)
 {
+    if (__builtin_expect(__atomic_load_n(&e->arena->inject_seq, __ATOMIC_ACQUIRE) != e->inject_seen, 0))
+        kv_eng__meta_watch(e);
     if (__builtin_expect(__atomic_load_n(&e->arena->pending_flag, __ATOMIC_ACQUIRE) != 0, 0))
         kv_eng_recover(e, NULL);
 }
@@ -209,6 +221,9 @@ size_t kv_eng_compact(kv_engine *e, size_t max_subpages);
 
 /* Flip one byte of key's record (test hook for checksum detection). */
 int kv_eng_corrupt(kv_engine *e, const void *key, uint32_t klen, size_t byte);
+
+/* Bytes of arena used by the allocator's metadata region. */
+static inline uint64_t kv_eng_meta_bytes(const kv_engine *e) { return (uint64_t)e->meta_n * 4096; }
 
 /* Bytes of arena used by the index (pages + directory). */
 static inline uint64_t kv_eng_index_bytes(const kv_engine *e) { return (uint64_t)e->al.nindex * 4096; }

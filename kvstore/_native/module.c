@@ -1328,8 +1328,19 @@ static PyObject *Engine_locate_entry(EngineObject *self, PyObject *key)
     return Py_BuildValue("(Kn)", (unsigned long long)info.entry_off, (Py_ssize_t)info.entry_len);
 }
 
+/* locate_allocator() -> (arena offset, length) of the allocator's metadata
+ * region, or None while it is in process memory. */
+static PyObject *Engine_locate_allocator(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OK(self);
+    kv_eng_check(&self->e);
+    if (!self->e.meta_n) Py_RETURN_NONE;
+    return Py_BuildValue("(KK)", (unsigned long long)self->e.meta_sub * 4096ULL,
+                         (unsigned long long)kv_eng_meta_bytes(&self->e));
+}
+
 /* subpage_kind(s) -> ("free" | "records" | "large" | "lost" | "directory" |
- * "index", lo, hi): what the allocator holds in subpage s; for an index page
+ * "index" | "header" | "allocator", lo, hi): what the allocator holds in subpage s; for an index page
  * its hash range [lo, hi] (hi inclusive), else (kind, 0, 0). */
 static PyObject *Engine_subpage_kind(EngineObject *self, PyObject *arg)
 {
@@ -1340,9 +1351,11 @@ static PyObject *Engine_subpage_kind(EngineObject *self, PyObject *arg)
         PyErr_Format(PyExc_IndexError, "subpage %zu outside the store (%zu subpages)", s, self->e.al.nsub);
         return NULL;
     }
+    kv_eng_check(&self->e);
     kv_meta m = self->e.al.meta[s];
-    static const char *names[] = {"free", "records", "large", "large", "lost", "index", "directory", "?"};
+    static const char *names[] = {"free", "records", "large", "large", "lost", "index", "directory", "header"};
     int k = kv_sp_kind(m);
+    if (k == KV_SP_HDR && s != 0) return Py_BuildValue("(sii)", "allocator", 0, 0);
     if (k == KV_SP_INDEX)
         return Py_BuildValue("(sKK)", "index", (unsigned long long)kv_sp_ilo(m), (unsigned long long)kv_sp_ihi(m));
     return Py_BuildValue("(sii)", names[k], 0, 0);
@@ -1616,11 +1629,15 @@ static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
         dset(d, "index_directory_rebuilds", U(e->c_dir_rebuilds)) ||
         dset(d, "index_pages_scrubbed", U(e->c_index_scrubbed)) ||
         dset(d, "orphans_reclaimed", U(e->c_orphans)) ||
-        dset(d, "records_bytes", U((e->al.nsub - e->al.nfree - e->al.nlost - e->al.nindex -
-                                    (kv_sp_kind(e->al.meta[0]) == KV_SP_HDR)) * 4096ULL)) ||
+        dset(d, "records_bytes", U((e->al.nsub - e->al.nfree - e->al.nlost - e->al.nindex - e->al.nfixed) * 4096ULL)) ||
         dset(d, "generation", U(e->generation)) || dset(d, "unverified_subpages", U(e->verify_todo)) ||
-        dset(d, "allocator_bytes", U(e->al.nsub * (sizeof(kv_meta) + 3 * sizeof(uint32_t)) +
+        dset(d, "allocator_bytes", U(e->meta_n ? kv_eng_meta_bytes(e) :
+                                     e->al.nsub * (sizeof(kv_meta) + 3 * sizeof(uint32_t)) +
                                      (e->al.nsub + 63) / 64 * 8 + ((size_t)1 << e->al.gbits) * 12)) ||
+        dset(d, "allocator_in_arena", PyBool_FromLong(e->meta_n != 0)) ||
+        dset(d, "allocator_offset", U(e->meta_n ? e->meta_sub * 4096ULL : 0)) ||
+        dset(d, "allocator_rebuilds", U(e->c_meta_rebuilds)) ||
+        dset(d, "allocator_whole_index_lost", U(e->c_meta_all_lost)) ||
         dset(d, "version", U(e->version)) || dset(d, "max_key", PyLong_FromSsize_t(self->max_key)) ||
         dset(d, "max_value", PyLong_FromSsize_t(self->max_value)) ||
         dset(d, "last_salvage_error",
@@ -1781,6 +1798,8 @@ static PyMethodDef Engine_methods[] = {
      "scan_range(lo, hi) -> [('key', key, version, state) | ('range', lo, hi, version)]."},
     {"subpage_kind", (PyCFunction)Engine_subpage_kind, METH_O,
      "subpage_kind(s) -> (kind, lo, hi): what subpage s holds; an index page's hash range."},
+    {"locate_allocator", (PyCFunction)Engine_locate_allocator, METH_NOARGS,
+     "locate_allocator() -> (arena offset, length) of the allocator's metadata region, or None."},
     {"locate_entry", (PyCFunction)Engine_locate_entry, METH_O,
      "locate_entry(key) -> (arena offset, length) of the key's index entry."},
     {"scrub", (PyCFunction)Engine_scrub, METH_O, "scrub(max_bytes) -> (bytes examined, records failed)."},
