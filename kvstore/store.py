@@ -296,13 +296,14 @@ class Store(_native.Engine):
         stream gives it; an older one than the key's is ignored), so a
         rebuild source's copy from before the change is never installed
         over it. A LOST key is read-repaired through the rebuild source
-        first (else :class:`KeyLostError`)."""
+        first (else :class:`KeyLostError`); with ``version`` given it takes
+        the change as it is (its rebuild must then reach that version)."""
         try:
             return super().expire_at_ms(key, at_ms, version)
         except UnrecoverableKeyError:
             raise
         except KeyLostError:
-            if self.rebuild_source is None:
+            if self.rebuild_source is None or version:
                 raise
             if self.get(key) is None:       # read-repair (raises if it cannot)
                 return False

@@ -16,6 +16,7 @@ import time
 
 import msgpack
 
+from kvstore.errors import KeyLostError
 from kvstore.wire import MAGIC, NEED_MORE, FrameError, pack_frame
 
 from .framing import FrameParser
@@ -122,7 +123,12 @@ class Replica:
                 elif t == "d":
                     dl(e[1])
                 elif t == "e":
-                    ex(e[1], e[2], e[3] if len(e) > 3 else 0)
+                    try:
+                        ex(e[1], e[2], e[3] if len(e) > 3 else 0)
+                    except KeyLostError:
+                        # its index range is lost here: the range's rebuild
+                        # from the primary (caught up past this entry) has it
+                        pass
                     if len(e) > 3 and e[3] > maxv:
                         maxv = e[3]
                 elif t == "f":

@@ -178,3 +178,31 @@ def test_expire_on_a_lost_key_repairs_it_first():
         s.recover()
         with pytest.raises(kvstore.KeyLostError):
             s.expire(b"k", 100)
+
+
+def test_replicated_expire_on_a_lost_key_raises_the_version_its_rebuild_needs():
+    """A primary's expiry change reaching a replica where the key is LOST:
+    the LOST entry takes the change's version and expiry, so only a copy
+    at least that new is installed, and it keeps the new expiry."""
+    rep = Replica()
+    with kvstore.Store("4MiB", page_size="4K", rebuild_source=rep, recovery="manual",
+                       read_repair_timeout=0.05, rebuild_deadline=60) as s:
+        s.put_versioned(b"k", b"value", 10)
+        rep.record(b"k", 10, b"value")
+        rep.online = False
+        s.faults.inject_key(b"k", "ao")
+        s.recover()
+        with pytest.raises(kvstore.KeyLostError):
+            s.get(b"k")
+        at = now_ms() + 60_000
+        assert s.expire_at_ms(b"k", at, 12) is True
+        assert s.state(b"k") in ("lost", "rebuilding")
+        assert s.install(b"k", b"value", 10) == "stale"        # from before the change
+        assert s.install(b"k", b"value", 12) == "installed"
+        assert s.get_versioned(b"k") == (12, b"value") and s.expire_at(b"k") == at
+        # a local change of a LOST key (no version given) needs the key back first
+        s.faults.inject_key(b"k", "ao")
+        s.recover()
+        with pytest.raises(kvstore.KeyLostError):
+            s.expire_at_ms(b"k", at + 1000)
+        assert s.expire_at(b"k") == at

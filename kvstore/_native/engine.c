@@ -1004,17 +1004,22 @@ static int body_set_ttl(kv_engine *e, void *va)
                 return KV_ABSENT;
             }
         }
-        if (st != KV_ST_PRESENT) return KV_LOSTKEY;
+        /* A LOST key (no record to rebind) takes a change only from a
+         * primary's stream: the change's version becomes the version its
+         * rebuild must reach, and the expiry is kept for it. A local change
+         * waits until the key is back (the Store read-repairs it first). */
+        int present = st == KV_ST_PRESENT;
+        if (!present && (!a->version || (f & KV_F_LONG))) return KV_LOSTKEY;
         if (!a->had && !a->exp) return KV_OK;     /* nothing changes, no version */
         if (a->version && a->version <= kv_e_version(en)) return KV_SKIP;   /* older than what is here */
         uint64_t v = a->version ? a->version : e->version + 1;
         const uint8_t *key = a->key;
-        if (f & KV_F_LONG) {
+        if (present && (f & KV_F_LONG)) {
             /* the key lives in the record: checked by the checksum below */
             key = AP(e, kv_e_off(en) + KV_REC_HDR);
         }
         if (a->had) {
-            int rc = rec_rebind(e, en, key, a->klen, v);
+            int rc = present ? rec_rebind(e, en, key, a->klen, v) : 0;
             if (rc) return rc;
             if (a->exp) memcpy(kv_e_ttlp(en), &a->exp, 8);
             else {
@@ -1031,7 +1036,7 @@ static int body_set_ttl(kv_engine *e, void *va)
                 if (rc != KV_OK) return rc;
                 continue;
             }
-            int rc = rec_rebind(e, en, key, a->klen, v);
+            int rc = present ? rec_rebind(e, en, key, a->klen, v) : 0;
             if (rc) return rc;
             uint8_t tmp[16 + KV_INLINE_KEY + 16];
             memcpy(tmp, en, size);

@@ -162,9 +162,11 @@ int kv_eng_delete(kv_engine *e, const void *key, uint32_t klen);
  * a version like a write (version 0 = next; else that exact version, from a
  * primary's stream) and rebinds the record's checksum to it; clearing an
  * expiry the key does not have changes nothing. KV_OK (*out_version: the
- * new version, 0 when nothing changed), KV_ABSENT, KV_LOSTKEY (LOST keys
- * are read-repaired first), KV_SKIP (version given and not newer than the
- * key's), KV_FULL. *had: the key had an expiry. */
+ * new version, 0 when nothing changed), KV_ABSENT, KV_LOSTKEY (a LOST key
+ * takes a change only with its version given, from a primary's stream: the
+ * rebuild must then reach that version; else read-repair it first),
+ * KV_SKIP (version given and not newer than the key's), KV_FULL. *had: the
+ * key had an expiry. */
 int kv_eng_set_ttl(kv_engine *e, const void *key, uint32_t klen, uint64_t exp_ms, uint64_t version, int *had,
                    uint64_t *out_version);
 
