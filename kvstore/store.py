@@ -331,6 +331,26 @@ class Store(_native.Engine):
             raise ValueError("invalid expire time: past 2**63-1 ms since the epoch")
         return self.expire_at_ms(key, at)
 
+    def expire_at_ms(self, key, at_ms: int, version: int = 0) -> bool:
+        """Set (``at_ms`` > 0, ms since the epoch) or clear (0) ``key``'s
+        expiry; False if absent (clearing: if it had none). A change is a
+        write: the key takes a new version (``version`` when a primary's
+        stream gives it; an older one than the key's is ignored), so a
+        rebuild source's copy from before the change is never installed
+        over it. A LOST key is read-repaired through the rebuild source
+        first (else :class:`KeyLostError`); with ``version`` given it takes
+        the change as it is (its rebuild must then reach that version)."""
+        try:
+            return super().expire_at_ms(key, at_ms, version)
+        except UnrecoverableKeyError:
+            raise
+        except KeyLostError:
+            if self.rebuild_source is None or version:
+                raise
+            if self.get(key) is None:       # read-repair (raises if it cannot)
+                return False
+            return super().expire_at_ms(key, at_ms, version)
+
     def ttl(self, key):
         """Seconds left (float), -1 without expiry, -2 if absent."""
         ms = self.ttl_ms(key)

@@ -40,7 +40,10 @@ def info_sections(server, wanted):
         arena_used = max(0, cap - int(stats["free_subpages"]) * 4096)
     else:
         arena_used = used + int(stats.get("dead_bytes", 0) or 0)
-    index = int(stats.get("index_bytes", 0) or 0) + int(stats.get("allocator_bytes", 0) or 0)
+    index = int(stats.get("index_bytes", 0) or 0)
+    if not stats.get("allocator_in_arena"):
+        # in process memory (no room for it in the arena); else arena_used has it
+        index += int(stats.get("allocator_bytes", 0) or 0)
     # As Redis's used_memory: what the store really holds (the arena's
     # subpages in use, the index and the allocator's tables) plus the
     # clients' buffers.

@@ -3,7 +3,8 @@
 Stream and offsets
     Each write is one msgpack entry: ``["p", key, version, value, exp]``
     (exp: 0 none, > 0 absolute ms, -1 keep), ``["d", key, version]``,
-    ``["e", key, exp_ms]`` (0 removes the expiry), ``["f"]`` (flushall). The
+    ``["e", key, exp_ms, version]`` (0 removes the expiry; the change took
+    that version), ``["f"]`` (flushall). The
     entries come from the server's write path (:mod:`.writes`) after each
     command, and from keys the Store rebuilt. The replication offset counts
     entry bytes. Entries written during one loop iteration are flushed as one

@@ -16,6 +16,7 @@ import time
 
 import msgpack
 
+from kvstore.errors import KeyLostError
 from kvstore.wire import MAGIC, NEED_MORE, FrameError, pack_frame
 
 from .framing import FrameParser
@@ -106,10 +107,13 @@ class Replica:
                     self.repl.writes.touch(e[1])
             if stream and t in ("p", "d") and len(e) > 2 and e[2] > appv:
                 appv = e[2]
+            elif stream and t == "e" and len(e) > 3 and e[3] > appv:
+                appv = e[3]
             try:
                 if ahead and t != "f" and e[1] in ahead:
                     # a rebuild installed a newer version: skip the older history
-                    if t != "p" or e[2] < ahead[e[1]]:
+                    ev = e[2] if t == "p" else e[3] if t == "e" and len(e) > 3 else -1
+                    if ev < ahead[e[1]]:
                         continue
                     del ahead[e[1]]
                 if t == "p":
@@ -119,7 +123,14 @@ class Replica:
                 elif t == "d":
                     dl(e[1])
                 elif t == "e":
-                    ex(e[1], e[2])
+                    try:
+                        ex(e[1], e[2], e[3] if len(e) > 3 else 0)
+                    except KeyLostError:
+                        # its index range is lost here: the range's rebuild
+                        # from the primary (caught up past this entry) has it
+                        pass
+                    if len(e) > 3 and e[3] > maxv:
+                        maxv = e[3]
                 elif t == "f":
                     fl()
                     ahead.clear()

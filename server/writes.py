@@ -8,7 +8,7 @@
    few replicas are online), before anything is written;
 2. writes to the Store;
 3. when ``recording`` is on, notes the effect as a replication entry
-   (``("p", key, version, value, exp)``, ``("d", key, version)``, ``("e", key, ms)``,
+   (``("p", key, version, value, exp)``, ``("d", key, version)``, ``("e", key, ms, version)``,
    ``("f",)``; see :mod:`.repl_primary`) in ``entries``.
 
 The dispatcher of each protocol calls :meth:`propagate` after a command ran
@@ -219,9 +219,7 @@ class WritePath:
                 continue
             val, exp = old
             try:
-                v = st.put(k, val)
-                if exp:
-                    st.expire_at_ms(k, exp)
+                v = st.put(k, val, expire_at_ms=exp)   # one write, one version
             except Exception as e:  # noqa: BLE001 - report, keep undoing the rest
                 event("error", "rollback_failed", key=k[:64], error=f"{type(e).__name__}: {e}")
                 continue
@@ -264,12 +262,12 @@ class WritePath:
         if self.watchers:
             self.touch(key)
         try:
-            v = self._put(key, value)
+            # the value and its expiry in one write: one version, as the
+            # replicas apply it
+            v = self._put(key, value, expire_at_ms=at_ms)
         except StoreFullError:
             self._too_large(len(value))
             raise
-        if at_ms:
-            self.store.expire_at_ms(key, at_ms)
         if self.recording:
             self.entries.append(("p", key, v, value, at_ms))
         return v
@@ -349,7 +347,9 @@ class WritePath:
             if self.watchers:
                 self.touch(key)
             if self.recording:
-                self.entries.append(("e", key, ms))
+                # an expiry change takes a version (the Store's counter after
+                # it): the replica applies it at the same version
+                self.entries.append(("e", key, ms, self.store.version))
         return r
 
     def expire(self, key, seconds):

@@ -64,7 +64,7 @@ def test_adopt_round_trip_keeps_keys_versions_and_expiry():
     b = _adopt(a)
     r = b.adopt_report()
     assert r["keys"] == len(want) and r["records_bad"] == 0 and r["index_pages_bad"] == 0
-    assert r["layout"] == 1 and r["generation"] == 1
+    assert r["layout"] == 2 and r["generation"] == 1
     assert b.version == a.version
     assert len(b) == len(want)
     for k, v in want.items():
@@ -113,8 +113,9 @@ def test_second_generation_and_lost_keys_stay_lost():
 def test_other_layout_version_is_refused_with_a_clear_message():
     a = _store()
     a.put(b"k", b"v")
-    a.arena.write(8, (2).to_bytes(4, "little"))
-    with pytest.raises(ArenaError, match=r"arena layout version 2, this build reads layout version 1"):
+    # layout 1: the arena of a build that kept the allocator's metadata in process memory
+    a.arena.write(8, (1).to_bytes(4, "little"))
+    with pytest.raises(ArenaError, match=r"arena layout version 1, this build reads layout version 2"):
         _adopt(a)
 
 

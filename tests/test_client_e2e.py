@@ -53,13 +53,15 @@ def test_commands_round_trip(kv):
     assert kv.ttl(b"a") == -1 and kv.ttl(b"zz") == -2
     assert kv.expire(b"a", 100) and 98 < kv.ttl(b"a") <= 100.01   # the store rounds to ms
     assert kv.persist(b"a") and kv.ttl(b"a") == -1
+    va = kv.getv(b"a")[0]
+    assert va == max(versions) + 2      # EXPIRE and PERSIST each took a version
     kv.put(b"short", b"x", ttl=0.2)
     assert kv.get(b"short") == b"x"
     wait_for(lambda: kv.get(b"short") is None, timeout=5, what="the 0.2 s ttl to expire")
     assert sorted(kv.keys()) == [b"a", b"b", b"c"]
     assert kv.dbsize() == 3
     assert isinstance(kv.stats(), dict)
-    assert kv.fetch([(b"a", v2), (b"b", 10**12)]) == {b"a": (v2, b"\x00" * 1000)}
+    assert kv.fetch([(b"a", v2), (b"b", 10**12)]) == {b"a": (va, b"\x00" * 1000)}
     assert kv.delete(b"a") is True and kv.delete(b"a") is False
     assert kv.lost() == []
     assert kv.flushall() is True and kv.dbsize() == 0

@@ -320,3 +320,44 @@ def test_peers_authenticate_with_the_client_password():
         bad.stop()
         r.stop()
         p.stop()
+
+
+def test_expiry_changes_replicate_at_the_primarys_version():
+    """EXPIRE, PEXPIRE, PERSIST, GETEX and SET with an expiry each take a
+    version on the primary; the replica applies them at the same version
+    (so its copy of the key is exactly the primary's, and a rebuild from
+    either can never put an older expiry back)."""
+    p = start()
+    r = start_replica(p)
+    try:
+        wait_link_up(r)
+        pr = rc(p)
+        pc, rcl = client(p), client(r)
+        pr.set("a", "1")
+        pr.set("b", "2")
+        pr.set("c", "3", px=600_000)
+        set_versions = {k: pc.getv(k)[0] for k in (b"a", b"b", b"c")}
+        assert pr.expire("a", 500) is True
+        assert pr.pexpire("b", 700_000) is True
+        assert pr.persist("c") is True
+        assert pr.persist("c") is False                 # nothing to remove: no version
+        pr.getex("b", ex=900)
+        pr.set("d", "4", ex=300)
+        pr.set("d", "5", keepttl=True)
+        try:
+            before = {k: pc.getv(k)[0] for k in (b"a", b"b", b"c", b"d")}
+            for k, v in set_versions.items():
+                assert before[k] > v, k                 # the expiry change took a version
+            wait_synced(p, r)                           # digests (key, version, value) agree
+            for k, v in before.items():
+                assert rcl.getv(k)[0] == v, k
+            rr = rc(r)
+            for k in ("a", "b", "c", "d"):
+                assert abs(rr.pttl(k) - pr.pttl(k)) < 5_000, k
+            assert rr.pttl("c") == -1
+        finally:
+            pc.close()
+            rcl.close()
+    finally:
+        r.stop()
+        p.stop()

@@ -6,7 +6,8 @@ back, recovery steps; checked against a dict model, with a model replica
 (key -> (version, value), as a peer would hold it) as the rebuild source.
 
 Faults land anywhere in the arena: on records, on index pages (the hash
-range they cover becomes LOST) and on the index directory (rebuilt from the
+range they cover becomes LOST), on the allocator's metadata (rebuilt from
+the index and the records; no key lost for it) and on the index directory (rebuilt from the
 allocator's metadata, nothing lost).
 
 Invariants:
@@ -227,6 +228,21 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(fraction=st.floats(0, 1, exclude_max=True), kind=kinds)
     def inject_at_offset(self, fraction, kind):
         offset = int(fraction * self.hot_bytes)
+        self.note_injection(offset)
+        self.store.faults.inject(offset, kind)
+        self.faults += 1
+
+    @precondition(lambda self: self.faults < MAX_FAULTS)
+    @rule(fraction=st.floats(0, 1, exclude_max=True), kind=kinds)
+    def inject_at_allocator(self, fraction, kind):
+        """A fault on the allocator's own metadata (in the arena): rebuilt
+        from the index and the records, losing no key of its own."""
+        where = self.store.locate_allocator()
+        assert where is not None, "the allocator's metadata is not in the arena"
+        off, ln = where
+        offset = off + int(fraction * ln) // SUB * SUB
+        assert self.store.subpage_kind(offset // SUB)[0] == "allocator"
+        event("fault on the allocator's metadata")
         self.note_injection(offset)
         self.store.faults.inject(offset, kind)
         self.faults += 1

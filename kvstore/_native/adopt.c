@@ -41,22 +41,39 @@ int64_t kv_eng__new_page(kv_engine *e, uint64_t lo, uint64_t hi, unsigned flags,
 int kv_eng__dir_fill(kv_engine *e, uint64_t c0, uint64_t n, uint32_t s);
 uint32_t kv_eng__pgc_count(const kv_ipage *p);
 
+int kv_eng__meta_place(kv_engine *e);
+
+void kv_hdr_image(const kv_engine *e, kv_hdr *h)
+{
+    memset(h, 0, sizeof *h);
+    h->magic = KV_HDR_MAGIC;
+    h->layout = KV_LAYOUT_VERSION;
+    h->hdr_bytes = sizeof *h;
+    h->arena_size = e->arena->size;
+    h->page_size = e->arena->page_size;
+    h->nsub = e->al.nsub;
+    h->gbits = e->al.gbits;
+    h->gdepth = e->gdepth;
+    h->dir_sub = e->dir_sub;
+    h->dir_n = e->dir_n;
+    h->version = e->version;
+    h->generation = e->generation;
+    h->meta_sub = e->meta_sub;
+    h->meta_n = e->meta_n;
+}
+
+void kv_hdr_sync_meta(kv_engine *e)
+{
+    uint64_t f[2] = {e->meta_sub, e->meta_n};
+    size_t fo;
+    if (kv_arena_hazard(e->arena, 0, sizeof(kv_hdr)) == 0)
+        kv_arena_write(e->arena, offsetof(kv_hdr, meta_sub), f, sizeof f, &fo);
+}
+
 void kv_hdr_format(kv_engine *e)
 {
     kv_hdr h;
-    memset(&h, 0, sizeof h);
-    h.magic = KV_HDR_MAGIC;
-    h.layout = KV_LAYOUT_VERSION;
-    h.hdr_bytes = sizeof h;
-    h.arena_size = e->arena->size;
-    h.page_size = e->arena->page_size;
-    h.nsub = e->al.nsub;
-    h.gbits = e->al.gbits;
-    h.gdepth = e->gdepth;
-    h.dir_sub = e->dir_sub;
-    h.dir_n = e->dir_n;
-    h.version = e->version;
-    h.generation = e->generation;
+    kv_hdr_image(e, &h);
     h.created_ms = kv_now_ms();
     size_t fo;
     if (kv_arena_hazard(e->arena, 0, sizeof h) == 0 && kv_arena_write(e->arena, 0, &h, sizeof h, &fo) == 0)
@@ -129,12 +146,6 @@ int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_
     e->arena = a;
     kv_hdr h;
     size_t fo;
-    uint32_t *cells = NULL;
-    size_t *pages = NULL;
-    uint64_t (*bad)[2] = NULL;
-    uint8_t *buf = NULL;
-    size_t npages = 0, nbad = 0, bad_cap = 0;
-
     if (a->size < SUB || kv_arena_read(a, 0, &h, sizeof h, &fo) != 0) {
         snprintf(err, errlen, "the arena header is unreadable (memory lost there): not adopted");
         return -1;
@@ -159,6 +170,29 @@ int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_
                  a->size, a->page_size);
         return -1;
     }
+    if (h.meta_n && (h.meta_sub < 1 || h.meta_sub + h.meta_n > h.nsub ||
+                     (h.meta_sub < h.dir_sub + h.dir_n && h.dir_sub < h.meta_sub + h.meta_n))) {
+        snprintf(err, errlen, "the arena header's allocator region does not fit the arena: not adopted");
+        return -1;
+    }
+    return kv_eng__adopt_hdr(e, a, &h, 0, r, err, errlen);
+}
+
+int kv_eng__adopt_hdr(kv_engine *e, kv_arena *a, const kv_hdr *hp, int live, kv_adopt_report *r, char *err,
+                      size_t errlen)
+{
+    memset(e, 0, sizeof *e);
+    memset(r, 0, sizeof *r);
+    e->arena = a;
+    kv_hdr h = *hp;
+    size_t fo;
+    uint64_t ncells = 1ULL << h.gdepth;
+    uint32_t *cells = NULL;
+    size_t *pages = NULL;
+    uint64_t (*bad)[2] = NULL;
+    uint8_t *buf = NULL;
+    size_t npages = 0, nbad = 0, bad_cap = 0;
+
     if (kv_alloc_init(&e->al, h.nsub) != 0 || kv_alloc_set_groups(&e->al, h.gbits) != 0 ||
         !(e->pgc = calloc(h.nsub, sizeof *e->pgc)) || !(buf = aligned_alloc(64, SUB)) ||
         !(cells = malloc(ncells * 4))) {
@@ -174,6 +208,9 @@ int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_
     e->txn_off = -1;
     r->old_version = h.version;
     kv_alloc_claim(&e->al, 0, kv_sp_mk(KV_SP_HDR));
+    for (size_t i = 0; i < h.meta_n; i++) kv_alloc_claim(&e->al, h.meta_sub + i, kv_sp_mk(KV_SP_HDR));
+    e->meta_sub = h.meta_sub;
+    e->meta_n = h.meta_n;
     for (size_t i = 0; i < h.dir_n; i++) kv_alloc_claim(&e->al, h.dir_sub + i, kv_sp_mk(KV_SP_DIR));
     if (kv_arena_read(a, h.dir_sub * SUB, cells, ncells * 4, &fo) != 0) {
         snprintf(err, errlen, "the index directory is unreadable (memory lost at offset %zu): not adopted", fo);
@@ -281,7 +318,15 @@ int kv_eng_adopt(kv_engine *e, kv_arena *a, kv_adopt_report *r, char *err, size_
     }
     r->generation = e->generation;
     e->verify_todo = e->al.nsub;
-    kv_hdr_sync(e);
+    if (live) {
+        /* a running store rebuilding its lost metadata needs all of it
+         * now: validate every subpage before returning */
+        while (e->lazy)
+            if (kv_lazy_step(e, e->al.nsub + 1) == 0) kv_lazy_end(e);
+    } else {
+        kv_eng__meta_place(e);      /* the metadata into its region (left in process memory if no room) */
+        kv_hdr_sync(e);
+    }
     free(cells);
     free(pages);
     free(bad);

@@ -17,12 +17,16 @@
  *     64  u64 version      the store's version counter (writes and deletes)
  *     72  u64 generation   processes that adopted this arena
  *     80  u64 created_ms   when the arena was formatted
+ *     88  u64 meta_sub     first subpage of the allocator's metadata region
+ *     96  u64 meta_n       its length in subpages (0: none)
  *
- * The engine writes the directory fields whenever the directory moves and
- * the version after every operation that took one. Everything else adoption
- * needs is in the index and the records themselves; the allocator's
- * metadata (process memory) is rebuilt from them, subpage by subpage, after
- * the store serves (lazy.h).
+ * The engine writes the directory fields whenever the directory moves, the
+ * metadata fields when that region moves, and the version after every
+ * operation that took one. Everything else adoption needs is in the index
+ * and the records themselves; the allocator's metadata is rebuilt from them
+ * subpage by subpage after the store serves (lazy.h) and kept in its region.
+ * The same walk, run to the end at once, rebuilds it in a running store when
+ * a memory error hits the region (kv_eng__adopt_hdr).
  */
 #ifndef KV_ADOPT_H
 #define KV_ADOPT_H
@@ -30,7 +34,7 @@
 #include "engine.h"
 
 #define KV_HDR_MAGIC 0x01414e4552415653ULL /* "SVARENA\x01" little-endian */
-#define KV_LAYOUT_VERSION 1u
+#define KV_LAYOUT_VERSION 2u   /* 2: the allocator's metadata region (meta_sub, meta_n) */
 
 typedef struct {
     uint64_t magic;
@@ -41,6 +45,7 @@ typedef struct {
     uint64_t version;
     uint64_t generation;
     uint64_t created_ms;
+    uint64_t meta_sub, meta_n;
 } kv_hdr;
 
 typedef struct {
@@ -110,6 +115,18 @@ static inline int kv_lazy_unval(const kv_engine *e, size_t s)
 {
     return __builtin_expect(e->lazy != NULL, 0) && kv_lazy_unval_slow(e, s);
 }
+/* The walk of kv_eng_adopt after the header: from header h (checked),
+ * rebuild the allocator's metadata, counters and lost queues of a fresh
+ * engine e from the directory, index pages and records in arena a. `live`:
+ * e is a scratch engine of a running store whose metadata region was lost
+ * (the store takes what was rebuilt): the header is not rewritten and the
+ * metadata stays in process memory for the caller to place. */
+int kv_eng__adopt_hdr(kv_engine *e, kv_arena *a, const kv_hdr *h, int live, kv_adopt_report *r, char *err,
+                      size_t errlen);
+/* The header fields of a running engine (what kv_hdr_format writes). */
+void kv_hdr_image(const kv_engine *e, kv_hdr *h);
+/* Write the metadata region's fields (skipped when subpage 0 is lost). */
+void kv_hdr_sync_meta(kv_engine *e);
 
 /* Test hook: abort() here when the environment variable KVSTORE_CRASH_AT
  * names this point (see docs/DESIGN.md "Restart"). */

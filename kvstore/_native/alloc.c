@@ -54,6 +54,14 @@ int kv_alloc_init(kv_alloc *al, size_t nsub)
 
 void kv_alloc_free(kv_alloc *al)
 {
+    if (al->ext) {
+        al->meta = NULL;
+        al->freebm = NULL;
+        al->opens = NULL;
+        al->ghead = al->gnext = al->gprev = NULL;
+        al->ext = 0;
+        return;
+    }
     free(al->meta);
     free(al->freebm);
     free(al->opens);
@@ -84,6 +92,42 @@ void kv_alloc_reset(kv_alloc *al)
     al->cursor = 0;
     al->live_bytes = al->dead_bytes = 0;
     al->nindex = 0;
+}
+
+void kv_alloc_layout_of(size_t nsub, unsigned gbits, kv_alloc_layout *L)
+{
+    size_t n = nsub ? nsub : 1, G = (size_t)1 << gbits, o = 0;
+    L->meta = o, o += n * 8;
+    L->freebm = o, o += ((nsub + 63) / 64 + 1) * 8;
+    L->opens = o, o += G * 8;
+    L->gnext = o, o += n * 4;
+    L->gprev = o, o += n * 4;
+    L->ghead = o, o += G * 4;
+    L->aux = o, o += n * 4;
+    L->total = o;
+}
+
+void kv_alloc_export(const kv_alloc *al, uint8_t *img, const kv_alloc_layout *L)
+{
+    size_t n = al->nsub ? al->nsub : 1, G = (size_t)1 << al->gbits;
+    memcpy(img + L->meta, al->meta, n * 8);
+    memcpy(img + L->freebm, al->freebm, ((al->nsub + 63) / 64 + 1) * 8);
+    memcpy(img + L->opens, al->opens, G * 8);
+    memcpy(img + L->gnext, al->gnext, n * 4);
+    memcpy(img + L->gprev, al->gprev, n * 4);
+    memcpy(img + L->ghead, al->ghead, G * 4);
+}
+
+void kv_alloc_attach(kv_alloc *al, uint8_t *mem, const kv_alloc_layout *L)
+{
+    kv_alloc_free(al);
+    al->meta = (kv_meta *)(mem + L->meta);
+    al->freebm = (uint64_t *)(mem + L->freebm);
+    al->opens = (int64_t *)(mem + L->opens);
+    al->gnext = (uint32_t *)(mem + L->gnext);
+    al->gprev = (uint32_t *)(mem + L->gprev);
+    al->ghead = (uint32_t *)(mem + L->ghead);
+    al->ext = 1;
 }
 
 /* Next free subpage at or after the cursor (wrapping), or -1. */
@@ -149,6 +193,7 @@ int kv_alloc_set_groups(kv_alloc *al, unsigned gbits)
 {
     if (gbits > KV_GROUP_MAX_BITS) gbits = KV_GROUP_MAX_BITS;
     if (al->opens && gbits == al->gbits) return 0;
+    if (al->ext) return -1;
     int64_t *o = malloc(((size_t)1 << gbits) * sizeof *o);
     uint32_t *h = malloc(((size_t)1 << gbits) * sizeof *h);
     if (!o || !h) {
@@ -269,6 +314,9 @@ int kv_alloc_claim(kv_alloc *al, size_t s, kv_meta m)
     case KV_SP_DIR:
         al->nindex++;
         break;
+    case KV_SP_HDR:
+        al->nfixed++;
+        break;
     case KV_SP_SMALL:
         al->live_bytes += kv_sp_live(m);
         al->dead_bytes += kv_sp_fill(m) - kv_sp_live(m);
@@ -308,6 +356,9 @@ void kv_alloc_quarantine(kv_alloc *al, size_t s)
     case KV_SP_DIR:
         al->nindex--;
         break;
+    case KV_SP_HDR:
+        al->nfixed--;
+        break;
     default:
         /* part of a large record: the engine has freed the run already */
         break;
@@ -328,6 +379,20 @@ int64_t kv_alloc_take_meta(kv_alloc *al, size_t n, kv_meta m, int use_reserve)
     }
     al->nfree -= n;
     al->nindex += n;
+    return s;
+}
+
+int64_t kv_alloc_take_fixed(kv_alloc *al, size_t n)
+{
+    if (n == 0 || al->nfree < n) return -1;
+    int64_t s = find_run(al, n);
+    if (s < 0) return -1;
+    for (size_t i = 0; i < n; i++) {
+        fb_clr(al, (size_t)s + i);
+        al->meta[s + (int64_t)i] = kv_sp_mk(KV_SP_HDR);
+    }
+    al->nfree -= n;
+    al->nfixed += n;
     return s;
 }
 

@@ -25,7 +25,17 @@
  *                 of its highest (an index page: its hash range is known
  *                 from this word alone)
  *     DIR:        a subpage of the index directory
- *     HDR:        the arena header (subpage 0, see adopt.h)
+ *     HDR:        the arena header (subpage 0, see adopt.h) and the
+ *                 allocator's own metadata region (below)
+ *
+ * The metadata itself (the words above, the free bitmap, the group lists,
+ * the open subpage of each group, and one u32 per subpage the engine keeps
+ * for its index pages) lives in the arena too, in a run of whole subpages
+ * of kind HDR ("fixed"): ~20 B per 4 KiB subpage, ~0.5% of the capacity.
+ * It is built in process memory, then written into its region and used
+ * there (kv_alloc_export / kv_alloc_attach); a loss there is rebuilt from
+ * the index and the records, as adoption does (adopt.c), into a fresh
+ * region.
  *
  * A SMALL subpage whose live bytes drop to zero becomes FREE again; LOST
  * subpages (quarantined) are never handed out while the arena lives. Space
@@ -88,13 +98,31 @@ typedef struct {
     uint64_t dead_bytes;     /* freed bytes still inside SMALL subpages */
     size_t reserve;          /* free subpages kept for the compactor */
     size_t nindex;           /* subpages holding the index (pages + directory) */
+    size_t nfixed;           /* HDR subpages: the header and the metadata region */
+    int ext;                 /* the arrays live in the arena (kv_alloc_attach): not ours to free */
 } kv_alloc;
+
+/* Where each array sits in the metadata region (byte offsets), for nsub
+ * subpages and 2^gbits groups; aux: nsub u32 for the engine. */
+typedef struct {
+    size_t meta, freebm, opens, gnext, gprev, ghead, aux, total;
+} kv_alloc_layout;
+void kv_alloc_layout_of(size_t nsub, unsigned gbits, kv_alloc_layout *L);
+/* Copy the arrays into img (L->total bytes, laid out as L; aux untouched). */
+void kv_alloc_export(const kv_alloc *al, uint8_t *img, const kv_alloc_layout *L);
+/* From now on use the arrays at mem (a copy of what kv_alloc_export wrote):
+ * the process-memory ones are freed. */
+void kv_alloc_attach(kv_alloc *al, uint8_t *mem, const kv_alloc_layout *L);
+/* Take a run of n free subpages as HDR (the metadata region): first
+ * subpage, or -1. Reserve included. */
+int64_t kv_alloc_take_fixed(kv_alloc *al, size_t n);
 
 int kv_alloc_init(kv_alloc *al, size_t nsub);
 void kv_alloc_free(kv_alloc *al);
 void kv_alloc_reset(kv_alloc *al);       /* everything free, except LOST */
 
-/* Change the number of record groups (closes the open subpages). */
+/* Change the number of record groups (closes the open subpages). Only
+ * before kv_alloc_attach (-1 after). */
 int kv_alloc_set_groups(kv_alloc *al, unsigned gbits);
 static inline uint64_t kv_alloc_group(const kv_alloc *al, uint64_t h)
 {

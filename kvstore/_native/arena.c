@@ -584,6 +584,7 @@ int kv_arena_inject(kv_arena *a, size_t off, int kind, char *err, size_t errlen)
         else if (huge) bit_set(a->armed, sub);   /* touching it again faults */
         kv_guard_raise(BUS_MCEERR_AO, a->base + soff, lsb);
     }
+    __atomic_fetch_add(&a->inject_seq, 1, __ATOMIC_RELEASE);
     return 0;
 }
 

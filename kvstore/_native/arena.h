@@ -58,6 +58,8 @@ typedef struct kv_arena {
     int *spare_fds;           /* memfds created for salvage, closed at free */
     size_t nspare;
     uint64_t pending_flag;    /* atomic: 1 when pending has bits */
+    uint64_t inject_seq;      /* atomic: simulated faults injected (ao/ar), so a
+                               * user can look for new armed subpages cheaply */
     /* counters (atomic) */
     uint64_t lost_subpages;
     uint64_t lost_events;

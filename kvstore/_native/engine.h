@@ -107,6 +107,12 @@ typedef struct {
     uint64_t lazy_records, lazy_records_bad, lazy_on_demand;   /* what that validation found */
     int64_t txn_off;              /* a record written but not yet referenced */
     size_t txn_len;
+    uint64_t meta_sub;            /* the allocator's metadata region (alloc.h), in the arena */
+    size_t meta_n;                /* its length in subpages; 0: still in process memory */
+    int pgc_ext;                  /* pgc lives in that region */
+    uint64_t inject_seen;         /* arena->inject_seq when armed subpages were last looked for */
+    size_t meta_scrub;            /* where the scrubber resumes in the region */
+    uint64_t c_meta_rebuilds, c_meta_all_lost;
     /* counters */
     uint64_t c_lost_keys, c_checksum_fail, c_faults_on_read, c_rebuilt, c_expired,
         c_compactions, c_moved, c_scrubbed_bytes, c_scrub_found, c_recoveries,
@@ -133,8 +139,14 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st);
 /* Would a read of key now meet lost (or armed) memory and so wait for the
  * recovery? Never waits, never processes losses. 1 yes, 0 no. */
 int kv_eng_touches_lost(kv_engine *e, const void *key, uint32_t klen);
+/* The allocator's metadata is used through plain loads and stores: after a
+ * simulated fault was injected, an armed subpage of its region counts as
+ * touched at the next operation (the allocator is used by most of them). */
+void kv_eng__meta_watch(kv_engine *e);
 static inline void kv_eng_check(kv_engine *e)
 {
+    if (__builtin_expect(__atomic_load_n(&e->arena->inject_seq, __ATOMIC_ACQUIRE) != e->inject_seen, 0))
+        kv_eng__meta_watch(e);
     if (__builtin_expect(__atomic_load_n(&e->arena->pending_flag, __ATOMIC_ACQUIRE) != 0, 0))
         kv_eng_recover(e, NULL);
 }
@@ -161,9 +173,17 @@ int kv_eng_put(kv_engine *e, const void *key, uint32_t klen, const void *val, si
  * not; -1 (KV_FULL) if a tombstone was needed and there was no room. */
 int kv_eng_delete(kv_engine *e, const void *key, uint32_t klen);
 
-/* Set (exp_ms > 0) or clear (0) the expiry: KV_OK, KV_ABSENT, KV_LOSTKEY,
- * KV_FULL. *had: the key had an expiry. */
-int kv_eng_set_ttl(kv_engine *e, const void *key, uint32_t klen, uint64_t exp_ms, int *had);
+/* Set (exp_ms > 0) or clear (0) the expiry of a PRESENT key. A change takes
+ * a version like a write (version 0 = next; else that exact version, from a
+ * primary's stream) and rebinds the record's checksum to it; clearing an
+ * expiry the key does not have changes nothing. KV_OK (*out_version: the
+ * new version, 0 when nothing changed), KV_ABSENT, KV_LOSTKEY (a LOST key
+ * takes a change only with its version given, from a primary's stream: the
+ * rebuild must then reach that version; else read-repair it first),
+ * KV_SKIP (version given and not newer than the key's), KV_FULL. *had: the
+ * key had an expiry. */
+int kv_eng_set_ttl(kv_engine *e, const void *key, uint32_t klen, uint64_t exp_ms, uint64_t version, int *had,
+                   uint64_t *out_version);
 
 /* Move a lost key between LOST / REBUILDING / UNRECOVERABLE. 1 if done. */
 int kv_eng_set_state(kv_engine *e, const void *key, uint32_t klen, int state);
@@ -218,6 +238,9 @@ size_t kv_eng_compact(kv_engine *e, size_t max_subpages);
 
 /* Flip one byte of key's record (test hook for checksum detection). */
 int kv_eng_corrupt(kv_engine *e, const void *key, uint32_t klen, size_t byte);
+
+/* Bytes of arena used by the allocator's metadata region. */
+static inline uint64_t kv_eng_meta_bytes(const kv_engine *e) { return (uint64_t)e->meta_n * 4096; }
 
 /* Bytes of arena used by the index (pages + directory). */
 static inline uint64_t kv_eng_index_bytes(const kv_engine *e) { return (uint64_t)e->al.nindex * 4096; }

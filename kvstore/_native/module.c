@@ -1026,23 +1026,40 @@ static PyObject *put_impl(EngineObject *self, PyObject *key, PyObject *value, ui
 static PyObject *Engine_put(EngineObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     ENGINE_OK(self);
-    PyObject *ttl = nargs >= 3 ? args[2] : NULL;
+    PyObject *ttl = nargs >= 3 ? args[2] : NULL, *at = NULL;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *name = PyTuple_GET_ITEM(kwnames, i);
         if (PyUnicode_CompareWithASCIIString(name, "ttl") == 0 && !ttl) {
             ttl = args[nargs + i];
+        } else if (PyUnicode_CompareWithASCIIString(name, "expire_at_ms") == 0 && !at) {
+            at = args[nargs + i];
         } else {
             PyErr_Format(PyExc_TypeError, "put() got an unexpected keyword argument %R", name);
             return NULL;
         }
     }
     if (nargs < 2 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "put(key, value, ttl=None) takes 2 or 3 arguments");
+        PyErr_SetString(PyExc_TypeError, "put(key, value, ttl=None, *, expire_at_ms=None) takes 2 or 3 arguments");
         return NULL;
     }
     uint64_t exp;
-    if (ttl_to_ms(ttl, &exp)) return NULL;
+    if (at && at != Py_None) {
+        if (ttl && ttl != Py_None) {
+            PyErr_SetString(PyExc_TypeError, "put(): give ttl or expire_at_ms, not both");
+            return NULL;
+        }
+        /* absolute expiry in ms since the epoch: 0 none, -1 keep the key's */
+        long long v = PyLong_AsLongLong(at);
+        if (v == -1 && PyErr_Occurred()) return NULL;
+        if (v < -1) {
+            PyErr_SetString(PyExc_ValueError, "expire_at_ms must be >= 0 (or -1: keep)");
+            return NULL;
+        }
+        exp = v < 0 ? UINT64_MAX : (uint64_t)v;
+    } else if (ttl_to_ms(ttl, &exp)) {
+        return NULL;
+    }
     return put_impl(self, args[0], args[1], 0, exp);
 }
 
@@ -1193,17 +1210,24 @@ done:
     return out;
 }
 
-/* expire_at_ms(key, abs_ms) -> bool: set (abs_ms > 0) or clear (0) expiry. */
+/* expire_at_ms(key, abs_ms, version=0) -> bool: set (abs_ms > 0) or clear
+ * (0) expiry. A change takes a version (the next one, or `version` when a
+ * primary's stream gives it); see kv_eng_set_ttl. */
 static PyObject *Engine_expire_at_ms(EngineObject *self, PyObject *args)
 {
     PyObject *key;
-    unsigned long long at;
-    if (!PyArg_ParseTuple(args, "OK:expire_at_ms", &key, &at)) return NULL;
+    unsigned long long at, version = 0;
+    if (!PyArg_ParseTuple(args, "OK|K:expire_at_ms", &key, &at, &version)) return NULL;
     ENGINE_OK(self);
+    if (version > KV_VERSION_MASK) {
+        PyErr_SetString(PyExc_ValueError, "version must be between 0 and 2**48-1");
+        return NULL;
+    }
     Py_buffer k;
     if (key_arg(self, key, &k)) return NULL;
     int had = 0;
-    int rc = kv_eng_set_ttl(&self->e, k.buf, (uint32_t)k.len, at, &had);
+    uint64_t nv = 0;
+    int rc = kv_eng_set_ttl(&self->e, k.buf, (uint32_t)k.len, at, version, &had, &nv);
     put_bytes(&k);
     if (rc == KV_ABSENT) Py_RETURN_FALSE;
     if (rc == KV_LOSTKEY) {
@@ -1213,6 +1237,7 @@ static PyObject *Engine_expire_at_ms(EngineObject *self, PyObject *args)
         return raise_lost(self, key, &info);
     }
     if (rc == KV_FULL) return put_error(self, KV_FULL, 16);
+    if (rc == KV_SKIP) Py_RETURN_FALSE;
     if (at == 0) return PyBool_FromLong(had);
     Py_RETURN_TRUE;
 }
@@ -1430,8 +1455,19 @@ static PyObject *Engine_locate_entry(EngineObject *self, PyObject *key)
     return Py_BuildValue("(Kn)", (unsigned long long)info.entry_off, (Py_ssize_t)info.entry_len);
 }
 
+/* locate_allocator() -> (arena offset, length) of the allocator's metadata
+ * region, or None while it is in process memory. */
+static PyObject *Engine_locate_allocator(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OK(self);
+    kv_eng_check(&self->e);
+    if (!self->e.meta_n) Py_RETURN_NONE;
+    return Py_BuildValue("(KK)", (unsigned long long)self->e.meta_sub * 4096ULL,
+                         (unsigned long long)kv_eng_meta_bytes(&self->e));
+}
+
 /* subpage_kind(s) -> ("free" | "records" | "large" | "lost" | "directory" |
- * "index", lo, hi): what the allocator holds in subpage s; for an index page
+ * "index" | "header" | "allocator", lo, hi): what the allocator holds in subpage s; for an index page
  * its hash range [lo, hi] (hi inclusive), else (kind, 0, 0). */
 static PyObject *Engine_subpage_kind(EngineObject *self, PyObject *arg)
 {
@@ -1442,9 +1478,11 @@ static PyObject *Engine_subpage_kind(EngineObject *self, PyObject *arg)
         PyErr_Format(PyExc_IndexError, "subpage %zu outside the store (%zu subpages)", s, self->e.al.nsub);
         return NULL;
     }
+    kv_eng_check(&self->e);
     kv_meta m = self->e.al.meta[s];
-    static const char *names[] = {"free", "records", "large", "large", "lost", "index", "directory", "?"};
+    static const char *names[] = {"free", "records", "large", "large", "lost", "index", "directory", "header"};
     int k = kv_sp_kind(m);
+    if (k == KV_SP_HDR && s != 0) return Py_BuildValue("(sii)", "allocator", 0, 0);
     if (k == KV_SP_INDEX)
         return Py_BuildValue("(sKK)", "index", (unsigned long long)kv_sp_ilo(m), (unsigned long long)kv_sp_ihi(m));
     return Py_BuildValue("(sii)", names[k], 0, 0);
@@ -1718,15 +1756,19 @@ static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
         dset(d, "index_directory_rebuilds", U(e->c_dir_rebuilds)) ||
         dset(d, "index_pages_scrubbed", U(e->c_index_scrubbed)) ||
         dset(d, "orphans_reclaimed", U(e->c_orphans)) ||
-        dset(d, "records_bytes", U((e->al.nsub - e->al.nfree - e->al.nlost - e->al.nindex -
-                                    (kv_sp_kind(e->al.meta[0]) == KV_SP_HDR)) * 4096ULL)) ||
+        dset(d, "records_bytes", U((e->al.nsub - e->al.nfree - e->al.nlost - e->al.nindex - e->al.nfixed) * 4096ULL)) ||
         dset(d, "generation", U(e->generation)) || dset(d, "unverified_subpages", U(e->verify_todo)) ||
         dset(d, "unvalidated_subpages", U(kv_lazy_pending(e))) ||
         dset(d, "adopt_records_validated", U(e->lazy ? e->lazy->records : e->lazy_records)) ||
         dset(d, "adopt_records_bad", U(e->lazy ? e->lazy->records_bad : e->lazy_records_bad)) ||
         dset(d, "adopt_validated_on_demand", U(e->lazy ? e->lazy->on_demand : e->lazy_on_demand)) ||
-        dset(d, "allocator_bytes", U(e->al.nsub * (sizeof(kv_meta) + 3 * sizeof(uint32_t)) +
+        dset(d, "allocator_bytes", U(e->meta_n ? kv_eng_meta_bytes(e) :
+                                     e->al.nsub * (sizeof(kv_meta) + 3 * sizeof(uint32_t)) +
                                      (e->al.nsub + 63) / 64 * 8 + ((size_t)1 << e->al.gbits) * 12)) ||
+        dset(d, "allocator_in_arena", PyBool_FromLong(e->meta_n != 0)) ||
+        dset(d, "allocator_offset", U(e->meta_n ? e->meta_sub * 4096ULL : 0)) ||
+        dset(d, "allocator_rebuilds", U(e->c_meta_rebuilds)) ||
+        dset(d, "allocator_whole_index_lost", U(e->c_meta_all_lost)) ||
         dset(d, "version", U(e->version)) || dset(d, "max_key", PyLong_FromSsize_t(self->max_key)) ||
         dset(d, "max_value", PyLong_FromSsize_t(self->max_value)) ||
         dset(d, "last_salvage_error",
@@ -1888,7 +1930,7 @@ static PyMethodDef Engine_methods[] = {
      "touches_lost(key) -> bool: would a read of key now meet memory known lost (and so wait for "
      "the recovery)? Never waits, never processes losses."},
     {"put", (PyCFunction)(void (*)(void))Engine_put, METH_FASTCALL | METH_KEYWORDS,
-     "put(key, value, ttl=None) -> version."},
+     "put(key, value, ttl=None, *, expire_at_ms=None) -> version. ttl: seconds from now; expire_at_ms: absolute (ms since the epoch, 0 none, -1 keep the key's)."},
     {"put_versioned", (PyCFunction)Engine_put_versioned, METH_VARARGS,
      "put_versioned(key, value, version, expire_at_ms=0): apply a write with its version."},
     {"delete", (PyCFunction)Engine_delete, METH_O, "delete(key) -> True if the key existed (present or lost)."},
@@ -1896,7 +1938,7 @@ static PyMethodDef Engine_methods[] = {
     {"mget", (PyCFunction)Engine_mget, METH_VARARGS, "mget(keys, marker=None) -> [value or None]."},
     {"mput", (PyCFunction)Engine_mput, METH_O, "mput(mapping or pairs) -> [version]."},
     {"expire_at_ms", (PyCFunction)Engine_expire_at_ms, METH_VARARGS,
-     "expire_at_ms(key, ms) -> bool: set (ms>0, absolute) or clear (0) the expiry."},
+     "expire_at_ms(key, ms, version=0) -> bool: set (ms>0, absolute) or clear (0) the expiry; a change takes a version."},
     {"ttl_ms", (PyCFunction)Engine_ttl_ms, METH_O, "ttl_ms(key) -> ms left, -1 (no expiry), -2 (absent)."},
     {"expire_at", (PyCFunction)Engine_expire_at, METH_O, "expire_at(key) -> absolute expiry in ms, 0 if none."},
     {"keys", (PyCFunction)Engine_keys, METH_NOARGS, "keys() -> list of keys (present and lost)."},
@@ -1927,6 +1969,8 @@ static PyMethodDef Engine_methods[] = {
      "scan_range(lo, hi) -> [('key', key, version, state) | ('range', lo, hi, version)]."},
     {"subpage_kind", (PyCFunction)Engine_subpage_kind, METH_O,
      "subpage_kind(s) -> (kind, lo, hi): what subpage s holds; an index page's hash range."},
+    {"locate_allocator", (PyCFunction)Engine_locate_allocator, METH_NOARGS,
+     "locate_allocator() -> (arena offset, length) of the allocator's metadata region, or None."},
     {"locate_entry", (PyCFunction)Engine_locate_entry, METH_O,
      "locate_entry(key) -> (arena offset, length) of the key's index entry."},
     {"scrub", (PyCFunction)Engine_scrub, METH_O, "scrub(max_bytes) -> (bytes examined, records failed)."},
