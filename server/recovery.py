@@ -56,10 +56,13 @@ POLL = 0.5
 class RecoveryThread:
     """Runs the engine part of the Store's recovery (see the module docstring)."""
 
-    def __init__(self, store, loop, done):
+    def __init__(self, store, loop, done, after=None):
         self.store = store
         self.loop = loop
         self.done = done
+        #: Called here with the counts after each recovery that processed a
+        #: loss, before ``busy`` drops (the held commands wait for it).
+        self.after = after
         self.fd = store.loss_fd
         #: True while this thread processes losses (read by INFO / tests).
         self.busy = False
@@ -105,6 +108,8 @@ class RecoveryThread:
         t0 = time.perf_counter()
         try:
             counts = st.process_losses()
+            if self.after is not None and counts.get("ranges"):
+                self.after(counts)
         except Exception as e:  # noqa: BLE001 - keep the thread alive
             event("error", "recovery_failed", error=f"{type(e).__name__}: {e}")
             return

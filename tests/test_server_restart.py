@@ -370,3 +370,56 @@ def test_kv_restart_hands_over_lost_keys_and_quarantined_subpages():
                 r.get(k)
     finally:
         p.stop()
+
+
+def _value_or_lost(r, k):
+    try:
+        return r.get(k)
+    except redis.ResponseError as e:
+        assert "LOST" in str(e).upper(), e
+        return "LOST"
+
+
+def test_supervised_crash_after_a_salvage_never_serves_the_stale_page():
+    """Mainline policy, 2 MiB pages: a memory error on a page makes the
+    worker copy it into a spare memfd; writes after that land in the spare.
+    The worker is killed; the next one must map the spare (stored with the
+    fd store) over the page: every key reads its newest acknowledged value
+    or LOST, never the value it had before the salvage."""
+    p = start_server("--supervise", "--page-size", "2M", "--kernel-policy", "mainline",
+                     "--capacity", "64MiB", "--enable-fault-injection")
+    try:
+        r = rc(p)
+        st = _kv_stats(r)
+        if st["page_size"] not in (b"2M", "2M"):
+            pytest.skip(f"no 2 MiB hugepages for the store: got {st['backing']}")
+        old = {f"k{i}".encode(): f"old-{i}-".encode() * (1 + i % 9) for i in range(2000)}
+        r.mset(old)
+        before = int(st["pages_salvaged"])
+        r.execute_command("KV.INJECT", "ao", "KEY", "k500")
+        wait_for(lambda: int(_kv_stats(r)["pages_salvaged"]) == before + 1, 60, 0.02, "the salvage")
+        new = {k: b"new-" + v for k, v in old.items()}
+        for k, v in new.items():                     # acknowledged one by one
+            r.set(k, v)
+        assert _value_or_lost(r, b"k1") == new[b"k1"]
+        worker = r.info("server")["process_id"]
+        assert worker != p.pid
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: _worker_pid(p) not in (None, worker), 30, 0.02, "a new worker")
+        r = rc(p)
+        stale = {k for k in new if _value_or_lost(r, k) == old[k]}
+        assert not stale, sorted(stale)[:10]
+        for k, v in new.items():
+            assert _value_or_lost(r, k) in (v, "LOST"), k
+        adopted = log_events(p, "arena_adopted")
+        assert adopted and "salvaged_pages_handed_over=1" in adopted[-1], adopted
+        assert int(_kv_stats(r)["lost_subpages"]) >= 1     # the poisoned subpage stays lost
+    finally:
+        p.stop()
+
+
+def _worker_pid(p):
+    try:
+        return rc(p).info("server")["process_id"]
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return None
