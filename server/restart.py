@@ -120,6 +120,15 @@ def arena_inherited(fds, state):
     if any(_crash_name(name) for name in fds):
         return _crash_inherited(fds)
     st = state.get("arena") or {}
+    kept = st.get("fdstore") or {}
+    try:
+        # what the fd store holds for a crash restart goes on under the same names
+        _inherited_names["spares"] = {int(p): str(n) for p, n in (kept.get("spares") or {}).items()}
+        _inherited_names["lostmap"] = kept.get("lostmap") or None
+        _inherited_names["all"] = list(_inherited_names["spares"].values()) + (
+            [_inherited_names["lostmap"]] if _inherited_names["lostmap"] else [])
+    except (AttributeError, TypeError, ValueError):
+        _inherited_names.update(spares={}, lostmap=None, all=[])
     lost = poison = None
     n = int(st.get("lostmap_bytes", 0))
     if n and fds.get("lostmap"):
@@ -295,13 +304,19 @@ class CrashHandover:
         changed. Raises OSError when the fd store cannot be reached."""
         with self._lock:
             spares = self.arena.spares()
+            failed = None
             for page, fd, small in spares:
                 ident = _ident(fd)
                 cur = self._spares.get(page)
                 if cur is not None and cur[0] == ident:
                     continue
                 name = f"{SPARE_PREFIX}{page}-{'4k' if small else 'hp'}-{self._next_gen()}"
-                sdnotify.store_fds(name, [fd])
+                try:
+                    sdnotify.store_fds(name, [fd])
+                except OSError as e:
+                    # the lostmap below still names the page: adopted as lost
+                    failed = failed or e
+                    continue
                 self._spares[page] = (ident, name)
                 if cur is not None:
                     sdnotify.notify(f"FDSTOREREMOVE=1\nFDNAME={cur[1]}")
@@ -329,6 +344,15 @@ class CrashHandover:
             for name in sorted(self._stale):
                 sdnotify.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
             self._stale.clear()
+            if failed is not None:
+                raise failed
+
+    def names(self):
+        """What is stored now, for a planned restart's state: the next
+        process goes on with the same names."""
+        with self._lock:
+            return {"spares": {str(page): name for page, (_i, name) in self._spares.items()},
+                    "lostmap": self._lostmap}
 
 
 def listeners():
@@ -465,6 +489,8 @@ async def _restart(server, reason):
     fds = [store.arena.fd]
     names = ["arena"]
     more, more_names, state["arena"] = arena_handover(store.arena)
+    if getattr(server, "crash_handover", None) is not None:
+        state["arena"]["fdstore"] = server.crash_handover.names()
     fds += more
     names += more_names
     for srv in server._listeners:

@@ -380,12 +380,15 @@ def _value_or_lost(r, k):
         return "LOST"
 
 
-def test_supervised_crash_after_a_salvage_never_serves_the_stale_page():
+@pytest.mark.parametrize("planned_first", [False, True], ids=["crash", "restart-then-crash"])
+def test_supervised_crash_after_a_salvage_never_serves_the_stale_page(planned_first):
     """Mainline policy, 2 MiB pages: a memory error on a page makes the
     worker copy it into a spare memfd; writes after that land in the spare.
     The worker is killed; the next one must map the spare (stored with the
     fd store) over the page: every key reads its newest acknowledged value
-    or LOST, never the value it had before the salvage."""
+    or LOST, never the value it had before the salvage. With a KV.RESTART
+    between the salvage and the crash, the re-executed worker goes on with
+    the names already stored (one spare, one lostmap in the store)."""
     p = start_server("--supervise", "--page-size", "2M", "--kernel-policy", "mainline",
                      "--capacity", "64MiB", "--enable-fault-injection")
     try:
@@ -399,6 +402,11 @@ def test_supervised_crash_after_a_salvage_never_serves_the_stale_page():
         r.execute_command("KV.INJECT", "ao", "KEY", "k500")
         wait_for(lambda: int(_kv_stats(r)["pages_salvaged"]) == before + 1, 60, 0.02, "the salvage")
         new = {k: b"new-" + v for k, v in old.items()}
+        if planned_first:
+            run_id = r.info("server")["run_id"]
+            assert r.execute_command("KV.RESTART") == b"OK"
+            _serving(p, run_id)
+            r = rc(p)
         for k, v in new.items():                     # acknowledged one by one
             r.set(k, v)
         assert _value_or_lost(r, b"k1") == new[b"k1"]
@@ -414,6 +422,10 @@ def test_supervised_crash_after_a_salvage_never_serves_the_stale_page():
         adopted = log_events(p, "arena_adopted")
         assert adopted and "salvaged_pages_handed_over=1" in adopted[-1], adopted
         assert int(_kv_stats(r)["lost_subpages"]) >= 1     # the poisoned subpage stays lost
+        died = log_events(p, "supervise_worker_died")[-1]
+        stored = died.split("fds=")[1].split()[0].split(",")
+        assert len([n for n in stored if n.startswith("arena-spare-")]) == 1, died
+        assert len([n for n in stored if n.startswith("arena-lostmap-")]) == 1, died
     finally:
         p.stop()
 
