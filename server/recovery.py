@@ -26,6 +26,10 @@ runs here, on one thread of its own, which the engine knows as its
   thread, on the mainline policy the start of a whole-page loss): the loss
   is not known before the touch, so that command waits in the engine for
   the copy, and the loop with it;
+* under systemd or ``--supervise``, still on this thread and before the
+  held commands go on, the new spare memfds and the lost subpages go to the
+  fd store (``after``: restart.CrashHandover.sync), so a write to a salvaged
+  page is never acknowledged before a crash restart could find its spare;
 * everything that touches server state runs on the loop: when the engine
   part is done, ``done(counts, seconds)`` is called there
   (``loop.call_soon_threadsafe``), and the server finishes with
@@ -108,11 +112,15 @@ class RecoveryThread:
         t0 = time.perf_counter()
         try:
             counts = st.process_losses()
-            if self.after is not None and counts.get("ranges"):
-                self.after(counts)
         except Exception as e:  # noqa: BLE001 - keep the thread alive
+            self.busy = False
             event("error", "recovery_failed", error=f"{type(e).__name__}: {e}")
             return
+        try:
+            if self.after is not None and counts.get("ranges"):
+                self.after(counts)
+        except Exception as e:  # noqa: BLE001 - the loop's part must still run
+            event("error", "recovery_after_failed", error=f"{type(e).__name__}: {e}")
         finally:
             self.busy = False
         elapsed = time.perf_counter() - t0
