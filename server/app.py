@@ -66,6 +66,7 @@ class Server:
         self._stop = None
         self._loss_fd = None
         self.recovery = None      # recovery.RecoveryThread, set by start()
+        self.crash_handover = None  # restart.CrashHandover under systemd / --supervise
         self.recovery_gate = None  # recovery.RecoveryGate: commands held during a recovery
         self._verify_handle = None
         self._idle_handle = None
@@ -411,9 +412,13 @@ class Server:
         if hasattr(self.store, "on_loss"):
             self.store.on_loss(self._on_keys_lost)
         self._loss_fd = fd
+        if os.environ.get("NOTIFY_SOCKET") and hasattr(self.store, "arena"):
+            # a crash restart gets the spares and lost subpages from the fd store
+            self.crash_handover = restart.CrashHandover(self.store.arena)
         if hasattr(self.store, "process_losses"):
             from .recovery import RecoveryGate, RecoveryThread
-            self.recovery = RecoveryThread(self.store, loop, self._recovered)
+            self.recovery = RecoveryThread(self.store, loop, self._recovered,
+                                           after=self._store_crash_handover)
             self.recovery.start()
             self.recovery_gate = RecoveryGate(self)
         else:
@@ -462,6 +467,19 @@ class Server:
     def _on_loss_ready(self):
         """A store without process_losses: the whole recovery on the loop."""
         self._recovered(None, 0.0)
+        self._store_crash_handover()
+
+    def _store_crash_handover(self, counts=None):
+        """After a recovery, before the commands it held back go on: store
+        the new spares and lost subpages with the fd store (restart.py), so a
+        worker started after a crash never adopts a salvaged page's stale copy."""
+        h = self.crash_handover
+        if h is None:
+            return
+        try:
+            h.sync()
+        except Exception as e:  # noqa: BLE001 - keep serving; the adopter marks what it misses
+            event("error", "fd_store_failed", error=f"{type(e).__name__}: {e}")
 
     def _recovered(self, processed, engine_s):
         """On the loop, after the recovery thread processed a loss

@@ -26,6 +26,10 @@ runs here, on one thread of its own, which the engine knows as its
   thread, on the mainline policy the start of a whole-page loss): the loss
   is not known before the touch, so that command waits in the engine for
   the copy, and the loop with it;
+* under systemd or ``--supervise``, still on this thread and before the
+  held commands go on, the new spare memfds and the lost subpages go to the
+  fd store (``after``: restart.CrashHandover.sync), so a write to a salvaged
+  page is never acknowledged before a crash restart could find its spare;
 * everything that touches server state runs on the loop: when the engine
   part is done, ``done(counts, seconds)`` is called there
   (``loop.call_soon_threadsafe``), and the server finishes with
@@ -56,10 +60,13 @@ POLL = 0.5
 class RecoveryThread:
     """Runs the engine part of the Store's recovery (see the module docstring)."""
 
-    def __init__(self, store, loop, done):
+    def __init__(self, store, loop, done, after=None):
         self.store = store
         self.loop = loop
         self.done = done
+        #: Called here with the counts after each recovery that processed a
+        #: loss, before ``busy`` drops (the held commands wait for it).
+        self.after = after
         self.fd = store.loss_fd
         #: True while this thread processes losses (read by INFO / tests).
         self.busy = False
@@ -106,8 +113,14 @@ class RecoveryThread:
         try:
             counts = st.process_losses()
         except Exception as e:  # noqa: BLE001 - keep the thread alive
+            self.busy = False
             event("error", "recovery_failed", error=f"{type(e).__name__}: {e}")
             return
+        try:
+            if self.after is not None and counts.get("ranges"):
+                self.after(counts)
+        except Exception as e:  # noqa: BLE001 - the loop's part must still run
+            event("error", "recovery_after_failed", error=f"{type(e).__name__}: {e}")
         finally:
             self.busy = False
         elapsed = time.perf_counter() - t0

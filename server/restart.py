@@ -7,8 +7,11 @@ disk). The arena memfd and the listening sockets cross the exec as the fds 3,
 and ``listen``; after memory errors also ``lostmap``, the lost and poisoned
 subpages, and ``spare``, the memfds salvaged pages live in), the same
 hand-over systemd's fd store and ``kvstore-server --supervise`` use after a
-crash (server/sdnotify.py, server/supervise.py; a crash hands over the arena
-and sockets only: lost subpages are found again by checksum). The listening socket is never closed, so a client
+crash (server/sdnotify.py, server/supervise.py). For a crash restart the
+worker keeps the fd store current itself (:class:`CrashHandover`): the
+spare memfds as ``arena-spare-<page>-<hp|4k>-<generation>`` and the lost and
+poisoned subpages as ``arena-lostmap-<generation>``, stored right after each
+recovery, before the commands it held back go on. The listening socket is never closed, so a client
 connecting during the hand-over waits in the kernel's accept queue; clients
 already connected see their connection closed once.
 
@@ -30,6 +33,7 @@ import os
 import socket
 import stat
 import sys
+import threading
 import time
 
 from .logs import event
@@ -66,7 +70,8 @@ def adopt_store(make_fresh, make_adopted):
         return make_fresh(), False
     t = time.monotonic()
     handed = arena_inherited(fds, state)
-    extra = fds.get("lostmap", []) + fds.get("spare", [])
+    extra = [fd for name, l in fds.items() if name in ("lostmap", "spare") or _crash_name(name)
+             for fd in l]
     try:
         store = make_adopted(handed)
     except Exception as e:               # noqa: BLE001 - any refusal: start empty, never misread
@@ -112,7 +117,18 @@ def arena_inherited(fds, state):
     """The inherited arena fd as a kvstore.ArenaHandover (with the lost
     subpages and salvaged pages that came with it)."""
     import kvstore
+    if any(_crash_name(name) for name in fds):
+        return _crash_inherited(fds)
     st = state.get("arena") or {}
+    kept = st.get("fdstore") or {}
+    try:
+        # what the fd store holds for a crash restart goes on under the same names
+        _inherited_names["spares"] = {int(p): str(n) for p, n in (kept.get("spares") or {}).items()}
+        _inherited_names["lostmap"] = kept.get("lostmap") or None
+        _inherited_names["all"] = list(_inherited_names["spares"].values()) + (
+            [_inherited_names["lostmap"]] if _inherited_names["lostmap"] else [])
+    except (AttributeError, TypeError, ValueError):
+        _inherited_names.update(spares={}, lostmap=None, all=[])
     lost = poison = None
     n = int(st.get("lostmap_bytes", 0))
     if n and fds.get("lostmap"):
@@ -128,6 +144,215 @@ def arena_inherited(fds, state):
     if len(spare_fds) != len(st.get("spares", [])):
         event("error", "spares_mismatch", fds=len(spare_fds), pages=len(st.get("spares", [])))
     return kvstore.ArenaHandover(fds["arena"][0], lost, poison, spares)
+
+
+# -- what a crash restart needs besides the arena memfd, kept in the fd store
+# (systemd's, or the --supervise parent's) by the worker itself:
+#
+# * ``arena-spare-<page>-<hp|4k>-<generation>``: the memfd page <page> was
+#   salvaged into (hp: a spare hugepage, 4k: 4 KiB shmem pages). Stored
+#   right after the salvage, before any write can land in it.
+# * ``arena-lostmap-<generation>``: a memfd holding one JSON line
+#   ``{"bytes": n, "subpages_per_page": k, "salvaged": [page, ...]}`` and then
+#   Arena.lost_bitmap() and Arena.poison_bitmap() (n bytes each). Stored
+#   after the spares of the same recovery; the highest generation wins.
+#   "salvaged" lists every page that had a spare when it was written: a
+#   listed page whose spare did not come back (the service manager refused
+#   or dropped it) is adopted as wholly lost, never read.
+#
+# Generations are wall-clock nanoseconds, so a newer name sorts after an
+# older one across processes; a replaced name is removed (FDSTOREREMOVE=1).
+
+SPARE_PREFIX = "arena-spare-"
+LOSTMAP_PREFIX = "arena-lostmap-"
+
+_inherited_names = {"spares": {}, "lostmap": None, "all": []}
+
+
+def _crash_name(name):
+    return name.startswith(SPARE_PREFIX) or name.startswith(LOSTMAP_PREFIX)
+
+
+def _parse_spare(name):
+    """(page, small, generation) of a spare's fd name, or None."""
+    parts = name[len(SPARE_PREFIX):].split("-")
+    if len(parts) != 3 or parts[1] not in ("hp", "4k"):
+        return None
+    try:
+        return int(parts[0]), parts[1] == "4k", int(parts[2])
+    except ValueError:
+        return None
+
+
+def _parse_gen(name):
+    try:
+        return int(name[len(LOSTMAP_PREFIX):])
+    except ValueError:
+        return None
+
+
+def _read_lostmap(fd):
+    """(lost, poison, salvaged pages, subpages per page) from a lostmap
+    memfd, or None when it does not read back whole."""
+    size = os.fstat(fd).st_size
+    raw = os.pread(fd, size, 0)
+    head, sep, rest = raw.partition(b"\n")
+    if not sep:
+        return None
+    try:
+        h = json.loads(head)
+        n, k = int(h["bytes"]), int(h["subpages_per_page"])
+        salvaged = [int(x) for x in h["salvaged"]]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if len(rest) != 2 * n:
+        return None
+    return bytearray(rest[:n]), rest[n:], salvaged, k
+
+
+def _crash_inherited(fds):
+    """The ArenaHandover for fds a service manager kept across a crash."""
+    import kvstore
+    spares = {}                      # page -> (generation, fd, small, name)
+    maps = []                        # (generation, fd, name)
+    for name, l in fds.items():
+        if name.startswith(SPARE_PREFIX):
+            p = _parse_spare(name)
+            if p is None or not l:
+                event("error", "inherited_fd_ignored", name=name, detail="not a spare name")
+                continue
+            page, small, gen = p
+            if page not in spares or spares[page][0] < gen:
+                spares[page] = (gen, l[0], small, name)
+        elif name.startswith(LOSTMAP_PREFIX):
+            gen = _parse_gen(name)
+            if gen is not None and l:
+                maps.append((gen, l[0], name))
+    lost = poison = None
+    lostmap_name = None
+    marked = []
+    for gen, fd, name in sorted(maps, reverse=True):
+        try:
+            got = _read_lostmap(fd)
+        except OSError:
+            got = None
+        if got is None:
+            event("error", "lostmap_unreadable", name=name, detail="trying an older one")
+            continue
+        lost, poison, salvaged, k = got
+        lostmap_name = name
+        for page in salvaged:
+            if page in spares:
+                continue
+            # salvaged before the crash, but its spare did not come back: the
+            # arena holds the page as it was at the salvage; never read it
+            marked.append(page)
+            for sub in range(page * k, (page + 1) * k):
+                if sub // 8 < len(lost):
+                    lost[sub // 8] |= 1 << (sub % 8)
+        lost = bytes(lost)
+        break
+    if marked:
+        event("error", "salvaged_pages_without_spare", pages=",".join(map(str, marked)),
+              detail="their subpages are adopted as lost; keys LOST, rebuilt from replicas")
+    if spares and lostmap_name is None:
+        event("warning", "lostmap_missing", detail="lost subpages are found again by checksum")
+    _inherited_names["spares"] = {page: name for page, (_g, _fd, _s, name) in spares.items()}
+    _inherited_names["lostmap"] = lostmap_name
+    _inherited_names["all"] = [name for name in fds if _crash_name(name)]
+    return kvstore.ArenaHandover(fds["arena"][0], lost, poison,
+                                 [(page, fd, small) for page, (_g, fd, small, _n) in spares.items()])
+
+
+def _ident(fd):
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+class CrashHandover:
+    """Keeps the fd store (``$NOTIFY_SOCKET``) current with the spares and
+    the lost subpages of ``arena``, for a restart after a crash.
+    :meth:`sync` is called at start-up and by the recovery thread right
+    after each recovery, before the commands held back go on."""
+
+    def __init__(self, arena):
+        self.arena = arena
+        self._lock = threading.Lock()
+        self._spares = {}            # page -> (identity of the file, fd name)
+        self._lostmap = None         # fd name of the lostmap stored last
+        self._last = None            # what it held
+        self._gen = 0
+        self._stale = set(_inherited_names["all"])
+        inherited = _inherited_names["spares"]
+        try:
+            for page, fd, _small in arena.spares():
+                if page in inherited:            # the same file the store keeps
+                    self._spares[page] = (_ident(fd), inherited[page])
+                    self._stale.discard(inherited[page])
+        except OSError:
+            pass
+        if _inherited_names["lostmap"]:
+            self._lostmap = _inherited_names["lostmap"]
+            self._stale.discard(self._lostmap)
+
+    def _next_gen(self):
+        self._gen = max(self._gen + 1, time.time_ns())
+        return self._gen
+
+    def sync(self):
+        """Store the spares not stored yet, then the lost subpages if they
+        changed. Raises OSError when the fd store cannot be reached."""
+        with self._lock:
+            spares = self.arena.spares()
+            failed = None
+            for page, fd, small in spares:
+                ident = _ident(fd)
+                cur = self._spares.get(page)
+                if cur is not None and cur[0] == ident:
+                    continue
+                name = f"{SPARE_PREFIX}{page}-{'4k' if small else 'hp'}-{self._next_gen()}"
+                try:
+                    sdnotify.store_fds(name, [fd])
+                except OSError as e:
+                    # the lostmap below still names the page: adopted as lost
+                    failed = failed or e
+                    continue
+                self._spares[page] = (ident, name)
+                if cur is not None:
+                    sdnotify.notify(f"FDSTOREREMOVE=1\nFDNAME={cur[1]}")
+                event("warning", "spare_stored", page=page, name=name)
+            lost = self.arena.lost_bitmap()
+            salvaged = sorted(page for page, _fd, _small in spares)
+            now = (lost, salvaged)
+            if now != self._last and (any(lost) or salvaged or self._lostmap):
+                a = self.arena
+                head = json.dumps({"bytes": len(lost), "salvaged": salvaged,
+                                   "subpages_per_page": a.nsubpages // a.npages}).encode()
+                fd = os.memfd_create("kvstore-lostmap", os.MFD_CLOEXEC)
+                try:
+                    os.write(fd, head + b"\n" + lost + a.poison_bitmap())
+                    name = f"{LOSTMAP_PREFIX}{self._next_gen()}"
+                    sdnotify.store_fds(name, [fd])
+                finally:
+                    os.close(fd)         # the fd store keeps its own
+                old, self._lostmap = self._lostmap, name
+                if old:
+                    sdnotify.notify(f"FDSTOREREMOVE=1\nFDNAME={old}")
+            self._last = now
+            # what an earlier worker stored that this one does not use (an
+            # arena not adopted, a spare or lostmap replaced) must not come back
+            for name in sorted(self._stale):
+                sdnotify.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+            self._stale.clear()
+            if failed is not None:
+                raise failed
+
+    def names(self):
+        """What is stored now, for a planned restart's state: the next
+        process goes on with the same names."""
+        with self._lock:
+            return {"spares": {str(page): name for page, (_i, name) in self._spares.items()},
+                    "lostmap": self._lostmap}
 
 
 def listeners():
@@ -195,6 +420,8 @@ def announce(server):
     if os.environ.get("NOTIFY_SOCKET"):
         try:
             sdnotify.store_fds("arena", [server.store.arena.fd])
+            if getattr(server, "crash_handover", None) is not None:
+                server.crash_handover.sync()
             socks = [s.fileno() for srv in server._listeners for s in srv.sockets]
             if socks:
                 sdnotify.store_fds("listen", socks)
@@ -274,6 +501,8 @@ async def _restart(server, reason):
     fds = [store.arena.fd]
     names = ["arena"]
     more, more_names, state["arena"] = arena_handover(store.arena)
+    if getattr(server, "crash_handover", None) is not None:
+        state["arena"]["fdstore"] = server.crash_handover.names()
     fds += more
     names += more_names
     for srv in server._listeners:

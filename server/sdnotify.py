@@ -7,7 +7,8 @@ The worker side (used by every kvstore-server):
   ``VAR=value`` lines such as ``READY=1`` or ``FDSTORE=1`` / ``FDNAME=arena``,
   with file descriptors attached as ``SCM_RIGHTS`` ancillary data. With
   ``FileDescriptorStoreMax=`` set in the unit, systemd keeps those fds across
-  restarts of the service (sd_pid_notify_with_fds(3), sd_notify(3)).
+  restarts of the service (sd_pid_notify_with_fds(3), sd_notify(3));
+  ``FDSTOREREMOVE=1`` / ``FDNAME=`` drops the ones stored under a name.
 * :func:`listen_fds` takes the fds handed to this process at start-up:
   ``$LISTEN_PID`` must be this process, ``$LISTEN_FDS`` fds start at 3 and
   ``$LISTEN_FDNAMES`` names them, colon-separated (sd_listen_fds(3)). The
@@ -80,7 +81,8 @@ def listen_fds(unset=True):
 class FdStore:
     """The receiving end of the protocol (what systemd does for a service
     with ``FileDescriptorStoreMax=``): a datagram socket at ``path`` that
-    keeps the fds sent with ``FDSTORE=1`` under their ``FDNAME=``, and
+    keeps the fds sent with ``FDSTORE=1`` under their ``FDNAME=`` (more
+    under the same name replace them), drops them on ``FDSTOREREMOVE=1``, and
     remembers the other variables (``READY=1``, ``STATUS=``...)."""
 
     def __init__(self, path, max_fds=64):
@@ -120,6 +122,9 @@ class FdStore:
             if sep:
                 var[k] = v
         self.messages.append((var, pid))
+        if var.get("FDSTOREREMOVE") == "1":
+            for old in self.fds.pop(var.get("FDNAME", "stored"), []):
+                os.close(old)
         if var.get("FDSTORE") == "1" and fds:
             name = var.get("FDNAME", "stored")
             for old in self.fds.pop(name, []):

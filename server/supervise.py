@@ -3,7 +3,9 @@
 A small parent (no store, no event loop) runs the server in a worker process
 and keeps what the worker hands it over the systemd notification protocol
 (server/sdnotify.py): the worker sends its arena memfd and its listening
-sockets with ``FDSTORE=1`` (``FDNAME=arena`` / ``listen``) once it listens.
+sockets with ``FDSTORE=1`` (``FDNAME=arena`` / ``listen``) once it listens,
+and after a memory error the spare memfds of salvaged pages and its lost
+subpages (``arena-spare-...``, ``arena-lostmap-...``, see server/restart.py).
 When the worker dies (``kill -9``, a fatal signal, a non-zero exit) the
 parent starts a new one with those fds as ``LISTEN_FDS`` (fd 3 on, named by
 ``LISTEN_FDNAMES``, ``LISTEN_PID`` its pid), exactly as systemd does for a
@@ -43,11 +45,13 @@ def supervise(argv):
     store = FdStore(path)
     stop = threading.Event()
     child = {"pid": None}
+    lock = threading.Lock()       # store.fds: the receiving thread, and the fork below
 
     def recv_loop():
         while not stop.is_set():
             try:
-                var = store.receive(timeout=0.2)
+                with lock:
+                    var = store.receive(timeout=0.2)
             except OSError:
                 if stop.is_set():
                     return
@@ -77,7 +81,16 @@ def supervise(argv):
         while True:
             started = time.monotonic()
             t_spawn = time.time()
-            pid = os.fork()
+            with lock:
+                # what the dead worker sent just before it died is in the
+                # socket's queue: it is part of what the next one gets
+                while True:
+                    try:
+                        if store.receive(timeout=0) is None:
+                            break
+                    except OSError:
+                        break
+                pid = os.fork()
             if pid == 0:                               # the worker
                 try:
                     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):

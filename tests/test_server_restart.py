@@ -370,3 +370,199 @@ def test_kv_restart_hands_over_lost_keys_and_quarantined_subpages():
                 r.get(k)
     finally:
         p.stop()
+
+
+def _value_or_lost(r, k):
+    try:
+        return r.get(k)
+    except redis.ResponseError as e:
+        assert "LOST" in str(e).upper(), e
+        return "LOST"
+
+
+@pytest.mark.parametrize("planned_first", [False, True], ids=["crash", "restart-then-crash"])
+def test_supervised_crash_after_a_salvage_never_serves_the_stale_page(planned_first):
+    """Mainline policy, 2 MiB pages: a memory error on a page makes the
+    worker copy it into a spare memfd; writes after that land in the spare.
+    The worker is killed; the next one must map the spare (stored with the
+    fd store) over the page: every key reads its newest acknowledged value
+    or LOST, never the value it had before the salvage. With a KV.RESTART
+    between the salvage and the crash, the re-executed worker goes on with
+    the names already stored (one spare, one lostmap in the store)."""
+    p = start_server("--supervise", "--page-size", "2M", "--kernel-policy", "mainline",
+                     "--capacity", "64MiB", "--enable-fault-injection")
+    try:
+        r = rc(p)
+        st = _kv_stats(r)
+        if st["page_size"] not in (b"2M", "2M"):
+            pytest.skip(f"no 2 MiB hugepages for the store: got {st['backing']}")
+        old = {f"k{i}".encode(): f"old-{i}-".encode() * (1 + i % 9) for i in range(2000)}
+        r.mset(old)
+        before = int(st["pages_salvaged"])
+        r.execute_command("KV.INJECT", "ao", "KEY", "k500")
+        wait_for(lambda: int(_kv_stats(r)["pages_salvaged"]) == before + 1, 60, 0.02, "the salvage")
+        new = {k: b"new-" + v for k, v in old.items()}
+        if planned_first:
+            run_id = r.info("server")["run_id"]
+            assert r.execute_command("KV.RESTART") == b"OK"
+            _serving(p, run_id)
+            r = rc(p)
+        for k, v in new.items():                     # acknowledged one by one
+            r.set(k, v)
+        assert _value_or_lost(r, b"k1") == new[b"k1"]
+        worker = r.info("server")["process_id"]
+        assert worker != p.pid
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: _worker_pid(p) not in (None, worker), 30, 0.02, "a new worker")
+        r = rc(p)
+        stale = {k for k in new if _value_or_lost(r, k) == old[k]}
+        assert not stale, sorted(stale)[:10]
+        for k, v in new.items():
+            assert _value_or_lost(r, k) in (v, "LOST"), k
+        adopted = log_events(p, "arena_adopted")
+        assert adopted and "salvaged_pages_handed_over=1" in adopted[-1], adopted
+        assert int(_kv_stats(r)["lost_subpages"]) >= 1     # the poisoned subpage stays lost
+        died = log_events(p, "supervise_worker_died")[-1]
+        stored = died.split("fds=")[1].split()[0].split(",")
+        assert len([n for n in stored if n.startswith("arena-spare-")]) == 1, died
+        assert len([n for n in stored if n.startswith("arena-lostmap-")]) == 1, died
+    finally:
+        p.stop()
+
+
+def _worker_pid(p):
+    try:
+        return rc(p).info("server")["process_id"]
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return None
+
+
+class _NotifyListener:
+    """A service manager's notification socket, from sd_notify(3): keeps the
+    fds stored with FDSTORE=1 by FDNAME=, drops them on FDSTOREREMOVE=1."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.stored = {}
+
+    def drain(self, timeout):
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                msg, anc, _f, _a = self.sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+            except (TimeoutError, socket.timeout):
+                return
+            self.sock.settimeout(0.3)
+            fds = array.array("i")
+            for _level, _kind, data in anc:
+                fds.frombytes(data[:len(data) - len(data) % 4])
+            var = dict(line.split("=", 1) for line in msg.decode().splitlines())
+            if var.get("FDSTOREREMOVE") == "1":
+                for fd in self.stored.pop(var["FDNAME"], []):
+                    os.close(fd)
+            if var.get("FDSTORE") == "1":
+                for fd in self.stored.pop(var["FDNAME"], []):
+                    os.close(fd)
+                self.stored[var["FDNAME"]] = list(fds)
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def close(self):
+        for fds in self.stored.values():
+            for fd in fds:
+                os.close(fd)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("spare_kept", [True, False], ids=["spare", "spare-dropped"])
+def test_fd_store_keeps_salvaged_pages_for_a_crash_restart(tmp_path, spare_kept):
+    """systemd's side of a crash restart after a salvage: the server stores
+    the spare memfd and its lost subpages by name; a server handed them back
+    serves the newest values. If the service manager dropped the spare (its
+    FileDescriptorStoreMax=), the lost-subpage map still names the salvaged
+    page: the whole page is adopted as lost, and its keys are LOST, never old."""
+    path = str(tmp_path / "notify")
+    lst = _NotifyListener(path)
+    flags = ("--page-size", "2M", "--kernel-policy", "mainline", "--capacity", "64MiB",
+             "--enable-fault-injection")
+    srv = start_server(*flags, env=dict(os.environ, NOTIFY_SOCKET=path))
+    try:
+        r = rc(srv)
+        st = _kv_stats(r)
+        if st["page_size"] not in (b"2M", "2M"):
+            pytest.skip(f"no 2 MiB hugepages for the store: got {st['backing']}")
+        # ~16 MiB: the last keys written are on a page other than the
+        # arena header's (a header page lost for good refuses the arena)
+        old = {f"k{i}".encode(): f"old-{i}-".encode().ljust(2000, b"o") for i in range(8000)}
+        for n in range(0, 8000, 500):
+            r.mset({f"k{i}": old[f"k{i}".encode()] for i in range(n, n + 500)})
+        r.execute_command("KV.INJECT", "ao", "KEY", "k7990")
+        wait_for(lambda: int(_kv_stats(r)["pages_salvaged"]) == 1, 60, 0.02, "the salvage")
+        new = {k: b"new-" + v for k, v in old.items()}
+        for n in range(0, 8000, 500):
+            r.mset({f"k{i}": new[f"k{i}".encode()] for i in range(n, n + 500)})
+        lst.drain(5)
+        port = srv.port
+    finally:
+        srv.stop()
+    try:
+        spares = [n for n in lst.stored if n.startswith("arena-spare-")]
+        maps = [n for n in lst.stored if n.startswith("arena-lostmap-")]
+        assert len(spares) == 1 and len(maps) == 1, sorted(lst.stored)
+        assert {"arena", "listen"} <= set(lst.stored)
+        names = ["arena", "listen", maps[0]] + (spares if spare_kept else [])
+        fds = [lst.stored[n][0] for n in names]
+
+        def hand_over():
+            from kvstore.server.sdnotify import place_fds
+            place_fds(fds)
+            os.environ["LISTEN_PID"] = str(os.getpid())
+            os.environ["LISTEN_FDS"] = str(len(fds))
+            os.environ["LISTEN_FDNAMES"] = ":".join(names)
+        srv2 = start_server(*flags, "--port", str(port), preexec_fn=hand_over,
+                            pass_fds=tuple(range(3, 3 + len(fds))))
+        try:
+            r = rc(srv2)
+            got = {k: _value_or_lost(r, k) for k in new}
+            assert not [k for k, v in got.items() if v == old[k]]
+            assert all(v in (new[k], "LOST") for k, v in got.items())
+            assert log_events(srv2, "arena_adopted")
+            if spare_kept:
+                assert list(got.values()).count("LOST") < 100
+                assert log_events(srv2, "arena_adopted")[-1].count("salvaged_pages_handed_over=1")
+            else:
+                assert log_events(srv2, "salvaged_pages_without_spare")
+                assert 100 < list(got.values()).count("LOST") < 4000
+                adopted = log_events(srv2, "arena_adopted")[-1]
+                n = int(adopted.split("lost_subpages_handed_over=")[1].split()[0])
+                assert n >= 512, adopted                           # the whole 2 MiB page
+        finally:
+            srv2.stop()
+    finally:
+        lst.close()
+
+
+def test_fd_store_remove_drops_the_named_fds(tmp_path):
+    """FdStore (the --supervise parent): FDSTOREREMOVE=1 closes and forgets
+    what is stored under FDNAME=; other names stay."""
+    from kvstore.server.sdnotify import FdStore, notify, store_fds
+    path = str(tmp_path / "n")
+    st = FdStore(path)
+    try:
+        a, b = os.memfd_create("a"), os.memfd_create("b")
+        store_fds("x", [a], sock_path=path)
+        store_fds("y", [b], sock_path=path)
+        st.receive(5)
+        st.receive(5)
+        kept = st.fds["x"][0]
+        notify("FDSTOREREMOVE=1\nFDNAME=x", sock_path=path)
+        assert st.receive(5) == {"FDSTOREREMOVE": "1", "FDNAME": "x"}
+        assert "x" not in st.fds and list(st.fds) == ["y"]
+        with pytest.raises(OSError):
+            os.fstat(kept)
+        os.close(a)
+        os.close(b)
+    finally:
+        st.close()
