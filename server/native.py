@@ -103,12 +103,7 @@ class NativeConnection(BaseConnection):
                     if req is NEED_MORE:
                         break
                 if gate is not None and gate.must_wait_native(self, req):
-                    self.held = req
-                    try:
-                        self.transport.pause_reading()
-                    except RuntimeError:
-                        pass
-                    gate.hold(self)
+                    gate.hold(self, req)
                     break
                 n += 1
                 reply = self.handle(req)

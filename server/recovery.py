@@ -261,7 +261,14 @@ class RecoveryGate:
                 continue
         return False
 
-    def hold(self, conn):
+    def hold(self, conn, held):
+        """Keep ``held`` (the connection's commands from the one that must
+        wait on) and stop reading from ``conn`` until :meth:`poll` resumes it."""
+        conn.held = held
+        try:
+            conn.transport.pause_reading()
+        except RuntimeError:
+            pass
         self.commands_held += 1
         self._held.append(conn)
         if self._timer is None:

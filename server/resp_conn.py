@@ -199,12 +199,7 @@ class RespConnection(BaseConnection):
         ran = 0
         for args in cmds:
             if gate is not None and gate.must_wait(self, args):
-                self.held = cmds[ran:]
-                try:
-                    self.transport.pause_reading()
-                except RuntimeError:
-                    pass
-                gate.hold(self)
+                gate.hold(self, cmds[ran:])
                 break
             ran += 1
             try:
