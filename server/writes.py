@@ -170,11 +170,10 @@ class WritePath:
         counted as if it needed subpages of its own, above the allocator's
         reserve. False means "maybe not" (the caller snapshots and undoes)."""
         try:
-            s = self.store.engine_stats()
-            free = s["free_subpages"]
-            reserve = 2 + (s["capacity"] // _SUB) // 256
-        except Exception:  # noqa: BLE001 - an engine without these stats: be careful
+            free, nsub = self.store.room()
+        except Exception:  # noqa: BLE001 - an engine without room(): be careful
             return False
+        reserve = 2 + nsub // 256
         need = 0
         for n in sizes:
             need += (n + _REC_HDR + _SUB - 1) // _SUB

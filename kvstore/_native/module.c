@@ -1729,6 +1729,14 @@ static PyObject *Engine_flush(EngineObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* room() -> (free subpages, capacity in subpages): what a caller checks
+ * before a multi-key write, without building the stats dict. */
+static PyObject *Engine_room(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OK(self);
+    return Py_BuildValue("(nn)", (Py_ssize_t)self->e.al.nfree, (Py_ssize_t)self->e.al.nsub);
+}
+
 static PyObject *Engine_engine_stats(EngineObject *self, PyObject *unused)
 {
     ENGINE_OK(self);
@@ -1978,6 +1986,8 @@ static PyMethodDef Engine_methods[] = {
     {"compact", (PyCFunction)Engine_compact, METH_VARARGS, "compact(max_subpages=4096) -> records moved."},
     {"flush", (PyCFunction)Engine_flush, METH_NOARGS, "Delete every key."},
     {"engine_stats", (PyCFunction)Engine_engine_stats, METH_NOARGS, "Counters of the engine and its arena."},
+    {"room", (PyCFunction)Engine_room, METH_NOARGS,
+     "room() -> (free_subpages, capacity_subpages), without building the stats."},
     {"adopt_report", (PyCFunction)Engine_adopt_report, METH_NOARGS,
      "What adoption found (a dict), or None when this engine formatted a fresh arena."},
     {"_corrupt", (PyCFunction)Engine__corrupt, METH_VARARGS, "Test hook: flip one byte of a key's record."},
