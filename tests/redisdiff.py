@@ -140,7 +140,7 @@ def _upper(a):
 
 def _close_times(cmd, k, r):
     name = _upper(cmd[0])
-    slack = {b"TTL": 1, b"PTTL": 1500}.get(name)
+    slack = {b"TTL": 1, b"PTTL": 1500, b"EXPIRETIME": 1, b"PEXPIRETIME": 1500}.get(name)
     return (slack is not None and isinstance(k, int) and isinstance(r, int)
             and k >= 0 and r >= 0 and abs(k - r) <= slack)
 
