@@ -100,3 +100,57 @@ def test_touches_lost_never_waits_or_processes():
         assert not s.touches_lost(b"o:0042")  # LOST now: answered at once, no wait
     finally:
         s.close()
+
+
+def test_take_lost_while_the_owner_grows_the_queue():
+    """Reporting lost keys on the loop thread can wait for the owner (a lookup
+    meets memory lost since), and the owner then queues more lost keys
+    (reallocating the queue): the report must not read the old queue.
+    Under ASan a read of the freed queue aborts; without it, the keys of
+    both losses must come out exactly once."""
+    s = kvstore.Store("16MiB", page_size="4K", kernel_policy="keep_ue", recovery="manual")
+    try:
+        keys = [b"q:%05d" % i for i in range(6000)]
+        for k in keys:
+            s.put(k, b"x" * 60)
+        by_sub = {}
+        for k in keys:
+            by_sub.setdefault(s.locate(k)[0] // 4096, []).append(k)
+        subs = sorted(by_sub)
+        first, rest = subs[0], subs[1:]
+        s.faults.inject(first * 4096, "ao")
+        counts = s.process_losses()          # queued: the first subpage's keys
+        assert counts["keys_lost"] == len(by_sub[first])
+        ready, go, done = threading.Event(), threading.Event(), threading.Event()
+        owner_counts = {}
+
+        def owner():
+            s.recovery_thread = threading.get_ident()
+            ready.set()
+            go.wait(10)
+            time.sleep(0.2)
+            owner_counts.update(s.process_losses())
+            done.set()
+        t = threading.Thread(target=owner)
+        t.start()
+        assert ready.wait(10)
+        # the directory (every lookup meets it, and finds its key again once
+        # it is rebuilt), and enough record subpages to queue hundreds more
+        # keys once the owner processes them
+        directory = [i for i in range((16 << 20) // 4096) if s.subpage_kind(i)[0] == "directory"]
+        assert directory
+        s.faults.inject(directory[0] * 4096, "ao")
+        for sub in rest[:40]:
+            s.faults.inject(sub * 4096, "ao")
+        go.set()
+        got = s.take_lost(0, "rebuilding")   # its lookups wait for the owner
+        t.join(10)
+        assert done.is_set()
+        names = [k for k, _v, _st in got]
+        assert len(names) == len(set(names))
+        later = [k for k, _v, _st in s.take_lost(0, "rebuilding")]
+        assert not set(names) & set(later)
+        assert set(names) | set(later) <= set(keys)
+    finally:
+        s.recovery_thread = 0
+        s.close()

@@ -1530,9 +1530,21 @@ static PyObject *Engine_take_lost(EngineObject *self, PyObject *args)
     size_t take = max > 0 && (size_t)max < e->lostq_n ? (size_t)max : e->lostq_n;
     PyObject *l = PyList_New(0);
     if (!l) return NULL;
+    if (!take) return l;
+    /* Detach the batch first: the lookups below may wait for the recovery
+     * thread with the engine unlocked, and recovery appends to (reallocates)
+     * the queue or replaces it (a metadata rebuild). */
+    kv_lostkey *batch = malloc(take * sizeof *batch);
+    if (!batch) {
+        Py_DECREF(l);
+        return PyErr_NoMemory();
+    }
+    memcpy(batch, e->lostq, take * sizeof *batch);
+    memmove(e->lostq, e->lostq + take, (e->lostq_n - take) * sizeof *e->lostq);
+    e->lostq_n -= take;
     size_t i = 0;
     for (; i < take; i++) {
-        kv_lostkey *q = &e->lostq[i];
+        const kv_lostkey *q = &batch[i];
         kv_info info;
         int rc = kv_eng_info(e, q->key, q->klen, 0, 0, &info);
         if (rc == KV_ABSENT || rc == KV_AGAIN || (rc == KV_LOSTKEY && info.range_lost)) continue;
@@ -1542,16 +1554,27 @@ static PyObject *Engine_take_lost(EngineObject *self, PyObject *args)
                                     state_names[st]);
         if (!t || PyList_Append(l, t) != 0) {
             Py_XDECREF(t);
-            Py_DECREF(l);
-            return NULL;
+            Py_CLEAR(l);
+            break;
         }
         Py_DECREF(t);
     }
-    if (take) {
-        for (size_t j = 0; j < take; j++) free(e->lostq[j].key);
-        memmove(e->lostq, e->lostq + take, (e->lostq_n - take) * sizeof *e->lostq);
-        e->lostq_n -= take;
+    if (!l) {
+        /* give back what was not reported (this one included): front of the queue */
+        size_t rest = take - i;
+        size_t cap = e->lostq_n + rest > e->lostq_cap ? e->lostq_n + rest : e->lostq_cap;
+        kv_lostkey *nq = realloc(e->lostq, cap * sizeof *nq);
+        if (nq) {
+            memmove(nq + rest, nq, e->lostq_n * sizeof *nq);
+            memcpy(nq, batch + i, rest * sizeof *nq);
+            e->lostq = nq;
+            e->lostq_cap = cap;
+            e->lostq_n += rest;
+            take = i;
+        }
     }
+    for (size_t j = 0; j < take; j++) free(batch[j].key);
+    free(batch);
     return l;
 }
 
