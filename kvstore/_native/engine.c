@@ -93,6 +93,19 @@ static int meta_lost(const kv_engine *e)
     return 0;
 }
 
+/* Has the allocator's metadata been lost since *ev (the arena's loss
+ * counter when the caller last looked)? A loop that reads the metadata
+ * between guarded accesses asks before each read: under the mainline
+ * policy a fault anywhere on a hugepage takes the whole page, and the
+ * metadata may live there (it is readable again once recovered). */
+static inline int meta_lost_since(const kv_engine *e, uint64_t *ev)
+{
+    uint64_t now = __atomic_load_n(&e->arena->lost_events, __ATOMIC_ACQUIRE);
+    if (now == *ev) return 0;
+    *ev = now;
+    return meta_lost(e);
+}
+
 /* Landing after a fault inside an engine guard: undo half-done allocations
  * (unless the allocator's metadata was hit: its rebuild from the index
  * frees what no entry references). */
@@ -241,7 +254,9 @@ static __attribute__((noinline)) int visit_page(kv_engine *e, size_t s, kv_page_
 static size_t each_page(kv_engine *e, kv_page_fn fn, void *ctx)
 {
     size_t bad = 0;
+    uint64_t ev = 0;
     for (size_t s = 0; s < e->al.nsub; s++) {
+        if (meta_lost_since(e, &ev)) return bad + 1;
         if (kv_sp_kind(e->al.meta[s]) != KV_SP_INDEX || sub_lost(e, s)) continue;
         if (visit_page(e, s, fn, ctx) != 0) bad++;
     }
@@ -1197,6 +1212,7 @@ int kv_eng_scan(kv_engine *e, uint64_t lo, uint64_t hi, kv_page_visit fn, void *
     uint8_t buf[4096] __attribute__((aligned(8)));
     uint64_t pos = lo;
     int need = 0, rc = 0;
+    uint64_t ev = 0;
     kv_eng_check(e);
     for (int guard = 0;; guard++) {
         uint64_t c = cell_of(e->gdepth, pos);
@@ -1208,6 +1224,11 @@ int kv_eng_scan(kv_engine *e, uint64_t lo, uint64_t hi, kv_page_visit fn, void *
             continue;
         }
         uint64_t plo, phi;
+        if (meta_lost_since(e, &ev)) {
+            settle(e);                  /* the allocator's page is readable once recovered */
+            if (meta_lost(e) || guard > 64) return -1;
+            continue;
+        }
         kv_meta m = s < e->al.nsub ? e->al.meta[s] : 0;
         if (kv_sp_kind(m) != KV_SP_INDEX) {
             /* no page at all (could not be replaced): a lost range of one cell */
@@ -1429,13 +1450,14 @@ typedef struct {
 
 static int visit_range(kv_engine *e, uint64_t lo, uint64_t hi, kv_page_fn fn, void *ctx, seen_set *seen)
 {
-    uint64_t pos = lo;
+    uint64_t pos = lo, ev = 0;
     int rc = 0;
     for (;;) {
         uint64_t c = cell_of(e->gdepth, pos);
         uint32_t ps;
         size_t fo;
         if (kv_arena_read(e->arena, e->dir_sub * SUB + c * 4, &ps, 4, &fo) != 0 || ps >= e->al.nsub) return -1;
+        if (meta_lost_since(e, &ev)) return -1;
         kv_meta m = e->al.meta[ps];
         uint64_t phi;
         if (kv_sp_kind(m) == KV_SP_INDEX) {
@@ -2119,9 +2141,11 @@ uint64_t kv_eng_scrub(kv_engine *e, uint64_t max_bytes, uint64_t *found)
         return (uint64_t)done * SUB;
     }
     scrub_ctx w = {0};
+    uint64_t ev = 0;
     size_t n = e->al.nsub, s = e->scrub_cursor, start = s;
     for (size_t k = 0; k < n && w.done < max_bytes; k++, s++) {
         if (s >= n) s = 0;
+        if (meta_lost_since(e, &ev)) break;
         if (kv_sp_kind(e->al.meta[s]) != KV_SP_INDEX || sub_lost(e, s)) continue;
         w.bad_page = 0;
         if (visit_page(e, s, scrub_fn, &w) != 0) w.found++;
@@ -2176,8 +2200,10 @@ size_t kv_eng_expire_sweep(kv_engine *e, size_t budget, uint64_t now_ms)
     if (!e->n_ttl) return 0;
     ttl_ctx w = {now_ms, budget, 0, 0};
     size_t n = e->al.nsub, s = e->ttl_cursor;
+    uint64_t ev = 0;
     for (size_t k = 0; k < n && w.seen < budget && e->n_ttl; k++, s++) {
         if (s >= n) s = 0;
+        if (meta_lost_since(e, &ev)) break;
         if (kv_sp_kind(e->al.meta[s]) != KV_SP_INDEX || sub_lost(e, s)) continue;
         visit_page(e, s, ttl_fn, &w);
     }
@@ -2273,9 +2299,14 @@ size_t kv_eng_compact(kv_engine *e, size_t max_subpages)
     compact_ctx w = {cand, 0, 0};
     if (ncand) {
         e->c_compactions++;
+        uint64_t ev = 0;
         for (size_t s = 0; s < al->nsub && !w.stop; s++) {
+            if (meta_lost_since(e, &ev)) {
+                g_mv_off = -1;          /* the rebuild frees what no entry references */
+                break;
+            }
             if (kv_sp_kind(al->meta[s]) != KV_SP_INDEX || sub_lost(e, s)) continue;
-            if (visit_page(e, s, compact_fn, &w) != 0 && g_mv_off >= 0) {
+            if (visit_page(e, s, compact_fn, &w) != 0 && !meta_lost(e) && g_mv_off >= 0) {
                 kv_alloc_release(al, (uint64_t)g_mv_off, g_mv_len);
                 g_mv_off = -1;
             }
