@@ -39,7 +39,8 @@ moved; the target serves a migrating slot's keys only after ``ASKING``
 (native ``asking``), for the next command of that connection.
 
 The mover connects to the target with the credentials replication uses
-(``--masterauth``, else ``--requirepass``; the default user). A target that
+(``--masteruser`` and ``--masterauth``, else the default user with
+``--masterauth``, else ``--requirepass``). A target that
 refuses them is logged (``event=migrate_auth_refused``, once per target
 until it accepts) and counted (``kvstore_migrate_auth_failures``); the keys
 stay at the source and the mover keeps trying.
@@ -420,11 +421,11 @@ class SlotMover:
         c = self._conns.get(addr)
         if c is None or c.closed:
             # the target is a node of the same cluster: it authenticates
-            # with the credentials replication uses (--masterauth, else
-            # --requirepass), as the default user
-            password = self.mode.server.repl.password
-            c = AsyncConnection(addr[0], addr[1], password=password,
-                                socket_timeout=self.timeout)
+            # with the credentials replication uses (--masteruser if set,
+            # else the default user; --masterauth, else --requirepass)
+            repl = self.mode.server.repl
+            c = AsyncConnection(addr[0], addr[1], password=repl.password,
+                                username=repl.username, socket_timeout=self.timeout)
             try:
                 await c.connect()
             except errors.ResponseError as e:
@@ -436,7 +437,7 @@ class SlotMover:
                     self._auth_logged = where
                     event("error", "migrate_auth_refused", target=where, error=str(e),
                           hint="the target refused this node's credentials "
-                               "(--masterauth, else --requirepass): slots cannot move "
+                               "(--masteruser, --masterauth, else --requirepass): slots cannot move "
                                "until every node of the cluster shares them")
                 raise
             self._auth_logged = None
