@@ -429,26 +429,34 @@ class SlotMover:
             try:
                 await c.connect()
             except errors.ResponseError as e:
-                if getattr(e, "code", None) not in _AUTH_CODES:
-                    raise
-                self.stats["auth_failures"] += 1
-                where = f"{addr[0]}:{addr[1]}"
-                if self._auth_logged != where:
-                    self._auth_logged = where
-                    event("error", "migrate_auth_refused", target=where, error=str(e),
-                          hint="the target refused this node's credentials "
-                               "(--masteruser, --masterauth, else --requirepass): slots cannot move "
-                               "until every node of the cluster shares them")
+                if getattr(e, "code", None) in _AUTH_CODES:
+                    self._auth_refused(addr, e)
                 raise
-            self._auth_logged = None
             self._conns[addr] = c
         return c
+
+    def _auth_refused(self, addr, e):
+        self.stats["auth_failures"] += 1
+        where = f"{addr[0]}:{addr[1]}"
+        if self._auth_logged != where:
+            self._auth_logged = where
+            event("error", "migrate_auth_refused", target=where, error=str(e),
+                  hint="the target refused this node's credentials or its user lacks "
+                       "+kv.migrate +wait (--masteruser, --masterauth, else --requirepass): "
+                       "slots cannot move until every node of the cluster accepts them")
 
     async def call(self, addr, op, args):
         from kvstore.client._commands import decode_reply
         c = await self._conn(addr)
         status, result = await c.call(_Call(op, args))
-        return decode_reply(status, result, _Call(op, args))
+        try:
+            r = decode_reply(status, result, _Call(op, args))
+        except errors.ResponseError as e:
+            if getattr(e, "code", None) == "NOPERM":
+                self._auth_refused(addr, e)     # authenticated, but not allowed to move keys
+            raise
+        self._auth_logged = None                # accepted: a later refusal is logged again
+        return r
 
     async def move(self, addr, keys):
         mode = self.mode
