@@ -48,9 +48,9 @@ import threading
 import time
 
 from kvstore import client as kvclient
+from kvstore import errors
 
 from .logs import event
-from kvstore import errors
 
 __all__ = ["PeerSource"]
 
