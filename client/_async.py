@@ -112,10 +112,11 @@ class AsyncConnection:
 
     def __init__(self, host="127.0.0.1", port=DEFAULT_PORT, password=None,
                  socket_timeout=None, socket_connect_timeout=None,
-                 max_frame=_protocol.DEFAULT_MAX_FRAME):
+                 max_frame=_protocol.DEFAULT_MAX_FRAME, *, username=None):
         self.host = host
         self.port = port
         self.password = password
+        self.username = username
         self.socket_timeout = socket_timeout
         self.socket_connect_timeout = (socket_timeout if socket_connect_timeout is None
                                        else socket_connect_timeout)
@@ -129,6 +130,13 @@ class AsyncConnection:
     def __repr__(self):
         state = "connected" if self._transport is not None else "closed"
         return f"<kvstore AsyncConnection {self.host}:{self.port} {state}>"
+
+    def _auth_args(self):
+        # [password] authenticates as the default user, [user, password] as
+        # that ACL user (Redis's AUTH [username] password)
+        if self.username is not None:
+            return [self.username, self.password]
+        return [self.password]
 
     @property
     def closed(self):
@@ -152,7 +160,7 @@ class AsyncConnection:
                 payload = _protocol.MAGIC
                 if self.password is not None:
                     self._rid = 1
-                    payload += encode_request(1, "auth", [self.password])
+                    payload += encode_request(1, "auth", self._auth_args())
                 transport.write(payload)
                 hello = await proto.read_frame()
                 if (type(hello) is not list or len(hello) != 3 or hello[0] != 0
@@ -358,11 +366,12 @@ class AsyncClient(CommandsMixin):
                  socket_timeout=None, socket_connect_timeout=None, retries=3,
                  retry_backoff=0.05, max_connections=64, *, retry_backoff_max=1.0,
                  retry_on_timeout=False, pool_timeout=20.0,
-                 max_frame=_protocol.DEFAULT_MAX_FRAME):
+                 max_frame=_protocol.DEFAULT_MAX_FRAME, username=None):
         self._retry = client_retry_policy(socket_timeout, socket_connect_timeout, retries,
                                           retry_backoff, retry_backoff_max, retry_on_timeout)
         self.connection_pool = AsyncConnectionPool(
             max_connections, pool_timeout, host=host, port=port, password=password,
+            username=username,
             socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
             max_frame=max_frame)
         self.host = host

@@ -516,7 +516,8 @@ class _ClusterBase(CommandsMixin):
                  socket_timeout=None, socket_connect_timeout=None, retries=3,
                  retry_backoff=0.05, max_connections=64, *, retry_backoff_max=1.0,
                  retry_on_timeout=False, pool_timeout=20.0,
-                 max_frame=_protocol.DEFAULT_MAX_FRAME, cluster_retry_timeout=10.0):
+                 max_frame=_protocol.DEFAULT_MAX_FRAME, cluster_retry_timeout=10.0,
+                 username=None):
         self._retry = client_retry_policy(socket_timeout, socket_connect_timeout, retries,
                                           retry_backoff, retry_backoff_max, retry_on_timeout)
         if not cluster_retry_timeout > 0:
@@ -525,7 +526,8 @@ class _ClusterBase(CommandsMixin):
         self.cluster_retry_timeout = float(cluster_retry_timeout)
         self._router = _Router(_check_nodes(startup_nodes))
         self._pool_args = dict(max_connections=max_connections, timeout=pool_timeout,
-                               password=password, socket_timeout=socket_timeout,
+                               password=password, username=username,
+                               socket_timeout=socket_timeout,
                                socket_connect_timeout=socket_connect_timeout, max_frame=max_frame)
         # the map is asked with a short connect timeout, so a dead node costs little
         self._probe_timeout = min(x for x in (socket_connect_timeout, socket_timeout, 1.0)
@@ -572,6 +574,7 @@ class _ClusterBase(CommandsMixin):
                     a = self._pool_args
                     pool = self._pool_class(a["max_connections"], a["timeout"], host=addr[0],
                                             port=addr[1], password=a["password"],
+                                            username=a["username"],
                                             socket_timeout=a["socket_timeout"],
                                             socket_connect_timeout=a["socket_connect_timeout"],
                                             max_frame=a["max_frame"])
@@ -580,7 +583,7 @@ class _ClusterBase(CommandsMixin):
 
     def _probe_args(self, addr):
         a = self._pool_args
-        return dict(host=addr[0], port=addr[1], password=a["password"],
+        return dict(host=addr[0], port=addr[1], password=a["password"], username=a["username"],
                     socket_timeout=self._probe_timeout,
                     socket_connect_timeout=self._probe_timeout, max_frame=a["max_frame"])
 

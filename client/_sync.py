@@ -43,10 +43,11 @@ class Connection:
 
     def __init__(self, host="127.0.0.1", port=DEFAULT_PORT, password=None,
                  socket_timeout=None, socket_connect_timeout=None,
-                 max_frame=_protocol.DEFAULT_MAX_FRAME):
+                 max_frame=_protocol.DEFAULT_MAX_FRAME, *, username=None):
         self.host = host
         self.port = port
         self.password = password
+        self.username = username
         self.socket_timeout = socket_timeout
         self.socket_connect_timeout = (socket_timeout if socket_connect_timeout is None
                                        else socket_connect_timeout)
@@ -61,6 +62,13 @@ class Connection:
     def __repr__(self):
         state = "connected" if self._sock is not None else "closed"
         return f"<kvstore Connection {self.host}:{self.port} {state}>"
+
+    def _auth_args(self):
+        # [password] authenticates as the default user, [user, password] as
+        # that ACL user (Redis's AUTH [username] password)
+        if self.username is not None:
+            return [self.username, self.password]
+        return [self.password]
 
     @property
     def closed(self):
@@ -89,7 +97,7 @@ class Connection:
             payload = _protocol.MAGIC
             if self.password is not None:
                 self._rid = 1
-                payload += encode_request(1, "auth", [self.password])
+                payload += encode_request(1, "auth", self._auth_args())
             self._sendall(payload)
             hello = self._read_frame()
             if (type(hello) is not list or len(hello) != 3 or hello[0] != 0
@@ -335,7 +343,10 @@ class Client(CommandsMixin):
 
     ``Client(host, port, password=None, socket_timeout=None,
     socket_connect_timeout=None, retries=3, retry_backoff=0.05,
-    max_connections=64)``; or ``Client.from_url("kv://[:password@]host:port")``.
+    max_connections=64, username=None)``; or
+    ``Client.from_url("kv://[:password@]host:port")``. With ``username`` the
+    connection authenticates as that ACL user (``auth [username, password]``),
+    else as the default user.
 
     Keys and values are bytes-like; a ``str`` raises TypeError (encode it).
     Errors are :mod:`kvstore.errors` classes: ``KeyLostError`` (``.version``),
@@ -369,11 +380,12 @@ class Client(CommandsMixin):
                  socket_timeout=None, socket_connect_timeout=None, retries=3,
                  retry_backoff=0.05, max_connections=64, *, retry_backoff_max=1.0,
                  retry_on_timeout=False, pool_timeout=20.0,
-                 max_frame=_protocol.DEFAULT_MAX_FRAME):
+                 max_frame=_protocol.DEFAULT_MAX_FRAME, username=None):
         self._retry = client_retry_policy(socket_timeout, socket_connect_timeout, retries,
                                           retry_backoff, retry_backoff_max, retry_on_timeout)
         self.connection_pool = ConnectionPool(
             max_connections, pool_timeout, host=host, port=port, password=password,
+            username=username,
             socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
             max_frame=max_frame)
         self.host = host

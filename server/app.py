@@ -590,7 +590,7 @@ class Server:
             "client-query-buffer-limit": str(c.max_query_buffer),
             "maxmemory-clients": str(c.maxmemory_clients),
             "protected-mode": "yes" if c.protected_mode else "no",
-            "aclfile": c.aclfile,
+            "aclfile": c.aclfile, "masteruser": c.masteruser,
             "client-output-buffer-limit": f"normal {c.max_output_buffer} {c.max_output_buffer} 0",
             "kvstore-max-key": str(c.max_key), "kvstore-max-value": str(c.max_value),
             "kvstore-max-frame": str(c.max_frame), "kvstore-max-multibulk": str(c.max_multibulk),

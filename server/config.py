@@ -67,6 +67,7 @@ class ServerConfig:
     replica_of: str = ""               # "HOST:PORT": start as a replica of that primary
     supervise: bool = False            # run under a parent that restarts the worker (supervise.py)
     masterauth: str = ""               # password for the primary (default: requirepass)
+    masteruser: str = ""               # ACL user for the primary (default: the default user)
     repl_backlog_size: int = 64 * 1024 * 1024
     min_replica_acks: int = 0          # 0 = asynchronous replication
     min_replica_timeout: float = 1.0   # seconds a write waits for min_replica_acks
@@ -115,6 +116,10 @@ class ServerConfig:
             raise ValueError(f"unknown log level {self.log_level!r}")
         if self.max_bulk < self.max_value:
             self.max_value = self.max_bulk
+        self.masteruser = str(self.masteruser or "")
+        if self.masteruser and not (self.masterauth or self.requirepass):
+            raise ValueError("masteruser needs a password: set masterauth "
+                             "(the user's password on the other nodes)")
         if self.replica_of:
             from .replication import parse_hostport
             parse_hostport(self.replica_of)
@@ -221,6 +226,9 @@ def build_parser():
                    help="run every RESP command in Python (no C GET/SET path)")
     p.add_argument("--replica-of", metavar="HOST:PORT", help="start as a replica of that primary")
     p.add_argument("--masterauth", help="password for the primary (default: --requirepass)")
+    p.add_argument("--masteruser", metavar="NAME",
+                   help="ACL user the replica link, rebuild fetches and slot migration "
+                        "authenticate as, with --masterauth (default: the default user)")
     p.add_argument("--repl-backlog-size", metavar="SIZE", help="replication backlog (default 64MiB)")
     p.add_argument("--min-replica-acks", type=int,
                    help="writes wait for this many replica acks (default 0: asynchronous)")

@@ -50,7 +50,12 @@ import time
 from kvstore import client as kvclient
 from kvstore import errors
 
+from .logs import event
+
 __all__ = ["PeerSource"]
+
+#: Error codes of a peer that refuses this node's credentials or permissions.
+_AUTH_CODES = ("NOAUTH", "WRONGPASS", "NOPERM")
 
 
 class PeerSource:
@@ -63,9 +68,11 @@ class PeerSource:
 
     def __init__(self, peers, password=None, loop_thread=None, wait=0.8,
                  loop_timeout=0.1, timeout=1.0, before_loop_fetch=None, loop=None,
-                 install=None, range_version=None, on_range_started=None, busy=None):
+                 install=None, range_version=None, on_range_started=None, busy=None,
+                 username=None):
         self._peers = peers
         self._password = password or None
+        self._username = (username or None) if self._password else None
         self.loop_thread = loop_thread
         self.wait = wait
         self.loop_timeout = loop_timeout
@@ -97,6 +104,26 @@ class PeerSource:
         self.keys_fetched = 0
         self.bytes_fetched = 0
         self.errors = 0
+        self.auth_failures = 0
+        self._auth_logged = set()     # peers whose refusal was logged (until they accept)
+
+    def _failed(self, host, port, exc):
+        """Count a failed fetch; a peer refusing this node's credentials is
+        logged once (until a fetch from it works again)."""
+        self.errors += 1
+        if getattr(exc, "code", None) in _AUTH_CODES:
+            self.auth_failures += 1
+            if (host, port) not in self._auth_logged:
+                self._auth_logged.add((host, port))
+                event("error", "peer_auth_refused", peer=f"{host}:{port}",
+                      user=self._username or "default", error=str(exc)[:200],
+                      hint="the peer refused this node's credentials or the user lacks "
+                           "+kv.fetch on every key (--masteruser/--masterauth): lost keys "
+                           "cannot be rebuilt from it")
+
+    def _worked(self, host, port):
+        if self._auth_logged:
+            self._auth_logged.discard((host, port))
 
     def _client(self, host, port, fast):
         k = (host, port, fast)
@@ -104,7 +131,8 @@ class PeerSource:
             c = self._clients.get(k)
             if c is None:
                 t = self.loop_timeout if fast else self.timeout
-                c = self._client_mod.Client(host, port, password=self._password, socket_timeout=t,
+                c = self._client_mod.Client(host, port, password=self._password,
+                                            username=self._username, socket_timeout=t,
                                             socket_connect_timeout=t, retries=0, max_connections=8)
                 self._clients[k] = c
             return c
@@ -197,7 +225,7 @@ class PeerSource:
                 try:
                     res = self._client(host, port, on_loop).fetch(list(want.items()))
                 except (errors.Error, OSError) as e:
-                    self.errors += 1
+                    self._failed(host, port, e)
                     if isinstance(e, errors.TimeoutError):
                         # a blocked peer: drop its pooled connections
                         with self._lock:
@@ -206,6 +234,7 @@ class PeerSource:
                             c.close()
                     continue
                 self.fetches += 1
+                self._worked(host, port)
                 for k, item in res.items():
                     ver, val = item
                     need = want.get(k)
@@ -297,8 +326,8 @@ class PeerSource:
             except errors.SourceBehindError:
                 self.range_behind += 1
                 continue
-            except (errors.Error, OSError):
-                self.errors += 1
+            except (errors.Error, OSError) as e:
+                self._failed(host, port, e)
                 with self._lock:
                     c = self._clients.pop((host, port, fast), None)
                 if c is not None:

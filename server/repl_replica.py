@@ -161,7 +161,8 @@ class Replica:
                  connected_slaves=0)
         if link is not None:
             d.update(kv_last_sync=link.last_mode or "none", kv_full_syncs=link.full_syncs,
-                     kv_partial_syncs=link.partial_syncs, kv_reconnects=link.reconnects)
+                     kv_partial_syncs=link.partial_syncs, kv_reconnects=link.reconnects,
+                     kv_auth_failures=link.auth_failures)
         return d
 
 
@@ -183,6 +184,8 @@ class ReplicaLink:
         self.full_syncs = 0
         self.partial_syncs = 0
         self.reconnects = 0
+        self.auth_failures = 0
+        self._auth_logged = False     # refusal logged; reset once the link is up
         self.last_mode = None
         self.packer = msgpack.Packer(use_bin_type=True)
         self.timeout = self.repl.server.config.repl_timeout
@@ -223,6 +226,20 @@ class ReplicaLink:
                 delay = 0.05
             except asyncio.CancelledError:
                 raise
+            except _AuthRefused as e:
+                # wrong credentials or a user without the replication
+                # permissions: logged once (until the link comes up), retried
+                # at the slowest pace so a fixed ACL is picked up
+                self.auth_failures += 1
+                if not self._auth_logged:
+                    self._auth_logged = True
+                    repl = self.repl
+                    event("error", "primary_auth_refused", host=self.host, port=self.port,
+                          user=repl.username or "default", error=str(e),
+                          hint="the primary refused this replica's credentials or the user "
+                               "lacks the replication commands (--masteruser/--masterauth; "
+                               "the user needs +sync +kv.fetch +ping, see docs/DESIGN.md)")
+                delay = 1.0
             except (OSError, EOFError, FrameError, _LinkError, asyncio.IncompleteReadError) as e:
                 if self.up or self.reconnects == 0 or delay <= 0.05:
                     event("warning", "primary_link_down", host=self.host, port=self.port,
@@ -259,8 +276,13 @@ class ReplicaLink:
         parser = FrameParser(max_frame=max(repl.server.config.max_frame, 1 << 30), expect_magic=False)
         out = [MAGIC]
         rid = 1
+        auth_rid = None
         if repl.password:
-            out.append(pack_frame(self.packer, [rid, "auth", [repl.password.encode()]]))
+            cred = [repl.password.encode()]
+            if repl.username:
+                cred.insert(0, repl.username)      # AUTH <masteruser> <masterauth>
+            out.append(pack_frame(self.packer, [rid, "auth", cred]))
+            auth_rid = rid
             rid += 1
         sync_rid = rid
         replid = rep.master_replid
@@ -313,6 +335,8 @@ class ReplicaLink:
                     status, result = fr[1], fr[2]
                     if status != 0:
                         code = result[0] if isinstance(result, list) and result else "ERR"
+                        if tag == auth_rid or code in _AUTH_CODES:
+                            raise _AuthRefused(f"{code} {result!r:.200}")
                         raise _LinkError(f"primary refused: {code} {result!r:.200}")
                     if tag == sync_rid:
                         mode = result["mode"]
@@ -325,6 +349,7 @@ class ReplicaLink:
                         else:
                             self.partial_syncs += 1
                         self.up = True
+                        self._auth_logged = False
                         repl.refresh_peers()
                         event("info", "primary_link_up", host=self.host, port=self.port, mode=mode,
                               offset=result["offset"])
@@ -336,3 +361,11 @@ class ReplicaLink:
 
 class _LinkError(Exception):
     pass
+
+
+class _AuthRefused(_LinkError):
+    """The primary refused the link's AUTH, or the user may not sync."""
+
+
+#: Error codes of a refused AUTH or a user without the sync permission.
+_AUTH_CODES = ("NOAUTH", "WRONGPASS", "NOPERM")

@@ -73,6 +73,9 @@ class Replication:
         self.store = server.store
         self.writes = server.writes
         self.password = c.masterauth or c.requirepass or None
+        # with --masteruser, connections to other nodes (the replica link,
+        # rebuild fetches, slot migration) authenticate as that ACL user
+        self.username = (c.masteruser or None) if self.password else None
         self.role = "master"
         self.stats = collections.Counter()
         self.loop = asyncio.get_running_loop()
@@ -90,6 +93,7 @@ class Replication:
 
     def start(self, loop):
         self.source = PeerSource(self.peers, self.password, self.loop_thread,
+                                 username=self.username,
                                  before_loop_fetch=self._before_loop_fetch, loop=self.loop,
                                  install=self.store.install, range_version=self._range_version,
                                  on_range_started=self._range_started,
@@ -328,6 +332,7 @@ class Replication:
         if src is not None:
             d.update(peer_fetches=src.fetches, peer_keys_fetched=src.keys_fetched,
                      peer_bytes_fetched=src.bytes_fetched, peer_fetch_errors=src.errors,
+                     peer_auth_failures=src.auth_failures,
                      peer_background_installs=src.background_installs,
                      peer_keys_from_earlier_fetch=src.keys_cached,
                      peer_range_fetches=src.range_fetches,

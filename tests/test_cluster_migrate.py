@@ -16,10 +16,13 @@
   replica serves none of those stale copies meanwhile.
 * **Resharding with requirepass.** The migration connection authenticates
   with the node's credentials; a refused password is logged and retried,
-  nothing is lost.
+  nothing is lost. With ``user default off`` in every node's ACL file the
+  nodes replicate and move slots as ``--masteruser``; a target whose user
+  lacks ``+kv.migrate`` is logged once (NOPERM) and keeps nothing.
 """
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -39,8 +42,9 @@ pytestmark = [needs_etcd,
               pytest.mark.skipif(not store_available(), reason="C engine not built")]
 
 
-def _info(port, password=None):
-    raw = redis.Redis(port=port, password=password, socket_timeout=5).execute_command(
+def _info(port, password=None, username=None):
+    raw = redis.Redis(port=port, password=password, username=username,
+                      socket_timeout=5).execute_command(
         "CLUSTER", "INFO")
     raw = raw.decode() if isinstance(raw, bytes) else raw
     return dict(line.split(":", 1) for line in raw.split("\r\n") if ":" in line)
@@ -259,6 +263,86 @@ def test_reshard_with_requirepass(tmp_path, monkeypatch):
         assert _count(src["port"], slot2, pw) == 50
         assert cc.mget(keys2) == keys2
         assert cc.mget(keys) == [vals[k] for k in keys]
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        if cc is not None:
+            cc.close()
+        c.down()
+
+
+def test_reshard_as_the_masteruser_with_the_default_user_off(tmp_path):
+    """Every node loads an ACL file with ``user default off`` and talks to the
+    others as ``repl`` (``--masteruser``/``--masterauth`` in the servers'
+    config file): the replica links up, a slot moves with its keys; a node
+    given a user without ``+kv.migrate`` cannot move keys to it, the refusal
+    is logged and nothing is lost."""
+    acl = tmp_path / "users.acl"
+    acl.write_text("user default off\n"
+                   "user admin on >adminpw ~* &* +@all\n"
+                   "user repl on >replpw ~* +sync +kv.fetch +ping +kv.migrate +wait\n"
+                   "user norepl on >replpw ~* +sync +kv.fetch +ping +wait\n")
+    conf = tmp_path / "node.toml"
+    conf.write_text(f'aclfile = "{acl}"\nmasteruser = "repl"\nmasterauth = "replpw"\n')
+    admin = dict(username="admin", password="adminpw")
+    c = Cluster(tmp_path / "acl", 2, 1, "--server-config", str(conf))
+    cc = None
+    try:
+        src, dst, slot = _two_primaries(c)
+        doc = c.status()
+        assert all(n["alive"] and n["role"] != "none" for n in doc["nodes"])
+        cc = ClusterClient([("127.0.0.1", c.base)], socket_timeout=5, **admin)
+        keys = _tagged(slot, "m", 100)
+        vals = {k: b"v-" + k for k in keys}
+        cc.mput(vals)
+        # the source shard's replica streams as repl
+        rep = next(n for n in doc["nodes"] if n["role"] == "replica" and n["shard"] == src["shard"])
+        rr = redis.Redis(port=rep["port"], socket_timeout=5, **admin)
+        wait_for(lambda: rr.info("replication")["master_link_status"] == "up", 20, 0.2,
+                 "replica link up as repl")
+        r = subprocess.run(CLI + ["reshard", "--dir", c.dir, "--slots", "1", "--from",
+                                  str(src["shard"]), "--to", str(dst["shard"]),
+                                  "--timeout", "60"],
+                           capture_output=True, text=True, timeout=90)
+        assert r.returncode == 0 and "1/1 slots moved" in r.stdout, r.stdout + r.stderr
+        count = lambda port: redis.Redis(port=port, socket_timeout=5, **admin).execute_command(  # noqa: E731
+            "CLUSTER", "COUNTKEYSINSLOT", slot)
+        assert count(src["port"]) == 0 and count(dst["port"]) == 100
+        assert cc.mget(keys) == [vals[k] for k in keys]
+        log = c.logs(1 << 22)
+        assert "event=migrate_auth_refused" not in log and "event=primary_auth_refused" not in log
+
+        # the target's repl user may not run kv.migrate: refused, logged, kept
+        acl2 = tmp_path / "users2.acl"
+        acl2.write_text(acl.read_text().replace("+kv.migrate +wait\n", "+wait\n", 1))
+        conf2 = tmp_path / "node2.toml"
+        conf2.write_text(f'aclfile = "{acl2}"\nmasteruser = "repl"\nmasterauth = "replpw"\n')
+        st = json.load(open(os.path.join(c.dir, "cluster.json")))
+        st["server_config"] = str(conf2)
+        json.dump(st, open(os.path.join(c.dir, "cluster.json"), "w"))
+        r = subprocess.run(CLI + ["add-node", "--dir", c.dir, "--new-shard"],
+                           capture_output=True, text=True, timeout=90)
+        assert r.returncode == 0, r.stdout + r.stderr
+        doc = c.status()
+        new = next(n for n in doc["nodes"] if n["shard"] not in (src["shard"], dst["shard"]))
+        slot2 = max(hi for lo, hi in c.primary_of(0, doc)["slots"])
+        keys2 = _tagged(slot2, "q", 30)
+        cc.mput({k: k for k in keys2})
+        r = subprocess.run(CLI + ["reshard", "--dir", c.dir, "--slots", "1", "--from",
+                                  str(src["shard"]), "--to", str(new["shard"]),
+                                  "--timeout", "3"],
+                           capture_output=True, text=True, timeout=90)
+        assert r.returncode == 1 and "still migrating" in r.stderr, r.stdout + r.stderr
+        log = c.logs(1 << 22)
+        refused = [ln for ln in log.splitlines() if "event=migrate_auth_refused" in ln]
+        assert len(refused) == 1, log[-3000:]       # once, not at every retry
+        assert f"target=127.0.0.1:{new['port']}" in refused[0] and "NOPERM" in refused[0]
+        assert int(_info(src["port"], **admin)["kvstore_migrate_auth_failures"]) >= 2
+        assert count(src["port"]) == 0
+        assert redis.Redis(port=src["port"], socket_timeout=5, **admin).execute_command(
+            "CLUSTER", "COUNTKEYSINSLOT", slot2) == 30
+        assert cc.mget(keys2) == keys2
     except BaseException:
         print(c.logs())
         raise

@@ -3,7 +3,8 @@
     kvstore-cluster up --shards 3 --replicas 1 [--port 7000] [--dir DIR]
                        [--etcd URL] [--name NAME] [--min-replica-acks K]
                        [--capacity SIZE] [--page-size auto|1G|2M|4K]
-                       [--kernel-policy auto|keep_ue|mainline] [--ttl S] [--detach]
+                       [--kernel-policy auto|keep_ue|mainline] [--ttl S]
+                       [--server-config FILE.toml] [--detach]
     kvstore-cluster status (--dir DIR | --etcd URL --name NAME) [--json]
     kvstore-cluster down --dir DIR
     kvstore-cluster failover (--dir DIR | --etcd URL --name NAME) --shard S [--to NODE]
@@ -214,6 +215,8 @@ def _spawn_node(d, port, node_id, etcd_url, name, args):
         flags += ["--min-replica-acks", str(args.min_replica_acks)]
     if args.fault_injection:
         flags += ["--enable-fault-injection"]
+    if getattr(args, "server_config", None):
+        flags += ["--config", os.path.abspath(args.server_config)]
     logpath = os.path.join(d, f"node-{port}.log")
     log = open(logpath, "ab")
     proc = subprocess.Popen(server_command(*flags), stdout=log, stderr=subprocess.STDOUT,
@@ -260,7 +263,8 @@ def cmd_up(args):
           "shards": args.shards, "replicas": args.replicas, "started": time.time(),
           "ttl": args.ttl, "capacity": args.capacity, "min_replica_acks": args.min_replica_acks,
           "fault_injection": args.fault_injection, "page_size": args.page_size,
-          "kernel_policy": args.kernel_policy}
+          "kernel_policy": args.kernel_policy,
+          "server_config": os.path.abspath(args.server_config) if args.server_config else None}
     etcd_proc = None
     procs = []
     try:
@@ -405,7 +409,8 @@ def cmd_add_node(args):
     opts = argparse.Namespace(ttl=st.get("ttl", 3), capacity=st.get("capacity", "64MiB"),
                               min_replica_acks=st.get("min_replica_acks", 0),
                               fault_injection=st.get("fault_injection", False),
-                              page_size=st.get("page_size"), kernel_policy=st.get("kernel_policy"))
+                              page_size=st.get("page_size"), kernel_policy=st.get("kernel_policy"),
+                              server_config=st.get("server_config"))
     node, proc = _spawn_node(d, port, new_node_id(), st["etcd"], st["name"], opts)
     st["nodes"].append(node)
     _save(d, st)
@@ -586,6 +591,9 @@ def build_parser():
                          "default: the server's, auto)")
     up.add_argument("--ttl", type=int, default=3, help="lease TTL in seconds (default 3)")
     up.add_argument("--enable-fault-injection", dest="fault_injection", action="store_true")
+    up.add_argument("--server-config", metavar="FILE.toml",
+                    help="kvstore-server --config for every server (e.g. aclfile, masteruser, "
+                         "masterauth); add-node uses it too")
     up.add_argument("--detach", action="store_true", help="return once every slot has a live primary")
     for name, hlp in (("status", "show a cluster (exit 3 when not healthy)"),
                       ("failover", "safe manual failover of one shard")):

@@ -39,7 +39,8 @@ moved; the target serves a migrating slot's keys only after ``ASKING``
 (native ``asking``), for the next command of that connection.
 
 The mover connects to the target with the credentials replication uses
-(``--masterauth``, else ``--requirepass``; the default user). A target that
+(``--masteruser`` and ``--masterauth``, else the default user with
+``--masterauth``, else ``--requirepass``). A target that
 refuses them is logged (``event=migrate_auth_refused``, once per target
 until it accepts) and counted (``kvstore_migrate_auth_failures``); the keys
 stay at the source and the mover keeps trying.
@@ -420,34 +421,42 @@ class SlotMover:
         c = self._conns.get(addr)
         if c is None or c.closed:
             # the target is a node of the same cluster: it authenticates
-            # with the credentials replication uses (--masterauth, else
-            # --requirepass), as the default user
-            password = self.mode.server.repl.password
-            c = AsyncConnection(addr[0], addr[1], password=password,
-                                socket_timeout=self.timeout)
+            # with the credentials replication uses (--masteruser if set,
+            # else the default user; --masterauth, else --requirepass)
+            repl = self.mode.server.repl
+            c = AsyncConnection(addr[0], addr[1], password=repl.password,
+                                username=repl.username, socket_timeout=self.timeout)
             try:
                 await c.connect()
             except errors.ResponseError as e:
-                if getattr(e, "code", None) not in _AUTH_CODES:
-                    raise
-                self.stats["auth_failures"] += 1
-                where = f"{addr[0]}:{addr[1]}"
-                if self._auth_logged != where:
-                    self._auth_logged = where
-                    event("error", "migrate_auth_refused", target=where, error=str(e),
-                          hint="the target refused this node's credentials "
-                               "(--masterauth, else --requirepass): slots cannot move "
-                               "until every node of the cluster shares them")
+                if getattr(e, "code", None) in _AUTH_CODES:
+                    self._auth_refused(addr, e)
                 raise
-            self._auth_logged = None
             self._conns[addr] = c
         return c
+
+    def _auth_refused(self, addr, e):
+        self.stats["auth_failures"] += 1
+        where = f"{addr[0]}:{addr[1]}"
+        if self._auth_logged != where:
+            self._auth_logged = where
+            event("error", "migrate_auth_refused", target=where, error=str(e),
+                  hint="the target refused this node's credentials or its user lacks "
+                       "+kv.migrate +wait (--masteruser, --masterauth, else --requirepass): "
+                       "slots cannot move until every node of the cluster accepts them")
 
     async def call(self, addr, op, args):
         from kvstore.client._commands import decode_reply
         c = await self._conn(addr)
         status, result = await c.call(_Call(op, args))
-        return decode_reply(status, result, _Call(op, args))
+        try:
+            r = decode_reply(status, result, _Call(op, args))
+        except errors.ResponseError as e:
+            if getattr(e, "code", None) == "NOPERM":
+                self._auth_refused(addr, e)     # authenticated, but not allowed to move keys
+            raise
+        self._auth_logged = None                # accepted: a later refusal is logged again
+        return r
 
     async def move(self, addr, keys):
         mode = self.mode
