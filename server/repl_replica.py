@@ -5,7 +5,11 @@ listen_port]`` (partial resync when it has a replication id, full otherwise),
 applies the snapshot (``S``/``E`` frames; a key the primary has LOST comes as
 an ``["l", key, version]`` marker and is entered LOST with
 ``Store.mark_lost``, so it reads as lost, never absent, until rebuilt) and the stream (``W`` frames), acks
-what it applied, and reconnects with backoff until stopped. Stream entries
+what it applied, and reconnects with backoff until stopped. A primary with a
+LOST index hash range refuses a full sync (``LOSTRANGE``) until it is
+rebuilt: the link retries, and the replica keeps no half snapshot as
+complete (a sync cut before ``E`` is followed by a full one). Entry types
+this side does not know are counted as applied and skipped. Stream entries
 are applied straight to the Store (``put_versioned`` keeps the primary's
 versions and expiries); they do not pass through the server's write path,
 which refuses client writes on a replica.

@@ -17,8 +17,8 @@ import pytest
 
 import kvstore
 from kvstore import errors
-from replutil import (NKEYS, Load, all_keys_back, client, digest, key, load_and_sync, load_keys,
-                      start, start_replica, value, wait_for, wait_synced)
+from replutil import (NKEYS, Load, all_keys_back, client, digest, info, key, load_and_sync, load_keys,
+                      log_events, start, start_replica, value, wait_for, wait_synced)
 from serverutil import store_available
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.slow,
@@ -236,3 +236,50 @@ def test_fetch_range_needs_a_user_who_reads_every_key(tmp_path):
         assert n.err("fetch_range", 0, None, -1) == "TYPE"
         assert n.err("fetch_range", 0, None, 10 ** 12) == "BEHIND"
         n.close()
+
+
+def test_full_sync_waits_while_the_primary_has_a_lost_range():
+    """A snapshot cannot carry a LOST index range (the primary does not know
+    its keys' names), so a new replica's full sync is refused with
+    LOSTRANGE until the range is rebuilt; it never completes a sync that
+    would answer nil for the range's keys. Once the primary rebuilds the
+    range from its other replica, the new one syncs and has every key."""
+    p = start()
+    r1 = start_replica(p)
+    r2 = None
+    try:
+        load_and_sync(p, r1)
+        c = client(p, retries=0)
+        k = key(4242)
+        os.kill(r1.pid, signal.SIGSTOP)        # the primary's only source: withheld
+        try:
+            c.inject("ao", entry=k)
+            wait_for(lambda: c.stats().get("lost_ranges", 0) >= 1, 10, what="the index range to be lost")
+            with pytest.raises(errors.KeyLostError):
+                c.get(k)
+            r2 = start_replica(p)
+            wait_for(lambda: info(p).get("sync_full_postponed", 0) >= 2, 20,
+                     what="the primary to postpone the new replica's full sync")
+            assert log_events(p, "replica_full_sync_postponed")
+            assert any("LOSTRANGE" in line for line in log_events(r2, "primary_link_down"))
+            assert not log_events(r2, "full_sync_done")
+            ri = info(r2)
+            assert ri["master_link_status"] == "down" and ri.get("kv_full_syncs", 0) == 0
+            with pytest.raises(errors.KeyLostError):
+                c.get(k)                       # still LOST on the primary meanwhile
+        finally:
+            os.kill(r1.pid, signal.SIGCONT)
+        st = wait_ranges_rebuilt(p)
+        assert st["ranges_given_up"] == 0
+        assert c.get(k) == value(k, 0)
+        wait_synced(p, r2)                     # the postponed sync ran once the range was back
+        assert log_events(r2, "full_sync_done")
+        all_keys_back(r2)
+        assert client(r2).get(k) == value(k, 0)
+        c.close()
+    finally:
+        os.kill(r1.pid, signal.SIGCONT)
+        if r2 is not None:
+            r2.stop()
+        r1.stop()
+        p.stop()
