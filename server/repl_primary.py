@@ -18,10 +18,9 @@ Sync (native op ``sync [replid, offset, listen_port]``; PROTOCOL.md)
     LOST here as ``["l", key, version]`` markers), ``["E", S, version]``
     (version: the store's version at S), then the writes after S (queued for
     that replica meanwhile; every entry is a complete overwrite, so the
-    replica ends equal). A LOST index hash range cannot be carried (the
-    names of its keys are unknown here): while the store has one, a full
-    sync is refused with ``LOSTRANGE`` (the replica retries), and a snapshot
-    during which one was lost is dropped before ``E``. The connection
+    replica ends equal). A LOST index hash range, whose keys cannot be
+    named here, goes after the keys as ``["L", lo, hi, version]`` (hash
+    range ``[lo, hi]``, hi inclusive, lost at ``version``). The connection
     then becomes a :class:`ReplicaSession`: acks in, stream and ``["PING"]``
     out.
 
@@ -43,7 +42,6 @@ from kvstore.errors import KeyLostError
 from kvstore.wire import NEED_MORE, FrameError, pack_frame
 
 from .conn import BaseConnection
-from .errors import native_only
 from .framing import FrameParser
 from .logs import event
 from .repl_persist import ArenaReplState
@@ -200,7 +198,6 @@ class Primary:
         self.stats = repl.stats
         self.loop = repl.loop
         self.replid = new_replid()
-        self._postponed_logged = -1e9    # monotonic time of the last "postponed" log line
         self.backlog = None
         #: The replication position kept in the arena for a crash restart
         #: (:mod:`.repl_persist`); None for a store without an arena.
@@ -219,7 +216,6 @@ class Primary:
     def reset(self):
         """A new history (promotion): new id, no backlog."""
         self.replid = new_replid()
-        self._postponed_logged = -1e9    # monotonic time of the last "postponed" log line
         self.backlog = None
         self.pending, self.pending_bytes = [], 0
         if self.persist is not None:
@@ -317,7 +313,6 @@ class Primary:
             at = offset
         else:
             mode = "full"
-            self._refuse_full_sync_while_ranges_lost(conn)
             self.stats["sync_full"] += 1
             if replid is not None:
                 self.stats["sync_partial_err"] += 1
@@ -327,28 +322,6 @@ class Primary:
               requested=offset if type(offset) is int else -1, listen_port=sess.listen_port)
         self.loop.call_soon(self._takeover, conn, sess, mode, at, at_version)
         return {"mode": mode, "replid": self.replid, "offset": at}
-
-    def _refuse_full_sync_while_ranges_lost(self, conn):
-        """A full sync cannot carry a LOST index range (the names of its
-        keys are unknown here), and a replica without them would answer nil
-        for keys that are lost: postpone it until the range is rebuilt. The
-        replica gets ``LOSTRANGE`` and retries (its link backs off to 1 s)."""
-        ranges = self.store.lost_ranges()
-        if not ranges:
-            return
-        self.stats["sync_full_postponed"] += 1
-        now = time.monotonic()
-        if now - self._postponed_logged >= 10.0:
-            self._postponed_logged = now
-            lo, hi, v = ranges[0]
-            event("warning", "replica_full_sync_postponed", addr=conn.addr, lost_ranges=len(ranges),
-                  first=f"[{lo:#018x}, {hi:#018x}]", lost_at=v,
-                  postponed=self.stats["sync_full_postponed"],
-                  reason="index hash ranges are LOST here until rebuilt; a snapshot would "
-                         "leave their keys absent on the replica")
-        raise native_only("LOSTRANGE", f"{len(ranges)} index hash range(s) are LOST here until "
-                          "rebuilt; a full sync is postponed until then, retry",
-                          {"lost_ranges": len(ranges)})
 
     def _takeover(self, conn, sess, mode, at, at_version=0):
         if conn.closed or conn.transport is None or conn.transport.is_closing():
@@ -410,15 +383,6 @@ class Primary:
                 await asyncio.sleep(0)
         if sess.closed:
             return
-        if st.lost_ranges():
-            # an index range was lost while the snapshot ran: the keys of it
-            # not sent yet are unknown here, so this snapshot is incomplete
-            # (the replica syncs again; the next one waits for the rebuild)
-            self.stats["sync_full_postponed"] += 1
-            event("warning", "replica_full_sync_postponed", addr=sess.addr,
-                  reason="an index hash range was lost during the snapshot")
-            sess.drop("an index hash range was lost during the snapshot")
-            return
         # keys LOST here (not rebuilt yet) go as markers, so the replica
         # reports them lost, never absent, and rebuilds them like its own.
         # Taken now: a key lost while the snapshot ran was skipped above and
@@ -427,6 +391,15 @@ class Primary:
         lost_list = st.lost_keys()
         for k, v, _state in lost_list:
             e = pack(("l", k, v))
+            buf.append(e)
+            size += len(e)
+        # LOST index ranges (their keys cannot be named here, including one
+        # lost while the snapshot ran) go as range markers after the keys:
+        # the replica flags its index pages covering each one LOST, keeping
+        # the keys it was just sent, and rebuilds the range from its peers
+        lost_ranges = st.lost_ranges()
+        for lo, hi, v in lost_ranges:
+            e = pack(("L", lo, hi, v))
             buf.append(e)
             size += len(e)
         if buf:
@@ -439,7 +412,10 @@ class Primary:
         sess.queued_bytes = 0
         sess.state = "online"
         self.repl.refresh_peers()
+        if lost_ranges:
+            self.stats["sync_full_lost_ranges"] += len(lost_ranges)
         event("info", "replica_full_sync_done", addr=sess.addr, keys=sent, lost=len(lost_list),
+              lost_ranges=len(lost_ranges),
               bytes=nbytes,
               duration_ms=round((time.perf_counter() - t0) * 1e3, 1))
 
