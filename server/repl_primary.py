@@ -351,7 +351,8 @@ class Primary:
         t0 = time.perf_counter()
         st = self.store
         keys = list(st.keys())
-        lost = {k for k, _v, _s in st.lost_keys()}
+        lost_list = st.lost_keys()
+        lost = {k for k, _v, _s in lost_list}
         get_versioned = st.get_versioned
         expire_at = st.expire_at
         pack = self.pack
@@ -384,11 +385,7 @@ class Primary:
         if sess.closed:
             return
         # keys LOST here (not rebuilt yet) go as markers, so the replica
-        # reports them lost, never absent, and rebuilds them like its own.
-        # Taken now: a key lost while the snapshot ran was skipped above and
-        # is either LOST still (a marker) or was rebuilt (a stream write,
-        # queued for this replica after the snapshot point).
-        lost_list = st.lost_keys()
+        # reports them lost, never absent, and rebuilds them like its own
         for k, v, _state in lost_list:
             e = pack(("l", k, v))
             buf.append(e)
