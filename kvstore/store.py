@@ -411,6 +411,31 @@ class Store(_native.Engine):
                 out[key] = got
         return out
 
+    def mark_range_lost(self, lo: int, hi: int, version: int) -> int:
+        """Enter the hash range ``[lo, hi]`` (``hi`` inclusive,
+        :func:`kvstore.key_hash`) as LOST at ``version``: a peer this store
+        copies (a primary's full-sync snapshot) has that index range LOST and
+        cannot name its keys. Every index page covering it is flagged, so the
+        range flagged here is the pages' (a superset when this store's page
+        boundaries differ). Keys the pages hold keep their values; a read of
+        any other key in them raises :class:`KeyLostError` until the range is
+        rebuilt with ``fetch_hash_range`` from the rebuild source (caught up
+        to ``version``), as a range lost here. Writes to the range work
+        meanwhile. Returns the pages newly flagged."""
+        n = _native.Engine.mark_range_lost(self, int(lo), int(hi), int(version))
+        if n:
+            with self._lock:
+                self._queue_ranges(self.take_lost_ranges())
+        return n
+
+    def _queue_ranges(self, new_ranges):
+        """Queue lost index ranges for the rebuilder (under ``_lock``)."""
+        now = time.monotonic()
+        for lo, hi, version in new_ranges:
+            p = self._pending_ranges.get((lo, hi))
+            if p is None or p.version < version:
+                self._pending_ranges[(lo, hi)] = _PendingRange(version, now)
+
     def mark_lost(self, key, version: int) -> bool:
         """Enter ``key`` as LOST at ``version`` without a value: a peer this
         store copies (a primary's full-sync snapshot) has the key LOST. Reads
@@ -501,10 +526,7 @@ class Store(_native.Engine):
                 if p is None or p.version < version:
                     self._pending[key] = _Pending(version, now)
             new_ranges = self.take_lost_ranges()
-            for lo, hi, version in new_ranges:
-                p = self._pending_ranges.get((lo, hi))
-                if p is None or p.version < version:
-                    self._pending_ranges[(lo, hi)] = _PendingRange(version, now)
+            self._queue_ranges(new_ranges)
         for lo, hi, version in new_ranges:
             log.warning("kvstore index ue: hash range [%#018x, %#018x] lost at version %d; its keys are "
                         "LOST until rebuilt with fetch_hash_range", lo, hi, version)

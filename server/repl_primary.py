@@ -18,7 +18,9 @@ Sync (native op ``sync [replid, offset, listen_port]``; PROTOCOL.md)
     LOST here as ``["l", key, version]`` markers), ``["E", S, version]``
     (version: the store's version at S), then the writes after S (queued for
     that replica meanwhile; every entry is a complete overwrite, so the
-    replica ends equal). The connection
+    replica ends equal). A LOST index hash range, whose keys cannot be
+    named here, goes after the keys as ``["L", lo, hi, version]`` (hash
+    range ``[lo, hi]``, hi inclusive, lost at ``version``). The connection
     then becomes a :class:`ReplicaSession`: acks in, stream and ``["PING"]``
     out.
 
@@ -388,6 +390,15 @@ class Primary:
             e = pack(("l", k, v))
             buf.append(e)
             size += len(e)
+        # LOST index ranges (their keys cannot be named here, including one
+        # lost while the snapshot ran) go as range markers after the keys:
+        # the replica flags its index pages covering each one LOST, keeping
+        # the keys it was just sent, and rebuilds the range from its peers
+        lost_ranges = st.lost_ranges()
+        for lo, hi, v in lost_ranges:
+            e = pack(("L", lo, hi, v))
+            buf.append(e)
+            size += len(e)
         if buf:
             sess.send(["S", b"".join(buf)])
             nbytes += size
@@ -398,7 +409,10 @@ class Primary:
         sess.queued_bytes = 0
         sess.state = "online"
         self.repl.refresh_peers()
+        if lost_ranges:
+            self.stats["sync_full_lost_ranges"] += len(lost_ranges)
         event("info", "replica_full_sync_done", addr=sess.addr, keys=sent, lost=len(lost_list),
+              lost_ranges=len(lost_ranges),
               bytes=nbytes,
               duration_ms=round((time.perf_counter() - t0) * 1e3, 1))
 

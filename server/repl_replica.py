@@ -5,7 +5,12 @@ listen_port]`` (partial resync when it has a replication id, full otherwise),
 applies the snapshot (``S``/``E`` frames; a key the primary has LOST comes as
 an ``["l", key, version]`` marker and is entered LOST with
 ``Store.mark_lost``, so it reads as lost, never absent, until rebuilt) and the stream (``W`` frames), acks
-what it applied, and reconnects with backoff until stopped. Stream entries
+what it applied, and reconnects with backoff until stopped. A hash range
+whose index the primary has LOST comes after the snapshot's keys as
+``["L", lo, hi, version]`` and is entered with ``Store.mark_range_lost``: its
+keys read as lost, never absent, until the range is rebuilt from the peers.
+Entry types this side does not know are counted as applied and skipped.
+Stream entries
 are applied straight to the Store (``put_versioned`` keeps the primary's
 versions and expiries); they do not pass through the server's write path,
 which refuses client writes on a replica.
@@ -92,6 +97,7 @@ class Replica:
         st = self.store
         pv, dl, ex, fl = st.put_versioned, st.delete, st.expire_at_ms, st.flush
         ml = getattr(st, "mark_lost", None)
+        mr = getattr(st, "mark_range_lost", None)
         unpacker.feed(blob)
         n = 0
         ahead = self.ahead
@@ -101,16 +107,16 @@ class Replica:
         for e in unpacker:
             t = e[0]
             if watchers:
-                if t == "f":
+                if t in ("f", "L"):
                     self.repl.writes.touch_all()
-                else:
+                elif len(e) > 1:
                     self.repl.writes.touch(e[1])
             if stream and t in ("p", "d") and len(e) > 2 and e[2] > appv:
                 appv = e[2]
             elif stream and t == "e" and len(e) > 3 and e[3] > appv:
                 appv = e[3]
             try:
-                if ahead and t != "f" and e[1] in ahead:
+                if ahead and t not in ("f", "L") and e[1] in ahead:
                     # a rebuild installed a newer version: skip the older history
                     ev = e[2] if t == "p" else e[3] if t == "e" and len(e) > 3 else -1
                     if ev < ahead[e[1]]:
@@ -137,6 +143,10 @@ class Replica:
                 elif t == "l" and ml is not None:
                     # LOST on the primary: LOST here too, rebuilt from peers
                     ml(e[1], e[2])
+                elif t == "L" and mr is not None:
+                    # an index range LOST on the primary (its keys unnamed):
+                    # this store's pages covering it read LOST until rebuilt
+                    mr(e[1], e[2], e[3])
                 n += 1
             except Exception as exc:  # noqa: BLE001 - keep the link; count it
                 self.stats["apply_errors"] += 1

@@ -322,6 +322,7 @@ class Replication:
                  min_replicas_timeout=p.ack_timeout,
                  sync_full=self.stats["sync_full"], sync_partial_ok=self.stats["sync_partial_ok"],
                  sync_partial_err=self.stats["sync_partial_err"],
+                 sync_full_lost_ranges=self.stats["sync_full_lost_ranges"],
                  noreplicas_replies=self.stats["noreplicas_replies"],
                  slow_read_repairs=self.stats["slow_read_repairs"],
                  loop_stalls=self.stats["loop_stalls"],

@@ -11,14 +11,16 @@ that is behind, answers ``BEHIND``.
 """
 
 import os
+import re
 import signal
 
 import pytest
 
 import kvstore
 from kvstore import errors
-from replutil import (NKEYS, Load, all_keys_back, client, digest, key, load_and_sync, load_keys,
-                      start, start_replica, value, wait_for, wait_synced)
+from replutil import (NKEYS, Load, all_keys_back, check, client, digest, info, key, load_and_sync,
+                      load_keys, log_events, start, start_replica, value, wait_for, wait_link_up,
+                      wait_synced)
 from serverutil import store_available
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.slow,
@@ -236,3 +238,63 @@ def test_fetch_range_needs_a_user_who_reads_every_key(tmp_path):
         assert n.err("fetch_range", 0, None, -1) == "TYPE"
         assert n.err("fetch_range", 0, None, 10 ** 12) == "BEHIND"
         n.close()
+
+
+def test_full_sync_carries_the_primarys_lost_range():
+    """A new replica full-syncs from a primary with a LOST index range (its
+    only other source withheld): the snapshot ends with the range's marker,
+    so the replica reports the range's keys LOST, never nil, and every other
+    key as on the primary. Once the primary rebuilds the range from its
+    other replica, the new replica rebuilds it from the primary."""
+    p = start()
+    r1 = start_replica(p)
+    r2 = None
+    try:
+        load_and_sync(p, r1)
+        c = client(p, retries=0)
+        k = key(4242)
+        os.kill(r1.pid, signal.SIGSTOP)        # the primary's only source: withheld
+        try:
+            c.inject("ao", entry=k)
+            wait_for(lambda: c.stats().get("lost_ranges", 0) >= 1, 10, what="the index range to be lost")
+            # the range's keys, from the primary's log line naming the range
+            # (a read of each would wait for a read-repair through r1)
+            lines = [ln for ln in p.logs().splitlines() if "kvstore index ue: hash range" in ln]
+            assert lines, "the primary logs the lost range"
+            lo, hi = (int(x, 16) for x in re.search(r"\[(0x[0-9a-f]+), (0x[0-9a-f]+)\]", lines[-1]).groups())
+            inside = [key(i) for i in range(NKEYS) if lo <= kvstore.key_hash(key(i)) <= hi]
+            assert k in inside and len(inside) < NKEYS // 4
+            with pytest.raises(errors.KeyLostError):
+                c.get(k)
+            r2 = start_replica(p)
+            wait_link_up(r2)
+            assert log_events(r2, "full_sync_done")
+            c2 = client(r2, retries=0)
+            for kk in [k, *inside[:2]]:
+                with pytest.raises(errors.KeyLostError):
+                    c2.get(kk)                 # lost on the primary: lost here, never nil
+            assert c2.stats()["lost_ranges"] >= 1
+            assert info(p)["sync_full_lost_ranges"] >= 1
+            ins = set(inside)
+            rest = [key(i) for i in range(NKEYS) if key(i) not in ins]
+            for base in range(0, len(rest), 500):
+                for kk, v in zip(rest[base:base + 500], c2.mget(rest[base:base + 500])):
+                    check(kk, v)
+            assert c.stats()["lost_ranges"] >= 1   # still LOST on the primary meanwhile
+        finally:
+            os.kill(r1.pid, signal.SIGCONT)
+        st = wait_ranges_rebuilt(p)
+        assert st["ranges_given_up"] == 0
+        assert c.get(k) == value(k, 0)
+        wait_ranges_rebuilt(r2)                # from the primary, once it had the range again
+        all_keys_back(r2)
+        assert c2.get(k) == value(k, 0)
+        wait_synced(p, r2)
+        c2.close()
+        c.close()
+    finally:
+        os.kill(r1.pid, signal.SIGCONT)
+        if r2 is not None:
+            r2.stop()
+        r1.stop()
+        p.stop()

@@ -647,3 +647,88 @@ def test_lost_range_that_no_longer_fits_stays_lost_never_absent():
             else:
                 assert s.get(k) == v and k in ks
         assert n_hit > 0
+
+
+def test_mark_range_lost_reads_lost_until_rebuilt_from_a_range_source():
+    """A peer's LOST index range entered with mark_range_lost (as a replica's
+    full sync does): the keys the store does not hold in it raise
+    KeyLostError, never None; keys elsewhere read as before; writes to the
+    range work; a rebuild with fetch_hash_range brings every key back."""
+    rng = random.Random(29)
+    with kvstore.Store("4MiB", page_size="4K", recovery="manual") as src, \
+            kvstore.Store("4MiB", page_size="4K", recovery="manual") as dst:
+        model = {}
+        for i in range(1500):
+            k, v = b"k%05d" % i, rng.randbytes(rng.randint(1, 100))
+            model[k] = (src.put(k, v), v)
+        lo, hi = range_of(src, b"k00042")
+        inside = {k for k in model if lo <= kvstore.key_hash(k) <= hi}
+        assert inside and len(inside) < len(model) // 4
+        # the snapshot: every key but those of the lost range, then the marker
+        for k, (ver, v) in model.items():
+            if k not in inside:
+                dst.put_versioned(k, v, ver)
+        assert dst.mark_range_lost(lo, hi, src.version) >= 1
+        flagged = dst.lost_ranges()
+        assert flagged and all(v == src.version for _lo, _hi, v in flagged)
+        assert sum(h - l + 1 for l, h, _v in flagged) < (1 << 64)    # not the whole hash space
+        assert min(l for l, _h, _v in flagged) <= lo and max(h for _l, h, _v in flagged) >= hi
+        assert dst.mark_range_lost(lo, hi, src.version) == 0        # already flagged at that version
+        with pytest.raises(ValueError):
+            dst.mark_range_lost(lo, hi, 0)
+        with pytest.raises(ValueError):
+            dst.mark_range_lost(1, 0, 1)
+
+        def flagged_at(h):
+            return any(l <= h <= hh for l, hh, _v in flagged)
+        for k in inside:
+            with pytest.raises(kvstore.KeyLostError):
+                dst.get(k)
+        for k, (ver, v) in model.items():
+            if k not in inside:
+                assert dst.get_versioned(k) == (ver, v)           # flagged pages keep their keys
+        never = [b"never:%d" % i for i in range(3000)]
+        outside = [k for k in never if not flagged_at(kvstore.key_hash(k))]
+        within = [k for k in never if flagged_at(kvstore.key_hash(k))]
+        assert outside and within
+        for k in outside[:200]:
+            assert dst.get(k) is None
+        for k in within[:50]:
+            with pytest.raises(kvstore.KeyLostError):
+                dst.get(k)
+        assert dst.stats()["lost_ranges"] >= 1
+        # a write into the range (the stream) works meanwhile, on both sides
+        newk = next(k for k in within if lo <= kvstore.key_hash(k) <= hi)
+        ver = src.put(newk, b"new")
+        dst.put_versioned(newk, b"new", ver)
+        assert dst.get(newk) == b"new"
+        model[newk] = (ver, b"new")
+        # rebuilt from a source with fetch_hash_range: every key back
+        dst.rebuild_source = src
+        dst.recover()
+        assert dst.wait_recovered(10)
+        assert dst.lost_ranges() == []
+        for k, (ver, v) in model.items():
+            assert dst.get_versioned(k) == (ver, v)
+        for k in within[:50]:
+            if k != newk:
+                assert dst.get(k) is None                         # never existed: absent again
+
+
+def test_mark_range_lost_without_a_source_stays_lost():
+    with kvstore.Store("4MiB", page_size="4K", recovery="manual") as st:
+        for i in range(800):
+            st.put(b"k%05d" % i, b"v%d" % i)
+        lo, hi = range_of(st, b"k00007")
+        st.mark_range_lost(lo, hi, st.version)
+        st.recover()
+        assert st.stats()["lost_ranges_reason"] == "no rebuild source"
+        h = kvstore.key_hash(b"k00007")
+        for i in range(3000):
+            k = b"x%d" % i
+            if lo <= kvstore.key_hash(k) <= hi:
+                with pytest.raises(kvstore.KeyLostError):
+                    st.get(k)
+                break
+        assert st.get(b"k00007") == b"v7"                         # held here: still read
+        assert lo <= h <= hi

@@ -1205,6 +1205,44 @@ size_t kv_eng_range_done(kv_engine *e, uint64_t lo, uint64_t hi, uint64_t versio
     return a.cleared;
 }
 
+/* Flag the index page holding hash a->lo LOST at a->version (kept: a later
+ * lost_at already there); a->s = the page's hi. Its entries stay. */
+static int body_range_mark(kv_engine *e, void *va)
+{
+    range_args *a = va;
+    size_t s = find_page(e, a->lo);
+    if (s == NOPAGE) {                 /* no page for that cell: already lost */
+        a->s = kv_cell_hi(e->gdepth, cell_of(e->gdepth, a->lo));
+        return 0;
+    }
+    kv_ipage *p = PG(e, s);
+    a->s = p->hi;
+    if ((p->flags & KV_IP_LOSTRANGE) && p->lost_at >= a->version) return 0;
+    p->flags |= KV_IP_LOSTRANGE;
+    p->lost_at = a->version;
+    lostrange_push(e, p->lo, p->hi, a->version);
+    a->cleared++;
+    return 0;
+}
+
+size_t kv_eng_mark_range_lost(kv_engine *e, uint64_t lo, uint64_t hi, uint64_t version)
+{
+    range_args a = {lo, hi, version, 0, 0};
+    uint64_t pos = lo;
+    int tries = 0;
+    if (lo > hi || !version) return 0;
+    kv_eng_check(e);
+    for (;;) {
+        a.lo = pos;
+        a.s = ~0ULL;
+        if (run(e, body_range_mark, &a) == KV_AGAIN && ++tries < 8) continue;
+        uint64_t phi = a.s;
+        if (phi >= hi || phi == ~0ULL) break;
+        pos = phi + 1;
+    }
+    return a.cleared;
+}
+
 /* ---------------------------------------------------------------- scan */
 
 int kv_eng_scan(kv_engine *e, uint64_t lo, uint64_t hi, kv_page_visit fn, void *ctx)

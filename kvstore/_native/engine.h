@@ -213,6 +213,13 @@ int kv_eng_mark_lost(kv_engine *e, const void *key, uint32_t klen, uint64_t vers
  * are known again (their tombstones are dropped). Returns pages cleared. */
 size_t kv_eng_range_done(kv_engine *e, uint64_t lo, uint64_t hi, uint64_t version);
 
+/* Flag every index page covering [lo, hi] (hi inclusive) LOST at `version`
+ * (a peer has that range LOST): reads of keys the page does not hold raise
+ * KV_LOSTKEY until kv_eng_range_done; the entries it holds stay. The pages'
+ * whole ranges are queued like a lost range (take_lost_ranges), so the
+ * flagged range can be wider than [lo, hi]. Returns pages newly flagged. */
+size_t kv_eng_mark_range_lost(kv_engine *e, uint64_t lo, uint64_t hi, uint64_t version);
+
 /* Visit the index pages covering [lo, hi] in hash order. For each, fn gets
  * a private copy of the page (and its subpage number), or NULL when the
  * page is lost (its range is in info-less form: lo..hi of that page). */

@@ -1706,6 +1706,23 @@ static PyObject *Engine_mark_lost(EngineObject *self, PyObject *args)
     return key_version_op(self, args, "OK:mark_lost", kv_eng_mark_lost, 1);
 }
 
+/* mark_range_lost(lo, hi, version) -> index pages newly flagged LOST. */
+static PyObject *Engine_mark_range_lost(EngineObject *self, PyObject *args)
+{
+    unsigned long long lo, hi, version;
+    if (!PyArg_ParseTuple(args, "KKK:mark_range_lost", &lo, &hi, &version)) return NULL;
+    ENGINE_OK(self);
+    if (version == 0 || version > KV_VERSION_MASK) {
+        PyErr_SetString(PyExc_ValueError, "version must be between 1 and 2**48 - 1");
+        return NULL;
+    }
+    if (lo > hi) {
+        PyErr_SetString(PyExc_ValueError, "an empty hash range (lo > hi)");
+        return NULL;
+    }
+    return PyLong_FromSize_t(kv_eng_mark_range_lost(&self->e, lo, hi, version));
+}
+
 /* range_done(lo, hi, version) -> index pages that are known again. */
 static PyObject *Engine_range_done(EngineObject *self, PyObject *args)
 {
@@ -1990,6 +2007,8 @@ static PyMethodDef Engine_methods[] = {
      "mark_absent(key, version) -> bool: in a lost index range, a source caught up to version lacks key."},
     {"mark_lost", (PyCFunction)Engine_mark_lost, METH_VARARGS,
      "mark_lost(key, version) -> bool: enter key as LOST at version (a peer's lost key), no record."},
+    {"mark_range_lost", (PyCFunction)Engine_mark_range_lost, METH_VARARGS,
+     "mark_range_lost(lo, hi, version) -> pages: flag the index pages covering [lo, hi] LOST at version."},
     {"range_done", (PyCFunction)Engine_range_done, METH_VARARGS,
      "range_done(lo, hi, version) -> pages: the lost index range [lo, hi] was rebuilt at version."},
     {"take_lost_ranges", (PyCFunction)Engine_take_lost_ranges, METH_NOARGS,
