@@ -102,7 +102,7 @@ def test_refused_replica_logs_and_stays_down(aclfile, user, pw, code):
 
 
 def test_masteruser_needs_a_password():
-    from server.config import load_config
+    from kvstore.server.config import load_config
     with pytest.raises(ValueError, match="masteruser needs a password"):
         load_config(["--masteruser", "repl"])
     cfg = load_config(["--masteruser", "repl", "--masterauth", "pw"])
