@@ -166,18 +166,22 @@ def _first_error(replies):
     return None
 
 
+def _scatter(groups, parts, n):
+    """One list of ``n`` from per-group lists (``groups``: original indexes)."""
+    out = [None] * n
+    for idxs, vals in zip(groups, parts):
+        for j, v in zip(idxs, vals):
+            out[j] = v
+    return out
+
+
 def _merge_mget(groups, n):
     def merge(replies):
         err = _first_error(replies)
         if err is not None:
             return err
-        values = [None] * n
-        lost = []
-        for idxs, (_, (vals, lst)) in zip(groups, replies):
-            for j, v in zip(idxs, vals):
-                values[j] = v
-            lost.extend(idxs[x] for x in lst)
-        lost.sort()
+        values = _scatter(groups, (r[1][0] for r in replies), n)
+        lost = sorted(idxs[x] for idxs, (_, (_, lst)) in zip(groups, replies) for x in lst)
         return 0, [values, lost]
     return merge
 
@@ -187,11 +191,7 @@ def _merge_mput(groups, n):
         err = _first_error(replies)
         if err is not None:
             return err
-        out = [None] * n
-        for idxs, (_, versions) in zip(groups, replies):
-            for j, v in zip(idxs, versions):
-                out[j] = v
-        return 0, out
+        return 0, _scatter(groups, (r[1] for r in replies), n)
     return merge
 
 

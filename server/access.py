@@ -187,11 +187,7 @@ class Access:
         else:
             name = cmd.name.lower()
             sub = args[1] if name in SUBCOMMANDS and len(args) > 1 else None
-            keys = ()
-            first, last, step = cmd.keys
-            if first and len(args) > first:
-                stop = len(args) + last + 1 if last < 0 else last + 1
-                keys = args[first:stop:step or 1]
+            keys = cmd.key_args(args)
             access = None
             if name == "set" and any(a.upper() == b"GET" for a in args[3:]):
                 access = "RW"

@@ -225,14 +225,9 @@ class RecoveryGate:
             return False                     # unknown: answered with an error
         if "write" in cmd.flags:
             return True                      # may allocate on the lost page
-        first, last, step = cmd.keys
-        if first <= 0:
+        if cmd.keys[0] <= 0:
             return True                      # keyless: SCAN, KEYS, EXEC, KV.LOST ...
-        n = len(args)
-        end = n - 1 if last < 0 else min(last, n - 1)
-        if last < -1:
-            end = n + last
-        return self._keys_lost(args[first:end + 1:step])
+        return self._keys_lost(cmd.key_args(args))
 
     def must_wait_native(self, conn, req):
         """The same for a native request ``[id, op, args]``."""

@@ -64,6 +64,16 @@ class Command:
         a = self.arity
         return n == a if a > 0 else n >= -a
 
+    def key_args(self, argv):
+        """The key arguments of ``argv`` (the command name first) by this
+        row's ``(first, last, step)``, as Redis reads them: ``last`` < 0
+        counts from the end; no keys when ``first`` is 0."""
+        first, last, step = self.keys
+        if first <= 0 or len(argv) <= first:
+            return []
+        stop = len(argv) + last + 1 if last < 0 else last + 1
+        return argv[first:stop:step or 1]
+
 
 class CommandTable:
     """Rows by name plus the per-protocol dispatch dicts."""

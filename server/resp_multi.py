@@ -154,13 +154,8 @@ def _block_keys(conn, queued):
     keys = []
     for a in queued:
         cmd = conn.commands.get(a[0])
-        if cmd is None:
-            continue
-        first, last, step = cmd.keys
-        if first <= 0:
-            continue
-        last = len(a) - 1 if last < 0 else min(last, len(a) - 1)
-        keys.extend(a[first:last + 1:max(step, 1)])
+        if cmd is not None:
+            keys.extend(cmd.key_args(a))
     return keys
 
 

@@ -303,12 +303,9 @@ def cmd_command(conn, args):
         n = args[2].decode("latin-1").upper()
         if n not in rows:
             raise CommandError("ERR Invalid command specified")
-        first, last, step = rows[n].keys
-        if not first:
+        if not rows[n].keys[0]:
             raise CommandError("ERR The command has no key arguments")
-        rest = args[2:]
-        last = len(rest) - 1 if last < 0 else last
-        return encode(rest[first:last + 1:step], conn.resp3)
+        return encode(rows[n].key_args(args[2:]), conn.resp3)
     if sub == b"HELP":
         return encode(["COMMAND", "COMMAND COUNT", "COMMAND DOCS [<name> ...]",
                        "COMMAND INFO [<name> ...]", "COMMAND LIST"], conn.resp3)

@@ -111,11 +111,11 @@ void kv_hdr_version_ahead(kv_engine *e, uint64_t v)
 /* Mark the entry at entry_off LOST in the arena (its loc word). */
 static void entry_mark_lost(kv_arena *a, uint64_t entry_off)
 {
-    uint64_t loc;
+    kv_entry en;
     size_t fo;
-    if (kv_arena_read(a, entry_off, &loc, 8, &fo) != 0) return;
-    loc = (loc & ~(7ULL << 57)) | ((uint64_t)KV_ST_LOST << 57);
-    kv_arena_write(a, entry_off, &loc, 8, &fo);
+    if (kv_arena_read(a, entry_off, &en.loc, 8, &fo) != 0) return;
+    kv_e_set_state(&en, KV_ST_LOST);
+    kv_arena_write(a, entry_off, &en.loc, 8, &fo);
 }
 
 static uint64_t entry_hash(const kv_entry *en)

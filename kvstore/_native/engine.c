@@ -225,10 +225,10 @@ static __attribute__((noinline)) int run(kv_engine *e, kv_body body, void *args)
     }
 }
 
-/* Visit index page s in place inside its own guard (usable inside another
- * guard). Returns 0, or -1 when a fault cut the visit short. */
-typedef void (*kv_page_fn)(kv_engine *e, size_t s, kv_ipage *p, void *ctx);
-static __attribute__((noinline)) int visit_page(kv_engine *e, size_t s, kv_page_fn fn, void *ctx)
+/* Run body once inside a guard of its own (usable inside another guard):
+ * its result, or on_fault when a fault cut it short (the loss is recorded,
+ * not processed). */
+static __attribute__((noinline)) int guarded_once(kv_engine *e, kv_body body, void *args, int on_fault)
 {
     sigjmp_buf jb;
     sigjmp_buf *volatile outer = kv_tls.jmp;
@@ -239,15 +239,37 @@ static __attribute__((noinline)) int visit_page(kv_engine *e, size_t s, kv_page_
         if (kv_tls.fault_code) kv_arena_after_sync_fault(e->arena, kv_tls.fault_addr);
         kv_tls.jmp = outer;
         kv_tls.active = outer_active;
-        return -1;
+        return on_fault;
     }
     kv_guard_arm(&jb);
-    TOUCH(e, s * SUB, SUB);
-    fn(e, s, PG(e, s), ctx);
+    int rc = body(e, args);
     kv_guard_disarm();
     kv_tls.jmp = outer;
     kv_tls.active = outer_active;
+    return rc;
+}
+
+/* Visit index page s in place inside its own guard (usable inside another
+ * guard). Returns 0, or -1 when a fault cut the visit short. */
+typedef void (*kv_page_fn)(kv_engine *e, size_t s, kv_ipage *p, void *ctx);
+typedef struct {
+    size_t s;
+    kv_page_fn fn;
+    void *ctx;
+} visit_args;
+
+static int body_visit(kv_engine *e, void *va)
+{
+    visit_args *v = va;
+    TOUCH(e, v->s * SUB, SUB);
+    v->fn(e, v->s, PG(e, v->s), v->ctx);
     return 0;
+}
+
+static int visit_page(kv_engine *e, size_t s, kv_page_fn fn, void *ctx)
+{
+    visit_args v = {s, fn, ctx};
+    return guarded_once(e, body_visit, &v, -1);
 }
 
 /* Visit every healthy index page. Returns the number of visits cut short. */
@@ -1962,8 +1984,15 @@ void kv_eng_recover(kv_engine *e, kv_recover_stats *st)
  * and never waits: a thread that does not own recovery asks before a read
  * it would rather put off than wait for (a server's event loop during a
  * salvage copy). */
-static int touches_body(kv_engine *e, const void *key, uint32_t klen)
+typedef struct {
+    const void *key;
+    uint32_t klen;
+} touch_args;
+
+static int touches_body(kv_engine *e, void *ta)
 {
+    const void *key = ((touch_args *)ta)->key;
+    uint32_t klen = ((touch_args *)ta)->klen;
     kv_arena *a = e->arena;
     uint64_t h = kv_hash(key, klen);
     uint64_t c = cell_of(e->gdepth, h);
@@ -1987,23 +2016,8 @@ static int touches_body(kv_engine *e, const void *key, uint32_t klen)
 
 int kv_eng_touches_lost(kv_engine *e, const void *key, uint32_t klen)
 {
-    sigjmp_buf jb;
-    sigjmp_buf *volatile outer = kv_tls.jmp;
-    volatile int outer_active = kv_tls.active;
-    kv_guard_thread_init();
-    if (sigsetjmp(jb, 0)) {
-        kv_guard_landed();
-        if (kv_tls.fault_code) kv_arena_after_sync_fault(e->arena, kv_tls.fault_addr);
-        kv_tls.jmp = outer;
-        kv_tls.active = outer_active;
-        return 1;
-    }
-    kv_guard_arm(&jb);
-    int r = touches_body(e, key, klen);
-    kv_guard_disarm();
-    kv_tls.jmp = outer;
-    kv_tls.active = outer_active;
-    return r;
+    touch_args t = {key, klen};
+    return guarded_once(e, touches_body, &t, 1);
 }
 
 /* ------------------------------------------------------------ lifecycle */

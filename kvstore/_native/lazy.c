@@ -77,8 +77,8 @@ static void lose_item(kv_engine *e, const kv_lazy_item *it)
         if ((p->slot[i] >> 16) != kv_tag(it->h)) continue;
         kv_entry *en = kv_ip_entry(p, i);
         if (kv_e_state(en) != KV_ST_PRESENT || kv_e_off(en) != off) continue;
-        uint64_t loc = (en->loc & ~(7ULL << 57)) | ((uint64_t)KV_ST_LOST << 57);
-        if (kv_arena_write(a, (size_t)ps * SUB + (p->slot[i] & 0xFFFF), &loc, 8, &fo) != 0) return;
+        kv_e_set_state(en, KV_ST_LOST);     /* in the copy, then its loc word in the arena */
+        if (kv_arena_write(a, (size_t)ps * SUB + (p->slot[i] & 0xFFFF), &en->loc, 8, &fo) != 0) return;
         kv_eng__count_lost(e, ps, en);
         return;
     }
@@ -344,8 +344,8 @@ int kv_lazy_begin(kv_engine *e, const size_t *pages, size_t npages, uint8_t *buf
             uint64_t off = kv_e_off(en);
             uint32_t extra = (kv_e_flags(en) & KV_F_LONG) ? kv_e_klen(en) : 0;
             if (off < SUB || off + KV_REC_HDR + extra > limit || al->meta[off / SUB] != 0) {
-                uint64_t loc = (en->loc & ~(7ULL << 57)) | ((uint64_t)KV_ST_LOST << 57);
-                kv_arena_write(a, s * SUB + (p->slot[i] & 0xFFFF), &loc, 8, &fo);
+                kv_e_set_state(en, KV_ST_LOST);
+                kv_arena_write(a, s * SUB + (p->slot[i] & 0xFFFF), &en->loc, 8, &fo);
                 r->records_bad++;
                 continue;
             }

@@ -263,15 +263,7 @@ class ClusterMode(ClusterNode):
         if conn.kind == "native" and cmd.name is None:
             f = _NATIVE_KEYS.get(cmd.native)
             return f(args) if f is not None else ()
-        first, last, step = cmd.keys
-        if first <= 0:
-            return ()
-        words = args if conn.kind != "native" else [None] + list(args)
-        n = len(words)
-        end = n - 1 if last < 0 else min(last, n - 1)
-        if last < -1:
-            end = n + last
-        return words[first:end + 1:step]
+        return cmd.key_args(args if conn.kind != "native" else [None] + list(args))
 
     def route(self, conn, cmd, args):
         asking = getattr(conn, "cluster_asking", False)

@@ -1,15 +1,9 @@
-"""Hash slots exactly as Redis Cluster computes them.
+"""Hash slots for the server's cluster mode.
 
-A key maps to one of :data:`SLOTS` (16384) slots: CRC16 (the XMODEM variant:
-polynomial 0x1021, initial value 0, no reflection, no final xor) of the key,
-modulo 16384. When the key holds a ``{`` followed later by a ``}`` with at
-least one byte between them, only the bytes between the *first* ``{`` and the
-first ``}`` after it are hashed (the hash tag), so ``{user1}.a`` and
-``{user1}.b`` share a slot. An empty tag (``{}``) or a ``{`` with no ``}``
-after it means the whole key is hashed. This is Redis's ``keyHashSlot()``;
-the tests compare against a real cluster-enabled redis-server's
-``CLUSTER KEYSLOT``. The slot function itself is :mod:`kvstore.slots` (a
-pure leaf the client imports too); this module re-exports it.
+The slot function (Redis Cluster's ``keyHashSlot()``: CRC16/XMODEM of the key
+or of its ``{hash tag}``, mod 16384) is defined once in :mod:`kvstore.slots`,
+a pure leaf the client imports too; this module re-exports it. The tests
+compare it with a real cluster-enabled redis-server's ``CLUSTER KEYSLOT``.
 
 Slot sets are written as sorted, disjoint, inclusive ``(lo, hi)`` ranges, the
 form ``CLUSTER SLOTS`` and the slot map in etcd use.
