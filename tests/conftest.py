@@ -9,9 +9,12 @@ hugepages), ``fakeserver`` (a scriptable fake native server for the client).
 pyproject.toml) and runs in well under a minute.
 """
 
+import contextlib
+
 import pytest
 
 from fakeserver import FakeServer
+from storeutil import reserved_2m
 
 
 @pytest.fixture
@@ -19,3 +22,12 @@ def fake():
     """A running :class:`fakeserver.FakeServer`."""
     with FakeServer() as server:
         yield server
+
+
+@pytest.fixture
+def reserve_2m():
+    """``reserve_2m(n)``: make ``n`` 2 MiB hugepages free for the rest of the
+    test (given back after it), or skip with the reason
+    (:func:`storeutil.reserved_2m`)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda n: stack.enter_context(reserved_2m(n))

@@ -371,9 +371,8 @@ def test_lost_subpages_and_keys_are_handed_over():
     assert sub in b.arena.lost_subpages()
 
 
-def test_salvaged_page_is_handed_over():
-    if _free_2m() < 12:
-        pytest.skip("needs 12 free 2 MiB hugepages (the pool is shared)")
+def test_salvaged_page_is_handed_over(reserve_2m):
+    reserve_2m(12)
     try:
         a = kvstore.Store("8MiB", page_size="2M", kernel_policy="mainline", recovery="manual")
     except ArenaError as e:
@@ -497,9 +496,8 @@ def _free_2m():
         return 0
 
 
-def test_adopted_hugepages_are_the_same_pages():
-    if _free_2m() < 16:
-        pytest.skip("needs 16 free 2 MiB hugepages (the pool is shared; none reserved here)")
+def test_adopted_hugepages_are_the_same_pages(reserve_2m):
+    reserve_2m(16)
     try:
         a = kvstore.Store("16MiB", page_size="2M", recovery="manual")
     except ArenaError as e:

@@ -171,11 +171,12 @@ def _salvage_under_load(page_size, capacity, nkeys, pad, victim, env=None, reade
         primary.stop()
 
 
-def test_2m_salvage_runs_off_the_loop_and_other_pages_are_served():
+def test_2m_salvage_runs_off_the_loop_and_other_pages_are_served(reserve_2m):
     """2 MiB pages, the copy widened to ~2.5 s: reads of keys on the other
     pages complete while the page is lost and being copied (after the UE
     was injected and before the last stats reply that says a copy is
     running)."""
+    reserve_2m(136)            # the 256 MiB store and its salvage spares
     pad = b"#" * 600
     w, win, logs = _salvage_under_load("2M", "256MiB", 30000, pad, victim=29000, readers=6,
                                        env={**os.environ, "KVSTORE_SALVAGE_DELAY_US": "2500000"})

@@ -381,7 +381,7 @@ def _value_or_lost(r, k):
 
 
 @pytest.mark.parametrize("planned_first", [False, True], ids=["crash", "restart-then-crash"])
-def test_supervised_crash_after_a_salvage_never_serves_the_stale_page(planned_first):
+def test_supervised_crash_after_a_salvage_never_serves_the_stale_page(planned_first, reserve_2m):
     """Mainline policy, 2 MiB pages: a memory error on a page makes the
     worker copy it into a spare memfd; writes after that land in the spare.
     The worker is killed; the next one must map the spare (stored with the
@@ -389,6 +389,7 @@ def test_supervised_crash_after_a_salvage_never_serves_the_stale_page(planned_fi
     or LOST, never the value it had before the salvage. With a KV.RESTART
     between the salvage and the crash, the re-executed worker goes on with
     the names already stored (one spare, one lostmap in the store)."""
+    reserve_2m(40)             # the 64 MiB store and its salvage spares
     p = start_server("--supervise", "--page-size", "2M", "--kernel-policy", "mainline",
                      "--capacity", "64MiB", "--enable-fault-injection")
     try:
@@ -477,12 +478,13 @@ class _NotifyListener:
 
 
 @pytest.mark.parametrize("spare_kept", [True, False], ids=["spare", "spare-dropped"])
-def test_fd_store_keeps_salvaged_pages_for_a_crash_restart(tmp_path, spare_kept):
+def test_fd_store_keeps_salvaged_pages_for_a_crash_restart(tmp_path, spare_kept, reserve_2m):
     """systemd's side of a crash restart after a salvage: the server stores
     the spare memfd and its lost subpages by name; a server handed them back
     serves the newest values. If the service manager dropped the spare (its
     FileDescriptorStoreMax=), the lost-subpage map still names the salvaged
     page: the whole page is adopted as lost, and its keys are LOST, never old."""
+    reserve_2m(40)             # the 64 MiB store and its salvage spares
     path = str(tmp_path / "notify")
     lst = _NotifyListener(path)
     flags = ("--page-size", "2M", "--kernel-policy", "mainline", "--capacity", "64MiB",

@@ -314,5 +314,7 @@ def test_patrol_survives_a_fault_that_takes_the_allocators_hugepage(op):
     metadata until it is recovered (it used to die of SIGBUS)."""
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-c", _PATROL_SCRIPT, op], capture_output=True, text=True, timeout=300)
+    with reserved_2m(8):        # the 8 MiB arena, the salvage spare and room to spare
+        r = subprocess.run([sys.executable, "-c", _PATROL_SCRIPT, op], capture_output=True, text=True,
+                           timeout=300)
     assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stderr[-2000:])
